@@ -2,6 +2,11 @@
 
 namespace pipegear::bindings {
 
-void init_all(py::module_& m) {}
+void init_all(py::module_& m) {
+  init_trace(m);
+  init_balance(m);
+  init_batchnorm(m);
+  init_engine(m);
+}
 
 } // namespace pipegear::bindings

@@ -1,0 +1,191 @@
+// The pipeline engine for Python: stages are nn.Modules called under the
+// GIL on the engine's workers; the caller releases the GIL while it waits.
+#include <bindings/bindings.h>
+
+#include <pipegear/checkpoint.h>
+#include <pipegear/engine.h>
+#include <pipegear/schedule.h>
+
+namespace pipegear::bindings {
+namespace {
+
+py::object to_python(const Batch& batch) {
+  if (batch.size() == 1) {
+    return py::cast(batch.front());
+  }
+  py::tuple out(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    out[i] = py::cast(batch[i]);
+  }
+  return out;
+}
+
+Batch from_python(const py::handle& value, const char* what) {
+  if (THPVariable_Check(value.ptr())) {
+    return {py::cast<torch::Tensor>(value)};
+  }
+  if (py::isinstance<py::tuple>(value) || py::isinstance<py::list>(value)) {
+    Batch out;
+    for (const auto& item : value) {
+      TORCH_CHECK_TYPE(THPVariable_Check(item.ptr()), what,
+                       " must be a tensor or a tuple of tensors, got a tuple "
+                       "holding ", py::str(py::type::of(item)).cast<std::string>());
+      out.push_back(py::cast<torch::Tensor>(item));
+    }
+    return out;
+  }
+  TORCH_CHECK_TYPE(false, what, " must be a tensor or a tuple of tensors, got ",
+                   py::str(py::type::of(value)).cast<std::string>());
+}
+
+// A partition (an nn.Module) on a device. `hooks`, when not None, is called
+// with "begin" / "end" around the forward cells of a step (DeferredBatchNorm).
+class PyStage final : public Stage {
+ public:
+  PyStage(py::object module, c10::Device device, py::object hooks,
+          int64_t index)
+      : module_(std::move(module)),
+        hooks_(std::move(hooks)),
+        device_(device),
+        index_(index) {}
+
+  ~PyStage() override {
+    py::gil_scoped_acquire gil;
+    module_ = py::object();
+    hooks_ = py::object();
+  }
+
+  Batch forward(const Batch& input) override {
+    py::gil_scoped_acquire gil;
+    try {
+      py::object out = module_(to_python(input));
+      return from_python(out, ("the output of stage " + std::to_string(index_))
+                                  .c_str());
+    } catch (py::error_already_set& e) {
+      annotate(e);
+      throw;
+    }
+  }
+
+  c10::Device device() const override { return device_; }
+
+  bool requires_grad() const override {
+    py::gil_scoped_acquire gil;
+    for (const auto& p : module_.attr("parameters")()) {
+      if (p.attr("requires_grad").cast<bool>()) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  void begin_forward() override { call_hook("begin"); }
+  void end_forward() override { call_hook("end"); }
+
+ private:
+  void call_hook(const char* what) {
+    if (has_hooks_) {
+      py::gil_scoped_acquire gil;
+      hooks_(what);
+    }
+  }
+
+  void annotate(py::error_already_set& e) {
+    // PEP 678 notes keep the exception's type and message intact.
+    if (py::hasattr(e.value(), "add_note")) {
+      e.value().attr("add_note")("pipegear: raised in stage " +
+                                 std::to_string(index_));
+    }
+  }
+
+  py::object module_;
+  py::object hooks_;
+  c10::Device device_;
+  int64_t index_;
+  bool has_hooks_ = !hooks_.is_none();
+};
+
+} // namespace
+
+void init_engine(py::module_& m) {
+  m.def("is_checkpointing", &pipegear::is_checkpointing,
+        "True inside a checkpointed forward (the pass that keeps no graph).");
+  m.def("is_recomputing", &pipegear::is_recomputing,
+        "True while a checkpointed forward is recomputed before its backward.");
+
+  m.def(
+      "render_schedule",
+      [](const std::string& kind, int64_t stages, int64_t micro_batches) {
+        auto s = parse_schedule_kind(kind) == ScheduleKind::kGPipe
+            ? gpipe_schedule(stages, micro_batches)
+            : one_f_one_b_schedule(stages, micro_batches);
+        return render_schedule(s, micro_batches);
+      },
+      py::arg("schedule"), py::arg("stages"), py::arg("micro_batches"));
+
+  py::class_<Engine, std::shared_ptr<Engine>>(m, "_Pipeline")
+      .def(py::init([](const std::vector<py::tuple>& stages, int64_t chunks,
+                       const std::string& checkpoint,
+                       const std::string& schedule, int64_t worker_threads) {
+             std::vector<std::shared_ptr<Stage>> built;
+             for (size_t i = 0; i < stages.size(); ++i) {
+               const auto& s = stages[i];
+               TORCH_CHECK_VALUE(s.size() == 3, "stage ", i,
+                                 " must be (module, device, hooks)");
+               built.push_back(std::make_shared<PyStage>(
+                   s[0], c10::Device(s[1].cast<std::string>()), s[2],
+                   static_cast<int64_t>(i)));
+             }
+             return std::make_shared<Engine>(
+                 std::move(built), EngineOptions()
+                                       .chunks(chunks)
+                                       .checkpoint(parse_checkpoint_mode(checkpoint))
+                                       .schedule(parse_schedule_kind(schedule))
+                                       .worker_threads(worker_threads));
+           }),
+           py::arg("stages"), py::arg("chunks"), py::arg("checkpoint"),
+           py::arg("schedule"), py::arg("worker_threads"))
+      .def(
+          "forward",
+          [](Engine& e, const py::object& input) {
+            Batch in = from_python(input, "the input");
+            Batch out;
+            {
+              py::gil_scoped_release no_gil;
+              out = e.forward(in);
+            }
+            return to_python(out);
+          },
+          py::arg("input"))
+      .def(
+          "step",
+          [](Engine& e, const py::object& input, const py::object& target,
+             const py::object& loss_fn, const std::string& reduction) {
+            Batch in = from_python(input, "the input");
+            Batch tgt = target.is_none() ? Batch{} : from_python(target, "the target");
+            TORCH_CHECK_TYPE(PyCallable_Check(loss_fn.ptr()),
+                             "loss_fn must be callable, got ",
+                             py::str(py::type::of(loss_fn)).cast<std::string>());
+            const auto red = parse_loss_reduction(reduction);
+            LossFn fn = [&loss_fn](const Batch& y, const Batch& t) {
+              py::gil_scoped_acquire gil;
+              py::object loss = loss_fn(to_python(y), t.empty() ? py::none()
+                                                                : to_python(t));
+              TORCH_CHECK_TYPE(THPVariable_Check(loss.ptr()),
+                               "loss_fn must return a tensor, got ",
+                               py::str(py::type::of(loss)).cast<std::string>());
+              return py::cast<torch::Tensor>(loss);
+            };
+            py::gil_scoped_release no_gil;
+            return e.step(in, tgt, fn, red);
+          },
+          py::arg("input"), py::arg("target"), py::arg("loss_fn"),
+          py::arg("reduction") = "mean")
+      .def_property_readonly("last_trace", &Engine::last_trace)
+      .def_property_readonly("num_stages", &Engine::num_stages)
+      .def("schedule_table", [](const Engine& e, int64_t micro_batches) {
+        return render_schedule(e.schedule(micro_batches), micro_batches);
+      });
+}
+
+} // namespace pipegear::bindings

@@ -1,0 +1,94 @@
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <pipegear/checkpoint.h>
+#include <pipegear/microbatch.h>
+#include <pipegear/schedule.h>
+#include <pipegear/stage.h>
+#include <pipegear/trace.h>
+
+namespace pipegear {
+
+/// How the micro-batch losses of `step` combine into the mini-batch loss:
+/// kMean weighs micro-batch j by n_j / N (the loss_fn reduces by mean), kSum
+/// adds them (the loss_fn reduces by sum). Either way the gradients equal
+/// those of loss_fn on the whole batch.
+enum class LossReduction : uint8_t { kMean, kSum };
+
+/// "mean" or "sum"; ValueError otherwise.
+LossReduction parse_loss_reduction(const std::string& name);
+
+/// Which schedule generator the engine runs.
+enum class ScheduleKind : uint8_t { kGPipe, k1F1B };
+
+/// "gpipe" or "1f1b"; ValueError otherwise.
+ScheduleKind parse_schedule_kind(const std::string& name);
+
+/// loss_fn(output, target) -> scalar, called per micro-batch on the last
+/// stage's worker.
+using LossFn = std::function<torch::Tensor(const Batch& output,
+                                           const Batch& target)>;
+
+struct EngineOptions {
+  /// Micro-batches per mini-batch (M); a smaller batch gives fewer.
+  TORCH_ARG(int64_t, chunks) = 1;
+  TORCH_ARG(CheckpointMode, checkpoint) = CheckpointMode::kExceptLast;
+  /// kGPipe serves both faces; k1F1B only `step` (it interleaves phases).
+  TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
+  /// Intra-op threads of each CPU stage's worker; 0 splits the caller's
+  /// at::get_num_threads() evenly between the CPU stages (at least 1 each).
+  TORCH_ARG(int64_t, worker_threads) = 0;
+};
+
+namespace detail {
+class EngineCore;
+} // namespace detail
+
+/// Executes schedules over K stages with one persistent worker thread per
+/// stage (created once, joined by the destructor). Model-agnostic: it runs
+/// cells. Thread-safe: concurrent calls are serialised.
+///
+///   auto engine = std::make_shared<Engine>(stages, EngineOptions().chunks(4));
+///   auto y = engine->forward({x});          // module style: y[0] has grad_fn
+///   auto loss = engine->step({x}, {t}, fn); // step style: backward included
+class Engine {
+ public:
+  Engine(std::vector<std::shared_ptr<Stage>> stages, EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  /// Module style. Runs the fill pass and returns the gathered outputs of
+  /// the last stage, on its device. When a gradient is needed, the outputs
+  /// hang off one autograd node whose backward runs the drain pass on the
+  /// workers; input gradients flow back to `input`, parameter gradients
+  /// accumulate in .grad. Eval / no-grad forwards keep no graph.
+  Batch forward(const Batch& input);
+
+  /// Step style. Runs the whole schedule with loss_fn applied per
+  /// micro-batch on the last stage and returns the mini-batch loss
+  /// (detached). `target` is split like `input` (it may be empty).
+  torch::Tensor step(const Batch& input, const Batch& target,
+                     const LossFn& loss_fn,
+                     LossReduction reduction = LossReduction::kMean);
+
+  /// The timeline of the last completed step (forward and backward cells).
+  Trace last_trace() const;
+
+  int64_t num_stages() const;
+  const EngineOptions& options() const;
+  /// The schedule for `micro_batches` micro-batches.
+  Schedule schedule(int64_t micro_batches) const;
+
+ private:
+  std::shared_ptr<detail::EngineCore> core_;
+};
+
+} // namespace pipegear

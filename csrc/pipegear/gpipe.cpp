@@ -1,0 +1,132 @@
+#include <pipegear/gpipe.h>
+
+#include <numeric>
+#include <set>
+
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/cuda.h>
+
+#include <pipegear/nn/deferred_batch_norm.h>
+
+namespace pipegear {
+
+void check_balance(const std::vector<int64_t>& balance, int64_t layers) {
+  TORCH_CHECK_VALUE(!balance.empty(), "balance must have at least 1 stage");
+  for (size_t i = 0; i < balance.size(); ++i) {
+    TORCH_CHECK_VALUE(balance[i] >= 1, "every stage needs at least 1 layer, "
+                      "balance[", i, "] is ", balance[i], " (balance ",
+                      c10::IntArrayRef(balance), ")");
+  }
+  const auto sum = std::accumulate(balance.begin(), balance.end(), int64_t{0});
+  TORCH_CHECK_VALUE(sum == layers, "balance must sum to the ", layers,
+                    " layers of the module, got ", sum, " (balance ",
+                    c10::IntArrayRef(balance), ")");
+}
+
+namespace {
+
+std::vector<c10::Device> resolve_devices(const std::vector<c10::Device>& given,
+                                         size_t stages) {
+  std::vector<c10::Device> devices = given;
+  if (devices.empty()) {
+    const auto n = torch::cuda::device_count();
+    if (n == 0) {
+      devices.assign(stages, c10::Device(c10::kCPU));
+    } else {
+      for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
+        devices.emplace_back(c10::kCUDA, static_cast<c10::DeviceIndex>(i));
+      }
+    }
+  }
+  TORCH_CHECK_INDEX(devices.size() >= stages, "too few devices: ", stages,
+                    " stages need ", stages, " devices, got ", devices.size());
+  devices.erase(devices.begin() + static_cast<std::ptrdiff_t>(stages), devices.end());
+  return devices;
+}
+
+} // namespace
+
+GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
+    : options_(std::move(options)) {
+  TORCH_CHECK_VALUE(module && !module->is_empty(),
+                    "the module to pipeline must be a non-empty Sequential");
+  const auto layers = static_cast<int64_t>(module->size());
+  check_balance(options_.balance(), layers);
+  TORCH_CHECK_VALUE(options_.chunks() >= 1, "chunks must be at least 1, got ",
+                    options_.chunks());
+  devices_ = resolve_devices(options_.devices(), options_.balance().size());
+
+  // A layer used twice, or a parameter shared by two stages, would be moved
+  // to two devices and updated by two workers at once.
+  std::set<const torch::nn::Module*> seen_layers;
+  for (int64_t i = 0; i < layers; ++i) {
+    TORCH_CHECK_VALUE(seen_layers.insert(module->ptr(i).get()).second,
+                      "layer ", i, " appears more than once in the module; "
+                      "a pipeline needs distinct layers");
+  }
+  if (options_.deferred_batch_norm()) {
+    module = convert_deferred_batch_norm(module, options_.chunks());
+  }
+
+  partitions_ = register_module("partitions", torch::nn::ModuleList());
+  std::vector<std::shared_ptr<Stage>> stages;
+  std::map<const void*, size_t> owner;  // parameter storage -> stage
+  int64_t offset = 0;
+  for (size_t s = 0; s < options_.balance().size(); ++s) {
+    torch::nn::Sequential part;
+    for (int64_t l = offset; l < offset + options_.balance()[s]; ++l) {
+      part->push_back(std::to_string(l), *(module->begin() + l));
+    }
+    for (const auto& p : part->parameters()) {
+      auto [it, fresh] = owner.emplace(p.unsafeGetTensorImpl(), s);
+      TORCH_CHECK_VALUE(fresh || it->second == s, "a parameter is shared by "
+                        "stage ", it->second, " and stage ", s,
+                        "; stages on different workers cannot share one");
+    }
+    offset += options_.balance()[s];
+    part->to(devices_[s]);
+    partitions_->push_back(part);
+    stages.push_back(std::make_shared<SequentialStage>(part, devices_[s]));
+  }
+  engine_ = std::make_unique<Engine>(
+      std::move(stages), EngineOptions()
+                             .chunks(options_.chunks())
+                             .checkpoint(options_.checkpoint())
+                             .schedule(options_.schedule())
+                             .worker_threads(options_.worker_threads()));
+}
+
+torch::Tensor GPipeImpl::forward(torch::Tensor input) {
+  auto out = engine_->forward({std::move(input)});
+  TORCH_CHECK_VALUE(out.size() == 1, "the last stage returned ", out.size(),
+                    " tensors; use forward_batch for tuples");
+  return out.front();
+}
+
+Batch GPipeImpl::forward_batch(const Batch& input) {
+  return engine_->forward(input);
+}
+
+torch::Tensor GPipeImpl::step(
+    torch::Tensor input, torch::Tensor target,
+    std::function<torch::Tensor(torch::Tensor, torch::Tensor)> loss_fn,
+    LossReduction reduction) {
+  TORCH_CHECK_VALUE(static_cast<bool>(loss_fn),
+                    "step needs a loss function, got none");
+  LossFn fn = [&loss_fn](const Batch& output, const Batch& t) {
+    TORCH_CHECK_VALUE(output.size() == 1, "the last stage returned ",
+                      output.size(), " tensors; the loss takes one");
+    return loss_fn(output.front(), t.empty() ? torch::Tensor() : t.front());
+  };
+  Batch targets;
+  if (target.defined()) {
+    targets.push_back(std::move(target));
+  }
+  return engine_->step({std::move(input)}, targets, fn, reduction);
+}
+
+std::string GPipeImpl::schedule_table(int64_t micro_batches) const {
+  return render_schedule(engine_->schedule(micro_batches), micro_batches);
+}
+
+} // namespace pipegear

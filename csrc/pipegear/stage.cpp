@@ -1,0 +1,69 @@
+#include <pipegear/stage.h>
+
+#include <torch/nn/modules/container/any.h>
+
+#include <pipegear/nn/deferred_batch_norm.h>
+
+namespace pipegear {
+namespace {
+
+Batch to_batch(torch::nn::AnyValue&& value, size_t layer) {
+  if (auto* t = value.try_get<torch::Tensor>()) {
+    return {*t};
+  }
+  if (auto* v = value.try_get<std::vector<torch::Tensor>>()) {
+    return *v;
+  }
+  TORCH_CHECK_TYPE(false, "layer ", layer,
+                   " returned a value of type ", value.type_info().name(),
+                   "; a pipeline stage passes a torch::Tensor or a "
+                   "std::vector<torch::Tensor> between layers");
+}
+
+template <typename F>
+void for_each_deferred_batch_norm(const torch::nn::Sequential& layers, F f) {
+  for (const auto& module : layers->modules(/*include_self=*/false)) {
+    if (auto bn = std::dynamic_pointer_cast<DeferredBatchNormImpl>(module)) {
+      f(*bn);
+    }
+  }
+}
+
+} // namespace
+
+SequentialStage::SequentialStage(torch::nn::Sequential layers,
+                                 c10::Device device)
+    : layers_(std::move(layers)), device_(device) {}
+
+Batch SequentialStage::forward(const Batch& input) {
+  torch::nn::AnyValue value = input.size() == 1
+      ? torch::nn::AnyValue(input.front())
+      : torch::nn::AnyValue(input);
+  size_t i = 0;
+  for (auto& layer : *layers_) {
+    value = layer.any_forward(std::move(value));
+    ++i;
+  }
+  return to_batch(std::move(value), i - 1);
+}
+
+bool SequentialStage::requires_grad() const {
+  for (const auto& p : layers_->parameters()) {
+    if (p.requires_grad()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void SequentialStage::begin_forward() {
+  for_each_deferred_batch_norm(
+      layers_, [](DeferredBatchNormImpl& bn) { bn.reset_accumulated(); });
+}
+
+void SequentialStage::end_forward() {
+  for_each_deferred_batch_norm(layers_,
+                               [](DeferredBatchNormImpl& bn) { bn.commit(); });
+}
+
+} // namespace pipegear

@@ -1,0 +1,60 @@
+#pragma once
+
+#include <memory>
+
+#include <c10/core/Device.h>
+#include <torch/nn/modules/container/sequential.h>
+
+#include <pipegear/microbatch.h>
+
+namespace pipegear {
+
+/// One partition g_i of the model, placed on one device. The engine runs a
+/// stage's cells on the stage's own worker thread; a stage never sees
+/// threads, schedules or other stages. Implementations: SequentialStage (a
+/// slice of a torch::nn::Sequential, no GIL) and the Python bindings' stage
+/// (an nn.Module called under the GIL).
+class Stage {
+ public:
+  virtual ~Stage() = default;
+
+  /// Runs the partition's layers on `input`, which is already on device().
+  virtual Batch forward(const Batch& input) = 0;
+
+  /// The device holding the stage's parameters and running its cells.
+  virtual c10::Device device() const = 0;
+
+  /// Whether any parameter requires a gradient. Decides whether the outputs
+  /// of a checkpointed forward (run without a graph) will need gradients.
+  virtual bool requires_grad() const = 0;
+
+  /// Called on the stage's worker before its first forward cell of a step.
+  /// DeferredBatchNorm layers drop what an earlier, failed step left.
+  virtual void begin_forward() {}
+
+  /// Called on the stage's worker after its last forward cell of a step.
+  /// DeferredBatchNorm layers commit the statistics of the mini-batch.
+  virtual void end_forward() {}
+};
+
+/// A contiguous slice of a torch::nn::Sequential. Between layers a value is a
+/// torch::Tensor or a std::vector<torch::Tensor> (a tuple); a layer takes
+/// whichever its predecessor returned.
+class SequentialStage final : public Stage {
+ public:
+  SequentialStage(torch::nn::Sequential layers, c10::Device device);
+
+  Batch forward(const Batch& input) override;
+  c10::Device device() const override { return device_; }
+  bool requires_grad() const override;
+  void begin_forward() override;
+  void end_forward() override;
+
+  const torch::nn::Sequential& layers() const { return layers_; }
+
+ private:
+  torch::nn::Sequential layers_;
+  c10::Device device_;
+};
+
+} // namespace pipegear

@@ -1,0 +1,294 @@
+#include "testing.h"
+
+#include <atomic>
+#include <chrono>
+
+#include <pipegear/gpipe.h>
+
+using pipegear::CheckpointMode;
+using pipegear::GPipe;
+using pipegear::GPipeOptions;
+
+namespace {
+
+torch::nn::Sequential mlp(int64_t layers, int64_t width) {
+  torch::nn::Sequential seq;
+  for (int64_t i = 0; i < layers; ++i) {
+    seq->push_back(torch::nn::Linear(width, width));
+    seq->push_back(torch::nn::Tanh());
+  }
+  return seq;
+}
+
+torch::nn::Sequential conv() {
+  return torch::nn::Sequential(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3).padding(1)),
+      torch::nn::ReLU(),
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 4, 3).padding(1)),
+      torch::nn::ReLU(), torch::nn::Flatten(),
+      torch::nn::Linear(4 * 6 * 6, 5));
+}
+
+std::vector<int64_t> even_balance(int64_t layers, int64_t k) {
+  std::vector<int64_t> b(k, layers / k);
+  for (int64_t i = 0; i < layers % k; ++i) {
+    ++b[i];
+  }
+  return b;
+}
+
+void require_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
+  REQUIRE(a.defined());
+  REQUIRE(b.defined());
+  REQUIRE(a.sizes() == b.sizes());
+  INFO("max abs diff " << (a - b).abs().max().item<double>());
+  REQUIRE(torch::allclose(a, b, tol, tol));
+}
+
+// Compares the pipelined copy of `plain` with `plain` itself, both faces.
+void check_transparency(torch::nn::Sequential plain, torch::Tensor x,
+                        int64_t k, int64_t chunks, CheckpointMode mode,
+                        bool step_style, double tol) {
+  auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(plain->clone());
+  auto pipe = GPipe(torch::nn::Sequential(copy),
+                    GPipeOptions(even_balance(plain->size(), k))
+                        .chunks(chunks)
+                        .checkpoint(mode));
+  auto target = torch::randn_like(plain->forward(x));
+  auto x1 = x.clone().requires_grad_(true);
+  auto x2 = x.clone().requires_grad_(true);
+  auto ref = plain->forward(x1);
+  auto ref_loss = torch::mse_loss(ref, target);
+  ref_loss.backward();
+  if (step_style) {
+    auto loss = pipe->step(x2, target, [](auto y, auto t) {
+      return torch::mse_loss(y, t);
+    });
+    require_close(loss, ref_loss, tol);
+  } else {
+    auto y = pipe->forward(x2);
+    require_close(y, ref, tol);
+    torch::mse_loss(y, target).backward();
+  }
+  require_close(x2.grad(), x1.grad(), tol);
+  auto p1 = plain->parameters();
+  auto p2 = pipe->parameters();
+  REQUIRE(p1.size() == p2.size());
+  for (size_t i = 0; i < p1.size(); ++i) {
+    require_close(p2[i].grad(), p1[i].grad(), tol);
+  }
+}
+
+} // namespace
+
+TEST_CASE("transparency: MLP, float64, every K, chunks, mode and face",
+          "[gpipe]") {
+  torch::manual_seed(0);
+  const auto k = GENERATE(1, 2, 3, 4);
+  const auto chunks = GENERATE(1, 2, 3, 4, 7);
+  const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
+                             CheckpointMode::kAlways);
+  const bool step_style = GENERATE(false, true);
+  auto plain = mlp(3, 5);
+  plain->to(torch::kFloat64);
+  auto x = torch::randn({9, 5}, torch::kFloat64);
+  check_transparency(plain, x, k, chunks, mode, step_style, 1e-10);
+}
+
+TEST_CASE("transparency: conv model, float32", "[gpipe]") {
+  torch::manual_seed(1);
+  const auto k = GENERATE(1, 2, 3, 4);
+  const auto chunks = GENERATE(1, 4, 7);
+  const bool step_style = GENERATE(false, true);
+  auto x = torch::randn({8, 3, 6, 6});
+  check_transparency(conv(), x, k, chunks, CheckpointMode::kExceptLast,
+                     step_style, 1e-5);
+}
+
+TEST_CASE("several optimizer steps keep the parameters equal", "[gpipe]") {
+  torch::manual_seed(2);
+  auto plain = mlp(4, 6);
+  auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(plain->clone());
+  auto pipe = GPipe(torch::nn::Sequential(copy), GPipeOptions({3, 3, 2}).chunks(4));
+  torch::optim::Adam o1(plain->parameters(), 1e-2);
+  torch::optim::Adam o2(pipe->parameters(), 1e-2);
+  for (int step = 0; step < 5; ++step) {
+    auto x = torch::randn({10, 6});
+    auto t = torch::randn({10, 6});
+    o1.zero_grad();
+    o2.zero_grad();
+    torch::mse_loss(plain->forward(x), t).backward();
+    pipe->step(x, t, [](auto y, auto t) { return torch::mse_loss(y, t); });
+    o1.step();
+    o2.step();
+  }
+  auto p1 = plain->parameters();
+  auto p2 = pipe->parameters();
+  for (size_t i = 0; i < p1.size(); ++i) {
+    require_close(p2[i], p1[i], 1e-5);
+  }
+}
+
+TEST_CASE("eval and no-grad forwards keep no graph", "[gpipe]") {
+  auto pipe = GPipe(mlp(2, 4), GPipeOptions({2, 2}).chunks(3));
+  auto x = torch::randn({6, 4});
+  {
+    torch::NoGradGuard no_grad;
+    auto y = pipe->forward(x);
+    CHECK_FALSE(y.requires_grad());
+    CHECK_FALSE(y.grad_fn());
+  }
+  {
+    torch::InferenceMode guard;
+    auto y = pipe->forward(x);
+    CHECK(y.is_inference());
+  }
+  auto y = pipe->forward(x);
+  CHECK(y.requires_grad());
+  CHECK(y.grad_fn());
+  CHECK(pipe->last_trace().events().size() == 6u);
+}
+
+namespace {
+
+// Throws in its forward (or its backward) at the n-th call of a step.
+struct FaultImpl : torch::nn::Module {
+  std::atomic<int> forward_calls{0}, backward_calls{0};
+  int fail_forward_at = -1, fail_backward_at = -1;
+
+  struct Fn : torch::autograd::Function<Fn> {
+    static torch::Tensor forward(torch::autograd::AutogradContext* ctx,
+                                 torch::Tensor x, FaultImpl* self) {
+      ctx->saved_data["self"] = reinterpret_cast<int64_t>(self);
+      return x.clone();
+    }
+    static torch::autograd::variable_list backward(
+        torch::autograd::AutogradContext* ctx,
+        torch::autograd::variable_list g) {
+      auto* self = reinterpret_cast<FaultImpl*>(ctx->saved_data["self"].toInt());
+      if (self->backward_calls++ == self->fail_backward_at) {
+        throw std::runtime_error("injected backward fault");
+      }
+      return {g[0], torch::Tensor()};
+    }
+  };
+
+  torch::Tensor forward(torch::Tensor x) {
+    if (!pipegear::is_recomputing() && forward_calls++ == fail_forward_at) {
+      TORCH_CHECK_VALUE(false, "injected forward fault");
+    }
+    return Fn::apply(x, this);
+  }
+};
+TORCH_MODULE(Fault);
+
+} // namespace
+
+TEST_CASE("a failing cell reaches the caller and the next step works",
+          "[gpipe]") {
+  const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kAlways);
+  const int fail_at = GENERATE(0, 2);
+  const bool in_backward = GENERATE(false, true);
+  torch::manual_seed(3);
+  Fault fault;
+  torch::nn::Sequential model(torch::nn::Linear(4, 4), torch::nn::Tanh(), fault,
+                              torch::nn::Linear(4, 4));
+  auto pipe = GPipe(model, GPipeOptions({2, 1, 1}).chunks(4).checkpoint(mode));
+  auto x = torch::randn({8, 4});
+  auto fn = [](auto y, auto t) { return torch::mse_loss(y, t); };
+  (in_backward ? fault->fail_backward_at : fault->fail_forward_at) = fail_at;
+  auto start = std::chrono::steady_clock::now();
+  if (in_backward) {
+    CHECK_THROWS_WITH(pipe->step(x, x, fn),
+                      Catch::Contains("injected backward fault"));
+  } else {
+    CHECK_THROWS_WITH(pipe->step(x, x, fn),
+                      Catch::Contains("injected forward fault") &&
+                          Catch::Contains("stage 1, micro-batch " +
+                                          std::to_string(fail_at)));
+  }
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
+  fault->fail_forward_at = fault->fail_backward_at = -1;
+  pipe->zero_grad();
+  auto loss = pipe->step(x, x, fn);
+  model->zero_grad();
+  auto ref = torch::mse_loss(model->forward(x), x);
+  require_close(loss, ref, 1e-6);
+}
+
+TEST_CASE("recomputation: call counts and exact dropout replay", "[gpipe]") {
+  struct CountImpl : torch::nn::Module {
+    int calls = 0, recomputes = 0;
+    torch::Tensor forward(torch::Tensor x) {
+      ++calls;
+      recomputes += pipegear::is_recomputing();
+      return x;
+    }
+  };
+  TORCH_MODULE(Count);
+  const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
+                             CheckpointMode::kAlways);
+  Count count;
+  auto make = [](Count c) {
+    torch::manual_seed(11);
+    return torch::nn::Sequential(torch::nn::Linear(4, 4), c,
+                                 torch::nn::Dropout(0.5), torch::nn::Linear(4, 4));
+  };
+  auto model = make(count);
+  auto pipe = GPipe(model, GPipeOptions({1, 3}).chunks(4).checkpoint(mode));
+  auto x = torch::randn({8, 4});
+  torch::manual_seed(7);
+  auto y = pipe->forward(x);
+  y.sum().backward();
+  const int expected_recomputes =
+      mode == CheckpointMode::kNever ? 0 : mode == CheckpointMode::kAlways ? 4 : 3;
+  CHECK(count->recomputes == expected_recomputes);
+  CHECK(count->calls == 4 + expected_recomputes);
+
+  // Same seed under `never`: bitwise equal outputs and gradients.
+  auto grads = pipe->parameters();
+  std::vector<torch::Tensor> g1;
+  for (auto& p : grads) {
+    g1.push_back(p.grad().clone());
+  }
+  auto ref = GPipe(make(Count()),
+                   GPipeOptions({1, 3}).chunks(4).checkpoint(CheckpointMode::kNever));
+  torch::manual_seed(7);
+  auto y2 = ref->forward(x);
+  y2.sum().backward();
+  CHECK(torch::equal(y, y2));
+  auto p2 = ref->parameters();
+  for (size_t i = 0; i < p2.size(); ++i) {
+    CHECK(torch::equal(g1[i], p2[i].grad()));
+  }
+}
+
+TEST_CASE("bad GPipe arguments get typed errors", "[gpipe]") {
+  auto model = mlp(2, 3);
+  CHECK_THROWS_AS(GPipe(model, GPipeOptions({1, 2})), c10::ValueError);
+  CHECK_THROWS_WITH(GPipe(model, GPipeOptions({1, 2})),
+                    Catch::Contains("sum to the 4 layers") &&
+                        Catch::Contains("got 3"));
+  CHECK_THROWS_AS(GPipe(model, GPipeOptions({0, 4})), c10::ValueError);
+  CHECK_THROWS_AS(GPipe(model, GPipeOptions({2, 2}).chunks(0)), c10::ValueError);
+  CHECK_THROWS_AS(GPipe(model, GPipeOptions({2, 2}).devices({torch::kCPU})),
+                  c10::IndexError);
+  torch::nn::Linear shared(3, 3);
+  CHECK_THROWS_AS(GPipe(torch::nn::Sequential(shared, shared), GPipeOptions({1, 1})),
+                  c10::ValueError);
+  CHECK_THROWS_AS(GPipe(torch::nn::Sequential(), GPipeOptions({1})),
+                  c10::ValueError);
+  auto pipe = GPipe(model, GPipeOptions({2, 2}).chunks(2));
+  CHECK_THROWS_AS(pipe->forward(torch::ones({})), c10::ValueError);
+  CHECK_THROWS_AS(pipe->step(torch::ones({4, 3}), torch::ones({3, 3}),
+                             [](auto y, auto t) { return (y - t).sum(); }),
+                  c10::ValueError);
+}
+
+TEST_CASE("schedule table of a pipeline", "[gpipe]") {
+  auto pipe = GPipe(mlp(2, 3), GPipeOptions({2, 2}).chunks(2));
+  CHECK(pipe->schedule_table(2) ==
+        " clock  0  1  2  3  4  5\n"
+        "stage0 F0 F1       B1 B0\n"
+        "stage1    F0 F1 B1 B0\n");
+}
