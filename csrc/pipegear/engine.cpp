@@ -114,6 +114,12 @@ void restore_rng(c10::Device device, const RngState& state) {
   }
 }
 
+// Serialises generator rewinds (see backward_cell).
+std::mutex& replay_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
 // The autograd-relevant state of one (stage, micro-batch).
 struct CellState {
   Batch leaves;   // the stage input, as leaves (kept alone when checkpointed)
@@ -630,10 +636,11 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   }
 
   void forward_cell(StepRun& run, int64_t s, int64_t j) {
-    const int64_t start = now_ns();
     const auto device = stages_[s]->device();
-    Batch x = s == 0 ? receive(s, Message{run.inputs[j], nullptr}, device, true)
-                     : receive(s, run.take(run.forward_box, s, j), device, true);
+    Message in = s == 0 ? Message{run.inputs[j], nullptr}
+                        : run.take(run.forward_box, s, j);
+    const int64_t start = now_ns();  // the trace shows work, not waiting
+    Batch x = receive(s, std::move(in), device, true);
     auto& cell = run.cells[s][j];
     Batch y;
     bool y_requires_grad = false;
@@ -678,12 +685,14 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   }
 
   void backward_cell(StepRun& run, int64_t s, int64_t j) {
-    const int64_t start = now_ns();
     const auto device = stages_[s]->device();
     auto& cell = run.cells[s][j];
-    const bool recompute = cell.checkpointed;
-    if (recompute) {
+    if (cell.checkpointed) {
+      const int64_t recompute_start = now_ns();
       // Recompute first: it needs no gradient, so it overlaps the wait.
+      // Every recomputation rewinds the (shared) CPU generator, so two of
+      // them must not overlap, or one would rewind the other's draws.
+      std::lock_guard<std::mutex> replay(replay_mutex());
       const RngState current = save_rng(device);
       restore_rng(device, cell.rng);
       try {
@@ -694,10 +703,15 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
         throw;
       }
       restore_rng(device, current);
+      run.events[s].push_back(
+          {s, j, Phase::kBackward, true, recompute_start, now_ns()});
     }
     Batch grads;
+    int64_t start = now_ns();
     if (!is_last(s)) {
-      grads = receive(s, run.take(run.backward_box, s, j), device, false);
+      Message m = run.take(run.backward_box, s, j);
+      start = now_ns();
+      grads = receive(s, std::move(m), device, false);
     } else if (run.loss_fn != nullptr) {
       grads = {torch::ones_like(cell.outputs.front())};
     } else {
@@ -730,8 +744,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
       run.post(run.backward_box, s - 1, j,
                make_message(std::move(input_grads), device));
     }
-    run.events[s].push_back(
-        {s, j, Phase::kBackward, recompute, start, now_ns()});
+    run.events[s].push_back({s, j, Phase::kBackward, false, start, now_ns()});
   }
 
   using CheckpointFlagGuard = pipegear::detail::CheckpointFlagGuard;

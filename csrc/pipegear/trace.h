@@ -9,8 +9,9 @@
 namespace pipegear {
 
 /// One executed cell: which stage ran which micro-batch in which phase, and
-/// when (steady-clock nanoseconds). `recompute` marks a backward cell that
-/// began by recomputing a checkpointed forward.
+/// when (steady-clock nanoseconds), waiting excluded. A checkpointed cell's
+/// recomputation is an event of its own (phase kBackward, `recompute` true)
+/// just before the backward event it serves.
 struct TraceEvent {
   int64_t stage = 0;
   int64_t micro_batch = 0;

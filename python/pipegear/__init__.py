@@ -9,7 +9,36 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from pipegear import _C
+from pipegear.balance import (balance_by_cost, balance_by_size,
+                              balance_by_time, profile_layers)
+from pipegear.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
+from pipegear.gpipe import GPipe, Trace
 
 __version__: str = _C.__version__
 
-__all__ = ["__version__"]
+
+def is_checkpointing() -> bool:
+    """True inside a checkpointed forward (the pass that keeps no graph)."""
+    return _C.is_checkpointing()
+
+
+def is_recomputing() -> bool:
+    """True while a checkpointed forward is recomputed before its backward.
+
+    Layers with side effects (statistics, counters) act only when this is
+    False, so that a recomputation does not count twice.
+    """
+    return _C.is_recomputing()
+
+
+def render_schedule(schedule: str, stages: int, micro_batches: int) -> str:
+    """The clock table of ``'gpipe'`` or ``'1f1b'`` for K stages, M chunks."""
+    return _C.render_schedule(schedule, stages, micro_batches)
+
+
+__all__ = [
+    "__version__", "GPipe", "Trace", "DeferredBatchNorm",
+    "convert_deferred_batch_norm", "balance_by_cost", "balance_by_size",
+    "balance_by_time", "profile_layers", "is_checkpointing", "is_recomputing",
+    "render_schedule",
+]

@@ -1,0 +1,17 @@
+#pragma once
+/// The whole public C++ API of pipegear.
+///
+///   #include <pipegear/pipegear.h>
+///   auto pipe = pipegear::GPipe(model, pipegear::GPipeOptions({2, 2}).chunks(8));
+
+#include <pipegear/checkpoint.h>
+#include <pipegear/engine.h>
+#include <pipegear/gpipe.h>
+#include <pipegear/microbatch.h>
+#include <pipegear/nn/deferred_batch_norm.h>
+#include <pipegear/partition.h>
+#include <pipegear/profile.h>
+#include <pipegear/schedule.h>
+#include <pipegear/stage.h>
+#include <pipegear/trace.h>
+#include <pipegear/version.h>
