@@ -114,6 +114,29 @@ void restore_rng(c10::Device device, const RngState& state) {
   }
 }
 
+// Identity whose output is not a leaf: a stage's first layer may then work
+// in place on its input (nn.ReLU(inplace=True)), which autograd forbids on
+// the leaf itself.
+struct Alias : torch::autograd::Function<Alias> {
+  static torch::Tensor forward(torch::autograd::AutogradContext*,
+                               const torch::Tensor& x) {
+    return x.detach();
+  }
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext*, torch::autograd::variable_list g) {
+    return g;
+  }
+};
+
+Batch alias_leaves(const Batch& leaves) {
+  Batch out;
+  out.reserve(leaves.size());
+  for (const auto& t : leaves) {
+    out.push_back(t.defined() && t.requires_grad() ? Alias::apply(t) : t);
+  }
+  return out;
+}
+
 // Serialises generator rewinds (see backward_cell).
 std::mutex& replay_mutex() {
   static std::mutex mutex;
@@ -657,7 +680,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
                       [](const auto& t) { return t.requires_grad(); });
       cell.leaves = std::move(x);
     } else {
-      y = apply_stage(run, s, j, x);
+      y = apply_stage(run, s, j, run.grad ? alias_leaves(x) : x);
       if (run.grad) {
         cell.leaves = std::move(x);
         cell.outputs = y;
@@ -697,7 +720,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
       restore_rng(device, cell.rng);
       try {
         CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
-        cell.outputs = apply_stage(run, s, j, cell.leaves);
+        cell.outputs = apply_stage(run, s, j, alias_leaves(cell.leaves));
       } catch (...) {
         restore_rng(device, current);
         throw;

@@ -6,6 +6,7 @@ caller waits, so stages overlap wherever ATen kernels run.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -192,6 +193,17 @@ class GPipe(nn.Module):
             seen[id(layer)] = name
         devices = _resolve_devices(devices, len(balance))
 
+        if not deferred_batch_norm and chunks > 1 and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.track_running_stats for m in module.modules()):
+            warnings.warn(
+                "a BatchNorm layer with running statistics is pipelined "
+                f"with chunks={chunks}: its running statistics will be "
+                "updated once per micro-batch"
+                + (", and once more by every recomputation"
+                   if checkpoint != "never" else "")
+                + "; pass deferred_batch_norm=True for the statistics of the "
+                "whole mini-batch", UserWarning, stacklevel=2)
         if deferred_batch_norm:
             from pipegear.batchnorm import convert_deferred_batch_norm
 

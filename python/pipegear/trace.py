@@ -8,7 +8,7 @@ as GPipe's figure 2 (arXiv 1811.06965), from real timestamps.
 >>> plot_trace(trace, "step.png")
 """
 import os
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from pipegear._C import Trace, TraceEvent
 
@@ -19,11 +19,12 @@ _BACKWARD_COLOR = "#dd8452"
 
 
 def plot_trace(
-    trace: Trace,
+    trace: Any,
     path: Union[str, "os.PathLike[str]"],
     title: Optional[str] = None,
 ) -> None:
-    """Draws ``trace`` as a PNG timeline at ``path``.
+    """Draws ``trace`` (a :class:`Trace`, or ``pipegear.GPipe``'s
+    ``last_trace``) as a PNG timeline at ``path``.
 
     One row per stage (stage 0 on top), time in milliseconds from the first
     cell; forward cells in one colour, backward cells in another, backward
@@ -40,6 +41,8 @@ def plot_trace(
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("plot_trace needs matplotlib: pip install matplotlib") from e
 
+    # pipegear.GPipe's Trace wraps this one.
+    trace = getattr(trace, "_trace", trace)
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a pipegear Trace, got {type(trace).__name__}")
     if trace.empty():

@@ -145,6 +145,20 @@ def test_call_counts_follow_the_checkpoint_mode():
         assert count.calls == 8 + recomputes  # no-grad never checkpoints
 
 
+@pytest.mark.parametrize("checkpoint", ["always", "never"])
+def test_in_place_layer_first_in_a_stage(checkpoint):
+    torch.manual_seed(8)
+    plain = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True),
+                          nn.Linear(3, 3))
+    pipe = pipegear.GPipe(copy.deepcopy(plain), [1, 2], chunks=2,
+                          checkpoint=checkpoint)
+    x = torch.randn(4, 3)
+    pipe(x).sum().backward()
+    plain(x).sum().backward()
+    for p1, p2 in zip(plain.parameters(), pipe.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad)
+
+
 def test_no_grad_and_eval_keep_no_graph():
     pipe = pipegear.GPipe(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)),
                           [1, 1], chunks=2)

@@ -110,3 +110,12 @@ def test_plot_trace_rejects_empty_and_foreign_traces(tmp_path):
         plot_trace(Trace(2, 2, []), tmp_path / "empty.png")
     with pytest.raises(TypeError):
         plot_trace([(0, 0, "forward", False, 0, 1)], tmp_path / "list.png")
+
+
+def test_plot_trace_accepts_the_gpipe_wrapper(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pipegear.gpipe import Trace as GPipeTrace
+
+    wrapped = GPipeTrace(Trace(2, 2, gpipe_events(2, 2)))
+    plot_trace(wrapped, tmp_path / "wrapped.png")
+    assert (tmp_path / "wrapped.png").stat().st_size > 1000
