@@ -17,17 +17,19 @@ Activation memory held for backward is counted, not guessed:
   finalizer tells when the engine lets it go.
 
 Bytes are counted per storage (a tensor saved twice, or saved and kept as a
-checkpoint input, counts once), parameters excluded; the table shows the
+checkpoint input, counts once); parameters, and the input and target that
+the caller holds anyway, are excluded. The table shows the
 peak of the live total during one step. Peak RSS growth over the step is
 shown beside it (mallopt fixes glibc's mmap threshold at 128 KiB so freed
 activations leave the RSS).
 
 Estimate, in activation units (1 unit = one layer's output for the whole
-mini-batch, N x 2048 floats): the plain model holds L + 1 (the input and
-every ReLU output; L = 32 blocks), as does 'never'. 'always' holds GPipe's
-O(N + L/K x N/M) per stage: the stage input for all micro-batches (1 unit)
-plus one recomputed micro-batch (L/K / M units), K + L/M in all;
-'except_last' adds the last micro-batch's activations, L/M.
+mini-batch, N x 2048 floats): the plain model holds L (every ReLU output;
+L = 32 blocks), as does 'never'. 'always' holds GPipe's O(N + L/K x N/M)
+per stage: the stage input for all micro-batches (1 unit; stage 0's is the
+caller's input) plus one recomputed micro-batch (L/K / M units),
+K - 1 + L/M in all; 'except_last' holds at most L/M more, the last
+micro-batch's activations.
 
 Run: .venv/bin/python benchmarks/bench_checkpoint.py  (about 2 minutes on
 2 cores)
@@ -192,8 +194,8 @@ def build_model() -> nn.Sequential:
 
 def estimate_units(mode: str) -> float:
     if mode in ("plain", "never"):
-        return BLOCKS + 1
-    always = K + BLOCKS / M
+        return BLOCKS
+    always = K - 1 + BLOCKS / M
     return always if mode == "always" else always + BLOCKS / M
 
 
@@ -216,6 +218,7 @@ def measure(mode: str, model: nn.Sequential, x: torch.Tensor,
     step()  # warm-up; allocates the gradients, which then stay
     runner.zero_grad(set_to_none=False)
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    exclude |= {x.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()}
     exclude |= {p.grad.untyped_storage().data_ptr()
                 for p in model.parameters() if p.grad is not None}
     counter = SavedCounter(exclude)
@@ -261,6 +264,7 @@ def main() -> None:
         name = "plain" if mode == "plain" else f"K={K}, M={M}, {mode}"
         print(f"| {name} | {counter.peak / 2**20:.0f} | "
               f"{counter.peak / unit:.1f} | {counter.peak / plain_bytes:.0%} | "
+              f"{'<= ' if mode == 'except_last' else ''}"
               f"{estimate_units(mode):.0f} | {rss / 2**20:.0f} | "
               f"{seconds:.2f} | {counter.packs} | {counter.checkpoint_inputs} |")
     if any(c.packs == 0 for _, _, c, _ in rows):

@@ -8,10 +8,13 @@
    one layer of profile_layers, not taken from the profile that chose the
    balance.
 
-Run: .venv/bin/python benchmarks/bench_partition.py  (about 30 s on 2 cores)
+Run: .venv/bin/python benchmarks/bench_partition.py [--threads N]
+(under a minute on 2 cores). One intra-op thread by default: on a shared
+machine, more threads make layer timings swing by 2x between runs.
 """
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -77,25 +80,42 @@ def stage_ratio(model: nn.Sequential, balance: Sequence[int], sample) -> float:
     return max(times) / statistics.mean(times)
 
 
+def lower_bound(costs: Sequence[float], k: int) -> float:
+    """No split beats its largest layer or an even share of the total."""
+    mean = sum(costs) / k
+    return max(max(costs), mean) / mean
+
+
 def compare_on_model() -> None:
     torch.manual_seed(0)
     model = heterogeneous_model()
     sample = torch.randint(0, 8192, (8, 64))
+    model(sample).sum().backward()  # the process's first run is slow
+    model.zero_grad(set_to_none=True)
     print(
         f"heterogeneous model: {len(model)} layers (embedding, 12 blocks of "
-        "widths 64..4096, layernorm, 8192-way head), batch 8x64 tokens,"
+        "widths 64..4096, layernorm, 8192-way head), 8x64 tokens,"
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("bottleneck = max stage time / mean stage time (1.00 is perfect)")
-    print(f"{'K':>3} {'by time':>8} {'uniform':>8}   balance by time")
+    print("bottleneck = max stage time / mean stage time (1.00 is perfect);")
+    print("bound = max(largest layer, total / K) / (total / K), profiled")
+    costs = [
+        p.forward_seconds + p.backward_seconds
+        for p in profile_layers(model, sample, repeats=5)
+    ]
+    print(f"{'K':>3} {'by time':>8} {'uniform':>8} {'bound':>6}   balance")
     for k in (2, 4, 8):
         balance = balance_by_time(k, model, sample, repeats=5)
         ours = stage_ratio(model, balance, sample)
         even = stage_ratio(model, uniform(len(model), k), sample)
-        print(f"{k:>3} {ours:8.2f} {even:8.2f}   {balance}")
+        bound = lower_bound(costs, k)
+        print(f"{k:>3} {ours:8.2f} {even:8.2f} {bound:6.2f}   {balance}")
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    torch.set_num_threads(parser.parse_args().threads)
     start = time.perf_counter()
     time_partitioner()
     compare_on_model()

@@ -30,9 +30,10 @@ namespace pipegear {
 ///   balance_by_cost(3, {1, 1, 1, 1, 1, 1, 1, 1}) == {3, 3, 2}
 ///   balance_by_cost(2, {1, 2, 3, 4}, {4, 1, 1, 1}, 4.0) == {1, 3}
 ///
-/// O(L log(S) + K L log L) time and O(K L) memory: a binary search over
-/// doubles for the bottleneck, then a divide-and-conquer dynamic programme
-/// for the sums of squares (docs/balance.md). Throws ValueError for
+/// O(K L log L) time and O(K (L - K + 1)) memory: a bisection over doubles
+/// for the bottleneck (at most 64 greedy checks of O(K log L)), then a
+/// divide-and-conquer dynamic programme for the sums of squares
+/// (docs/balance.md). Throws ValueError for
 /// partitions < 1 or > L, no costs, a negative, NaN or infinite cost or
 /// memory, `memory` of another length than `costs`, `capacity` without
 /// `memory`, or a capacity that no split can meet (the message gives the

@@ -77,7 +77,6 @@ struct BalanceByTimeOptions {
 ///
 ///   auto balance = pipegear::balance_by_time(4, model,
 ///                                            torch::randn({8, 128}));
-///   auto pipe = pipegear::GPipe(model, balance, ...);
 ///
 /// Throws ValueError for partitions < 1 or more than the layers (before
 /// profiling), and as profile_layers() does.

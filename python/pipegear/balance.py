@@ -90,6 +90,9 @@ def _numbers(name: str, values: Any) -> List[float]:
             f"{name} must be a sequence of numbers, got "
             f"{type(values).__name__}"
         )
+    values = list(values)
+    if all(type(v) is float or type(v) is int for v in values):
+        return [float(v) for v in values]
     return [_number(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 

@@ -1,0 +1,128 @@
+#pragma once
+// Internal (never installed): the logic of one stage's cells, shared by the
+// in-process engine (engine.cpp, mailboxes between worker threads) and the
+// distributed pipeline (distributed/, c10d point-to-point). A Transport says
+// where a cell's input comes from and where its output goes.
+
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/ThreadLocalState.h>
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+
+#include <pipegear/engine.h>
+
+namespace pipegear::detail {
+
+int64_t now_ns();
+bool can_require_grad(const torch::Tensor& t);
+
+// Thrown inside a worker when another cell failed: unwinds quietly.
+struct Aborted {};
+
+// What one stage hands to the next: tensors plus, on an accelerator, the
+// event after which they are ready.
+struct Message {
+  Batch tensors;
+  std::shared_ptr<c10::Event> ready;
+};
+
+// Generator states saved before a checkpointed forward, replayed by its
+// recomputation.
+struct RngState {
+  torch::Tensor cpu;
+  torch::Tensor device;
+};
+
+// The autograd-relevant state of one (stage, micro-batch).
+struct CellState {
+  Batch leaves;   // the stage input, as leaves (kept alone when checkpointed)
+  Batch outputs;  // outputs with their graph (absent while checkpointed)
+  bool checkpointed = false;
+  RngState rng;
+};
+
+// Everything one step (one mini-batch) needs across its passes. Module style
+// keeps it alive from the fill pass to the drain pass in the autograd node.
+struct StepRun {
+  int64_t stages = 0;
+  int64_t micro_batches = 0;
+  std::vector<int64_t> sizes;
+  bool grad = false;  // graphs are kept for a backward
+  at::ThreadLocalState tls;
+  std::vector<uint8_t> checkpointed;  // per micro-batch
+
+  std::vector<Batch> inputs;   // stage-0 micro-batches
+  std::vector<Batch> targets;  // step style
+  const LossFn* loss_fn = nullptr;
+  std::vector<double> loss_weights;
+
+  std::vector<std::vector<CellState>> cells;  // [stage][micro-batch]
+  std::vector<Batch> outputs;                 // last stage, per micro-batch
+  std::vector<torch::Tensor> losses;          // step style, detached
+  std::vector<Batch> output_grads;            // module style drain input
+  std::vector<Batch> input_grads;             // stage 0's, per micro-batch
+
+  std::vector<std::vector<TraceEvent>> events;  // per stage, worker-owned
+};
+
+
+/// Sizes the per-step state for `sizes.size()` micro-batches of K stages and
+/// decides which micro-batches are checkpointed (only when `grad`).
+void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
+                 bool grad, CheckpointMode mode, const at::ThreadLocalState& tls);
+
+/// Where the cells of stage s get their inputs and send their outputs.
+/// recv_* block until the message arrives (or throw Aborted / a timeout).
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  /// The input of F(s, j), s > 0.
+  virtual Message recv_forward(int64_t s, int64_t j) = 0;
+  /// The output of F(s, j), for stage s + 1.
+  virtual void send_forward(int64_t s, int64_t j, Message m) = 0;
+  /// The gradients of the outputs of (s, j), s < K - 1.
+  virtual Message recv_backward(int64_t s, int64_t j) = 0;
+  /// The gradients of the inputs of (s, j), for stage s - 1.
+  virtual void send_backward(int64_t s, int64_t j, Message m) = 0;
+};
+
+/// Runs the cells of one stage: forward (checkpointed or not), backward
+/// (with recomputation), device copies, trace events. Not thread-safe: one
+/// thread runs a stage's cells.
+class CellRunner {
+ public:
+  CellRunner(std::shared_ptr<Stage> stage, int64_t index)
+      : stage_(std::move(stage)), index_(index) {}
+
+  /// Runs cells[i] if the pass includes its phase, with the stage's
+  /// begin_forward / end_forward hooks around its first / last forward.
+  /// Exceptions propagate; a c10::Error gets the stage and micro-batch.
+  void run(StepRun& run, Transport& transport, const std::vector<Cell>& cells,
+           size_t i, bool forward, bool backward);
+  void forward(StepRun& run, Transport& transport, int64_t j);
+  void backward(StepRun& run, Transport& transport, int64_t j);
+
+  Stage& stage() { return *stage_; }
+  const std::shared_ptr<Stage>& stage_ptr() const { return stage_; }
+  int64_t index() const { return index_; }
+  /// Copies a tensor onto `dst` on this runner's copy stream, ordered after
+  /// `ready` (device-generic; plain on CPU).
+  torch::Tensor copy_to(const torch::Tensor& t, c10::Device dst,
+                        const std::shared_ptr<c10::Event>& ready);
+  /// Wraps outputs in a Message, with an event on accelerators.
+  static Message make_message(Batch tensors, c10::Device device);
+
+ private:
+  bool is_last(const StepRun& run) const { return index_ + 1 == run.stages; }
+  Batch apply(StepRun& run, int64_t j, const Batch& x);
+  Batch receive(Message m, c10::Device device, bool as_leaves);
+
+  std::shared_ptr<Stage> stage_;
+  int64_t index_;
+  std::unordered_map<c10::Device, c10::Stream> copy_streams_;
+};
+
+} // namespace pipegear::detail
