@@ -1,0 +1,71 @@
+"""Type stubs of the compiled extension pipegear._C (the C++ engine)."""
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+
+Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+__version__: str
+
+def is_checkpointing() -> bool: ...
+def is_recomputing() -> bool: ...
+def render_schedule(schedule: str, stages: int, micro_batches: int) -> str: ...
+def balance_by_cost(partitions: int, costs: Sequence[float],
+                    memory: Optional[Sequence[float]] = None,
+                    capacity: Optional[float] = None) -> list[int]: ...
+
+class TraceEvent:
+    stage: int
+    micro_batch: int
+    phase: str
+    recompute: bool
+    start_ns: int
+    end_ns: int
+    duration_ns: int
+    def __init__(self, stage: int, micro_batch: int, phase: str,
+                 recompute: bool, start_ns: int, end_ns: int) -> None: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+class Trace:
+    stages: int
+    micro_batches: int
+    events: list[TraceEvent]
+    makespan: float
+    bubble_fraction: float
+    theoretical_bubble_fraction: float
+    def __init__(self, stages: int = ..., micro_batches: int = ...,
+                 events: Sequence[Any] = ...) -> None: ...
+    def empty(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def to_chrome_trace(self) -> str: ...
+    def save_chrome_trace(self, path: str) -> None: ...
+
+class DeferredBatchNormStats:
+    sum: Optional[torch.Tensor]
+    sum_squares: Optional[torch.Tensor]
+    count: int
+    micro_batches: int
+    def __init__(self) -> None: ...
+    def empty(self) -> bool: ...
+    def reset(self) -> None: ...
+
+def deferred_batch_norm_forward(
+    input: torch.Tensor, weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+    running_var: torch.Tensor, stats: DeferredBatchNormStats, training: bool,
+    eps: float) -> torch.Tensor: ...
+def deferred_batch_norm_commit(
+    stats: DeferredBatchNormStats, running_mean: torch.Tensor,
+    running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
+    momentum: Optional[float]) -> bool: ...
+
+class _Pipeline:
+    num_stages: int
+    last_trace: Trace
+    def __init__(self, stages: Sequence[tuple[Any, str, Any]], chunks: int,
+                 checkpoint: str, schedule: str, worker_threads: int) -> None: ...
+    def forward(self, input: Tensors) -> Tensors: ...
+    def step(self, input: Tensors, target: Optional[Tensors],
+             loss_fn: Callable[..., torch.Tensor],
+             reduction: str = "mean") -> torch.Tensor: ...
+    def schedule_table(self, micro_batches: int) -> str: ...
