@@ -41,6 +41,16 @@ std::vector<c10::Device> resolve_devices(const std::vector<c10::Device>& given,
   TORCH_CHECK_INDEX(devices.size() >= stages, "too few devices: ", stages,
                     " stages need ", stages, " devices, got ", devices.size());
   devices.erase(devices.begin() + static_cast<std::ptrdiff_t>(stages), devices.end());
+  for (size_t i = 0; i < devices.size(); ++i) {
+    if (devices[i].is_cuda()) {
+      const auto n = static_cast<int64_t>(torch::cuda::device_count());
+      TORCH_CHECK_VALUE(n > 0, "devices[", i, "] is ", devices[i],
+                        " but CUDA is not available");
+      TORCH_CHECK_INDEX(!devices[i].has_index() || devices[i].index() < n,
+                        "devices[", i, "] is ", devices[i], " but there are "
+                        "only ", n, " CUDA devices");
+    }
+  }
   return devices;
 }
 
@@ -71,6 +81,7 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
   partitions_ = register_module("partitions", torch::nn::ModuleList());
   std::vector<std::shared_ptr<Stage>> stages;
   std::map<const void*, size_t> owner;  // parameter storage -> stage
+  std::vector<torch::nn::Sequential> parts;
   int64_t offset = 0;
   for (size_t s = 0; s < options_.balance().size(); ++s) {
     torch::nn::Sequential part;
@@ -84,6 +95,11 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
                         "; stages on different workers cannot share one");
     }
     offset += options_.balance()[s];
+    parts.push_back(part);
+  }
+  // Checked everything before moving anything: a rejected module is intact.
+  for (size_t s = 0; s < parts.size(); ++s) {
+    auto& part = parts[s];
     part->to(devices_[s]);
     partitions_->push_back(part);
     stages.push_back(std::make_shared<SequentialStage>(part, devices_[s]));
@@ -120,6 +136,8 @@ torch::Tensor GPipeImpl::step(
   };
   Batch targets;
   if (target.defined()) {
+    TORCH_CHECK_VALUE(target.dim() >= 1, "the target is 0-dimensional; "
+                      "micro-batching splits dim 0");
     targets.push_back(std::move(target));
   }
   return engine_->step({std::move(input)}, targets, fn, reduction);

@@ -270,7 +270,12 @@ def _run_profile(
     if device is None:
         on = _module_device(module) or sample_tensors[0].device
     else:
-        on = torch.device(device)
+        try:
+            on = torch.device(device)
+        except (RuntimeError, TypeError) as e:  # torch's parser
+            raise (ValueError if isinstance(e, RuntimeError) else TypeError)(
+                f"device is not a device: {device!r} ({e})"
+            ) from None
 
     # nn.Sequential's own names; named_children() would skip a repeated layer.
     named = list(module._modules.items())

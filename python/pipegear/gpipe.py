@@ -90,17 +90,31 @@ def _resolve_devices(devices: Optional[Iterable[Device]],
                     if count else [torch.device("cpu")] * stages)
     else:
         resolved = []
-        for d in devices:
-            if isinstance(d, int) and not isinstance(d, bool):
-                d = torch.device("cuda", d)
-            if not isinstance(d, (str, torch.device)):
+        for i, d in enumerate(devices):
+            if not isinstance(d, (str, torch.device, int)) or isinstance(
+                    d, bool):
                 raise TypeError("devices must hold torch.device, str or int, "
                                 f"got {type(d).__name__}")
-            resolved.append(torch.device(d))
+            try:
+                resolved.append(torch.device("cuda", d) if isinstance(d, int)
+                                else torch.device(d))
+            except RuntimeError as e:  # torch's parser: a bad name or index
+                raise ValueError(f"devices[{i}] is not a device: {d!r} "
+                                 f"({e})") from None
     if len(resolved) < stages:
         raise IndexError(f"too few devices: {stages} stages need {stages} "
                          f"devices, got {len(resolved)} ({resolved})")
-    return resolved[:stages]
+    resolved = resolved[:stages]
+    for i, d in enumerate(resolved):
+        if d.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"devices[{i}] is {d} but CUDA is not "
+                                 "available")
+            if d.index is not None and d.index >= count:
+                raise IndexError(f"devices[{i}] is {d} but there are only "
+                                 f"{count} CUDA devices")
+    return resolved
 
 
 def _check_input(name: str, value: Any) -> None:
@@ -191,6 +205,18 @@ class GPipe(nn.Module):
                                  f"{seen[id(layer)]!r}; a pipeline needs "
                                  "distinct layers")
             seen[id(layer)] = name
+        owner: dict[int, int] = {}
+        offset = 0
+        for i, size in enumerate(balance):
+            for _, layer in named[offset:offset + size]:
+                for p in layer.parameters():
+                    j = owner.setdefault(id(p), i)
+                    if j != i:
+                        raise ValueError(
+                            f"a parameter is shared by partition {j} and "
+                            f"partition {i}; partitions on different workers "
+                            "cannot share one")
+            offset += size
         devices = _resolve_devices(devices, len(balance))
 
         if not deferred_batch_norm and chunks > 1 and any(
@@ -210,17 +236,11 @@ class GPipe(nn.Module):
             module = convert_deferred_batch_norm(module, chunks)
             named = list(module._modules.items())
 
+        # Everything is checked before the module is converted or moved.
         partitions = []
-        owner: dict[int, int] = {}
         offset = 0
-        for i, size in enumerate(balance):
+        for size in balance:
             part = nn.Sequential(OrderedDict(named[offset:offset + size]))
-            for p in part.parameters():
-                j = owner.setdefault(id(p), i)
-                if j != i:
-                    raise ValueError(f"a parameter is shared by partition {j} "
-                                     f"and partition {i}; partitions on "
-                                     "different workers cannot share one")
             partitions.append(part)
             offset += size
         for part, device in zip(partitions, devices):
@@ -300,6 +320,16 @@ class GPipe(nn.Module):
         _check_input("input", input)
         if target is not None:
             _check_input("target", target)
+            targets = target if isinstance(target, tuple) else (target,)
+            for i, t in enumerate(targets):
+                if t.dim() == 0:
+                    raise ValueError(f"target tensor {i} is 0-dimensional; "
+                                     "micro-batching splits dim 0")
+                if t.size(0) != targets[0].size(0):
+                    raise ValueError("every target tensor must have the same "
+                                     "batch size (dim 0): tensor 0 has "
+                                     f"{targets[0].size(0)}, tensor {i} has "
+                                     f"{t.size(0)}")
         if loss_fn is None:
             raise TypeError("step needs a loss function, got None")
         if not callable(loss_fn):
