@@ -1,6 +1,12 @@
 #pragma once
 
+#include <memory>
+#include <string>
+
 #include <torch/extension.h>
+
+#include <pipegear/engine.h>
+#include <pipegear/stage.h>
 
 namespace pipegear::bindings {
 
@@ -12,5 +18,22 @@ void init_balance(py::module_& m);    // balance.cpp: partitioner, profiler
 void init_batchnorm(py::module_& m);  // batchnorm.cpp: DeferredBatchNorm core
 void init_engine(py::module_& m);     // engine.cpp: pipeline, checkpoint flags
 void init_trace(py::module_& m);      // trace.cpp: Trace
+void init_distributed(py::module_& m);  // distributed.cpp: c10d pipeline
+
+// Shared by the in-process and the distributed pipelines; engine.cpp.
+
+/// One tensor as itself, several as a tuple.
+py::object to_python(const Batch& batch);
+/// A tensor or a tuple/list of tensors; TypeError naming `what` otherwise.
+Batch from_python(const py::handle& value, const char* what);
+/// A stage calling the nn.Module `module` under the GIL on `device`;
+/// `hooks` (None or a callable taking "begin" / "end") around a step's
+/// forward cells (DeferredBatchNorm). Python errors get a PEP 678 note
+/// naming stage `index`.
+std::shared_ptr<Stage> make_py_stage(py::object module, c10::Device device,
+                                     py::object hooks, int64_t index);
+/// A LossFn calling the Python callable `loss_fn` under the GIL (it must
+/// outlive the LossFn); TypeError when it is not callable.
+LossFn make_loss_fn(const py::object& loss_fn);
 
 } // namespace pipegear::bindings

@@ -2,12 +2,13 @@
 // GIL on the engine's workers; the caller releases the GIL while it waits.
 #include <bindings/bindings.h>
 
+#include <torch/csrc/Exceptions.h>
+
 #include <pipegear/checkpoint.h>
 #include <pipegear/engine.h>
 #include <pipegear/schedule.h>
 
 namespace pipegear::bindings {
-namespace {
 
 py::object to_python(const Batch& batch) {
   if (batch.size() == 1) {
@@ -38,6 +39,8 @@ Batch from_python(const py::handle& value, const char* what) {
                    py::str(py::type::of(value)).cast<std::string>());
 }
 
+namespace {
+
 // A partition (an nn.Module) on a device. `hooks`, when not None, is called
 // with "begin" / "end" around the forward cells of a step (DeferredBatchNorm).
 class PyStage final : public Stage {
@@ -57,14 +60,9 @@ class PyStage final : public Stage {
 
   Batch forward(const Batch& input) override {
     py::gil_scoped_acquire gil;
-    try {
-      py::object out = module_(to_python(input));
-      return from_python(out, ("the output of stage " + std::to_string(index_))
-                                  .c_str());
-    } catch (py::error_already_set& e) {
-      annotate(e);
-      throw;
-    }
+    py::object out = module_(to_python(input));
+    return from_python(out, ("the output of stage " + std::to_string(index_))
+                                .c_str());
   }
 
   c10::Device device() const override { return device_; }
@@ -90,12 +88,31 @@ class PyStage final : public Stage {
     }
   }
 
-  void annotate(py::error_already_set& e) {
-    // PEP 678 notes keep the exception's type and message intact.
-    if (py::hasattr(e.value(), "add_note")) {
-      e.value().attr("add_note")("pipegear: raised in stage " +
-                                 std::to_string(index_));
+  // A Python exception from a forward (pybind11's error_already_set) or
+  // from a backward run by the autograd engine (torch's python_error) gets
+  // the cell as a PEP 678 note, which keeps its type and message intact.
+  void annotate_error(const std::string& context) noexcept override {
+    try {
+      throw;
+    } catch (py::error_already_set& e) {
+      py::gil_scoped_acquire gil;
+      add_note(e.value().ptr(), context);
+    } catch (python_error& e) {
+      py::gil_scoped_acquire gil;
+      add_note(e.value, context);
+    } catch (...) {
     }
+  }
+
+  static void add_note(PyObject* value, const std::string& context) {
+    if (value == nullptr || !PyExceptionInstance_Check(value)) {
+      return;
+    }
+    PyObject* r = PyObject_CallMethod(value, "add_note", "s", context.c_str());
+    if (r == nullptr) {
+      PyErr_Clear();  // Python < 3.11: no notes
+    }
+    Py_XDECREF(r);
   }
 
   py::object module_;
@@ -106,6 +123,27 @@ class PyStage final : public Stage {
 };
 
 } // namespace
+
+std::shared_ptr<Stage> make_py_stage(py::object module, c10::Device device,
+                                     py::object hooks, int64_t index) {
+  return std::make_shared<PyStage>(std::move(module), device, std::move(hooks),
+                                   index);
+}
+
+LossFn make_loss_fn(const py::object& loss_fn) {
+  TORCH_CHECK_TYPE(PyCallable_Check(loss_fn.ptr()),
+                   "loss_fn must be callable, got ",
+                   py::str(py::type::of(loss_fn)).cast<std::string>());
+  return [&loss_fn](const Batch& y, const Batch& t) {
+    py::gil_scoped_acquire gil;
+    py::object loss = loss_fn(to_python(y), t.empty() ? py::none()
+                                                      : to_python(t));
+    TORCH_CHECK_TYPE(THPVariable_Check(loss.ptr()),
+                     "loss_fn must return a tensor, got ",
+                     py::str(py::type::of(loss)).cast<std::string>());
+    return py::cast<torch::Tensor>(loss);
+  };
+}
 
 void init_engine(py::module_& m) {
   m.def("is_checkpointing", &pipegear::is_checkpointing,
@@ -132,7 +170,7 @@ void init_engine(py::module_& m) {
                const auto& s = stages[i];
                TORCH_CHECK_VALUE(s.size() == 3, "stage ", i,
                                  " must be (module, device, hooks)");
-               built.push_back(std::make_shared<PyStage>(
+               built.push_back(make_py_stage(
                    s[0], c10::Device(s[1].cast<std::string>()), s[2],
                    static_cast<int64_t>(i)));
              }
@@ -163,19 +201,8 @@ void init_engine(py::module_& m) {
              const py::object& loss_fn, const std::string& reduction) {
             Batch in = from_python(input, "the input");
             Batch tgt = target.is_none() ? Batch{} : from_python(target, "the target");
-            TORCH_CHECK_TYPE(PyCallable_Check(loss_fn.ptr()),
-                             "loss_fn must be callable, got ",
-                             py::str(py::type::of(loss_fn)).cast<std::string>());
+            LossFn fn = make_loss_fn(loss_fn);
             const auto red = parse_loss_reduction(reduction);
-            LossFn fn = [&loss_fn](const Batch& y, const Batch& t) {
-              py::gil_scoped_acquire gil;
-              py::object loss = loss_fn(to_python(y), t.empty() ? py::none()
-                                                                : to_python(t));
-              TORCH_CHECK_TYPE(THPVariable_Check(loss.ptr()),
-                               "loss_fn must return a tensor, got ",
-                               py::str(py::type::of(loss)).cast<std::string>());
-              return py::cast<torch::Tensor>(loss);
-            };
             py::gil_scoped_release no_gil;
             return e.step(in, tgt, fn, red);
           },

@@ -246,6 +246,11 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     if (run->error) {
       std::rethrow_exception(run->error);
     }
+    if (forward) {
+      for (auto& runner : runners_) {
+        runner->end_forward();
+      }
+    }
   }
 
   // Module style, fill pass.
@@ -338,7 +343,10 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     auto& w = *workers_[s];
     const auto device = runners_[s]->stage().device();
     if (device.is_cpu()) {
-      at::init_num_threads();
+      // get_num_threads() runs this thread's lazy initialisation first
+      // (which applies the process-wide count); without it, the first
+      // parallel op of the worker would replace our count by that one.
+      (void)at::get_num_threads();
       at::set_num_threads(static_cast<int>(threads_per_worker_));
     }
     while (true) {
@@ -466,9 +474,14 @@ struct PipelineFunction : torch::autograd::Function<PipelineFunction> {
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext* ctx,
       torch::autograd::variable_list grads) {
+    auto it = ctx->saved_data.find("step");
+    TORCH_CHECK(it != ctx->saved_data.end(),
+                "pipegear: backward through the pipeline's output ran a second "
+                "time; a step's graph is freed by its first backward "
+                "(retain_graph is not supported: run the forward again)");
     auto holder = c10::static_intrusive_pointer_cast<StepHolder>(
-        ctx->saved_data["step"].toCapsule());
-    ctx->saved_data.erase("step");
+        it->second.toCapsule());
+    ctx->saved_data.erase(it);
     Batch input_grads = holder->core->drain(holder->run, grads);
     holder->run.reset();
     torch::autograd::variable_list result;

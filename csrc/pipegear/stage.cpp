@@ -1,5 +1,6 @@
 #include <pipegear/stage.h>
 
+#include <c10/util/Type.h>
 #include <torch/nn/modules/container/any.h>
 
 #include <pipegear/nn/deferred_batch_norm.h>
@@ -15,7 +16,8 @@ Batch to_batch(torch::nn::AnyValue&& value, size_t layer) {
     return *v;
   }
   TORCH_CHECK_TYPE(false, "layer ", layer,
-                   " returned a value of type ", value.type_info().name(),
+                   " returned a value of type ",
+                   c10::demangle(value.type_info().name()),
                    "; a pipeline stage passes a torch::Tensor or a "
                    "std::vector<torch::Tensor> between layers");
 }
@@ -33,7 +35,11 @@ void for_each_deferred_batch_norm(const torch::nn::Sequential& layers, F f) {
 
 SequentialStage::SequentialStage(torch::nn::Sequential layers,
                                  c10::Device device)
-    : layers_(std::move(layers)), device_(device) {}
+    : layers_(std::move(layers)), device_(device) {
+  // The engine commits once every stage's forward succeeded (end_forward).
+  for_each_deferred_batch_norm(
+      layers_, [](DeferredBatchNormImpl& bn) { bn.set_auto_commit(false); });
+}
 
 Batch SequentialStage::forward(const Batch& input) {
   torch::nn::AnyValue value = input.size() == 1

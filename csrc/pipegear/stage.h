@@ -1,6 +1,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include <c10/core/Device.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -32,9 +33,17 @@ class Stage {
   /// DeferredBatchNorm layers drop what an earlier, failed step left.
   virtual void begin_forward() {}
 
-  /// Called on the stage's worker after its last forward cell of a step.
+  /// Called once per step after the forward cells of every stage
+  /// succeeded (in-process: on the calling thread; distributed: on each
+  /// rank once all ranks agree), never after a failed step.
   /// DeferredBatchNorm layers commit the statistics of the mini-batch.
   virtual void end_forward() {}
+
+  /// Called inside the handler of an exception that is not a c10::Error
+  /// (those get `context` added by the engine), on the thread that caught
+  /// it; `context` names the stage, micro-batch and phase. The Python stage
+  /// adds it to a Python exception as a PEP 678 note. Must not throw.
+  virtual void annotate_error(const std::string& /*context*/) noexcept {}
 };
 
 /// A contiguous slice of a torch::nn::Sequential. Between layers a value is a

@@ -42,3 +42,8 @@ __all__ = [
     "balance_by_time", "profile_layers", "is_checkpointing", "is_recomputing",
     "render_schedule",
 ]
+
+from pipegear import distributed  # noqa: E402
+from pipegear.distributed import DistributedGPipe  # noqa: E402
+
+__all__ += ["DistributedGPipe", "distributed"]

@@ -31,10 +31,12 @@ class DeferredBatchNorm(nn.Module):
     two load each other's state.
 
     In training the statistics of each micro-batch are accumulated and folded
-    into the running statistics by :meth:`commit`, which runs by itself after
-    ``chunks`` micro-batches; the pipeline calls :meth:`reset_accumulated`
-    before a step and :meth:`commit` after its last forward, so a step with
-    fewer micro-batches than ``chunks`` counts too.
+    into the running statistics by :meth:`commit`. Standalone
+    (``auto_commit`` true) it runs by itself after ``chunks`` micro-batches.
+    A pipeline sets ``auto_commit = False``, calls :meth:`reset_accumulated`
+    before a step and :meth:`commit` once the forward of every stage
+    succeeded: a step with fewer micro-batches than ``chunks`` counts too,
+    and a failed step commits nothing.
 
     Args:
         num_features: C, the number of channels.
@@ -80,6 +82,8 @@ class DeferredBatchNorm(nn.Module):
             torch.tensor(0, dtype=torch.long, device=device),
         )
         self._stats = _C.DeferredBatchNormStats()
+        #: Commit by itself after ``chunks`` micro-batches (off in a pipeline).
+        self.auto_commit: bool = True
 
     def forward(self, input: Tensor) -> Tensor:
         output = _C.deferred_batch_norm_forward(
@@ -92,7 +96,8 @@ class DeferredBatchNorm(nn.Module):
             self.training,
             self.eps,
         )
-        if self.training and self._stats.micro_batches >= self.chunks:
+        if (self.auto_commit and self.training
+                and self._stats.micro_batches >= self.chunks):
             self.commit()
         return output
 

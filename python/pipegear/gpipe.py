@@ -268,6 +268,8 @@ class GPipe(nn.Module):
         bns = [m for m in part.modules() if isinstance(m, DeferredBatchNorm)]
         if not bns:
             return None
+        for bn in bns:
+            bn.auto_commit = False  # the pipeline commits (see DeferredBatchNorm)
 
         def hook(when: str) -> None:
             for bn in bns:

@@ -220,7 +220,7 @@ TEST_CASE("calling a pipeline: every mistake is named", "[errors]") {
                     opts({1, 1}));
   const auto msg = message_of<c10::TypeError>(
       [&] { rows->forward(torch::ones({2, 2})); });
-  CHECK_THAT(msg, Catch::Contains("layer 0 returned a value of type"));
+  CHECK_THAT(msg, Catch::Contains("layer 0 returned a value of type long;"));
   CHECK_THAT(msg, Catch::Contains("pipegear: in stage 1, micro-batch 0, forward"));
 
   // A layer's own c10::Error keeps its type and gets the cell as context.

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <thread>
 
 #include <pipegear/gpipe.h>
 
@@ -291,4 +292,46 @@ TEST_CASE("schedule table of a pipeline", "[gpipe]") {
         " clock  0  1  2  3  4  5\n"
         "stage0 F0 F1       B1 B0\n"
         "stage1    F0 F1 B1 B0\n");
+}
+
+TEST_CASE("a failure in a later stage commits no running statistics",
+          "[gpipe][batchnorm]") {
+  // Stage 0 ends all its forward cells before stage 1 fails on the last
+  // micro-batch: the failed step must leave stage 0's statistics alone.
+  struct SlowFaultImpl : torch::nn::Module {
+    int calls = 0;
+    torch::Tensor forward(torch::Tensor x) {
+      if (++calls == 3) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        TORCH_CHECK_VALUE(false, "injected in stage 1");
+      }
+      return x;
+    }
+  };
+  torch::manual_seed(4);
+  torch::nn::Sequential model(
+      torch::nn::Linear(3, 3),
+      torch::nn::BatchNorm1d(torch::nn::BatchNorm1dOptions(3)),
+      std::make_shared<SlowFaultImpl>());
+  auto pipe = GPipe(model, GPipeOptions({2, 1}).chunks(3).deferred_batch_norm(true));
+  std::vector<torch::Tensor> before;
+  for (const auto& b : pipe->buffers()) {
+    before.push_back(b.clone());
+  }
+  auto x = torch::randn({6, 3});
+  CHECK_THROWS_WITH(pipe->forward(x), Catch::Contains("injected in stage 1"));
+  auto after = pipe->buffers();
+  REQUIRE(after.size() == before.size());
+  for (size_t i = 0; i < after.size(); ++i) {
+    CHECK(torch::equal(after[i], before[i]));
+  }
+  auto y = pipe->forward(x);  // calls == 4, 5, 6: succeeds and commits
+  CHECK(pipe->buffers().back().item<int64_t>() == 1);  // num_batches_tracked
+}
+
+TEST_CASE("a second backward through the output is a clear error", "[gpipe]") {
+  auto pipe = GPipe(mlp(2, 3), GPipeOptions({2, 2}).chunks(2));
+  auto y = pipe->forward(torch::randn({4, 3})).sum();
+  y.backward({}, /*retain_graph=*/true);
+  CHECK_THROWS_WITH(y.backward(), Catch::Contains("ran a second time"));
 }

@@ -291,7 +291,35 @@ def test_layer_errors_keep_their_type_and_name_the_stage():
     pipe = pipe2()
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes") as info:
         pipe(ones(2, 3))
-    assert "pipegear: raised in stage 0" in info.value.__notes__
+    assert ("pipegear: in stage 0, micro-batch 0, forward"
+            in info.value.__notes__)
+
+
+@pytest.mark.parametrize("face", ["module", "step"])
+def test_a_layer_error_in_backward_names_the_cell(face):
+    class Bad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1
+
+        @staticmethod
+        def backward(ctx, g):
+            raise KeyError("backward boom")
+
+    class Layer(nn.Module):
+        def forward(self, x):
+            return Bad.apply(x)
+
+    pipe = pipegear.GPipe(nn.Sequential(nn.Linear(2, 2), Layer(),
+                                        nn.Linear(2, 2)), [1, 1, 1], chunks=2)
+    with pytest.raises(KeyError, match="backward boom") as info:
+        if face == "module":
+            pipe(ones(4, 2)).sum().backward()
+        else:
+            pipe.step(ones(4, 2), ones(4, 2), nn.functional.mse_loss)
+    notes = getattr(info.value, "__notes__", [])
+    assert any(n.startswith("pipegear: in stage 1, micro-batch ")
+               and n.endswith(", backward") for n in notes), notes
 
 
 # ---- a rejected construction changes nothing ---------------------------

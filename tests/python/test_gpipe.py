@@ -301,3 +301,37 @@ def test_bad_calls():
         pipe.step(torch.ones(2, 2), torch.ones(2, 2), None)
     with pytest.raises(ValueError, match="input has 2, target has 3"):
         pipe.step(torch.ones(2, 2), torch.ones(3, 2), nn.functional.mse_loss)
+
+
+def test_a_second_backward_raises_a_clear_error():
+    torch.manual_seed(8)
+    pipe = pipegear.GPipe(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)),
+                          [1, 1], chunks=2)
+    y = pipe(torch.randn(4, 2)).sum()
+    y.backward(retain_graph=True)
+    grads = [p.grad.clone() for p in pipe.parameters()]
+    with pytest.raises(RuntimeError, match="ran a second time"):
+        y.backward()
+    for p, g in zip(pipe.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)  # nothing accumulated twice
+
+
+def test_worker_threads_stay_set_when_the_caller_changes_its_count():
+    seen = []
+
+    class Record(nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    old = torch.get_num_threads()
+    try:
+        pipe = pipegear.GPipe(nn.Sequential(Record(), Record()), [1, 1],
+                              chunks=2, worker_threads=1)
+        torch.set_num_threads(2)  # after the workers started
+        pipe(torch.randn(4, 2))
+        torch.set_num_threads(3)
+        pipe(torch.randn(4, 2))
+    finally:
+        torch.set_num_threads(old)
+    assert seen and set(seen) == {1}, seen

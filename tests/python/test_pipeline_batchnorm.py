@@ -96,3 +96,34 @@ def test_plain_batchnorm_warns_and_counts_recomputations():
     with pytest.warns(UserWarning, match="once per micro-batch"):
         pipegear.GPipe(nn.Sequential(nn.BatchNorm1d(2)), [1], chunks=2,
                        checkpoint="never")
+
+
+@pytest.mark.parametrize("face", ["module", "step"])
+def test_a_failure_in_a_later_stage_commits_nothing(face):
+    """Stage 0 ends its forward cells long before stage 1 fails: the failed
+    step must still leave stage 0's running statistics as they were."""
+    import time
+
+    class SlowFailLast(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            SlowFailLast.calls += 1
+            if SlowFailLast.calls == 3:  # the last micro-batch
+                time.sleep(0.2)  # stage 0 is done with every forward cell
+                raise RuntimeError("injected in stage 1")
+            return x
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), SlowFailLast())
+    pipe = pipegear.GPipe(model, [2, 1], chunks=3, deferred_batch_norm=True)
+    before = {k: v.clone() for k, v in pipe.state_dict().items()}
+    x = torch.randn(6, 3)
+    with pytest.raises(RuntimeError, match="injected in stage 1"):
+        if face == "module":
+            pipe(x)
+        else:
+            pipe.step(x, torch.randn(6, 3), nn.functional.mse_loss)
+    for key, value in pipe.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0,
+                                   msg=f"{key} changed by a failed step")

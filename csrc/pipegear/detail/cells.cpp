@@ -137,13 +137,31 @@ void CellRunner::run(StepRun& run, Transport& transport,
       stage_->begin_forward();
     }
     this->forward(run, transport, cell.micro_batch);
-    if (std::none_of(cells.begin() + i + 1, cells.end(), is_fwd)) {
-      stage_->end_forward();
-    }
   } catch (c10::Error& e) {
     e.add_context("pipegear: in stage " + std::to_string(index_) +
                   ", micro-batch " + std::to_string(cell.micro_batch) + ", " +
                   (is_forward ? "forward" : "backward"));
+    throw;
+  } catch (const Aborted&) {
+    throw;
+  } catch (...) {
+    stage_->annotate_error("pipegear: in stage " + std::to_string(index_) +
+                           ", micro-batch " + std::to_string(cell.micro_batch) +
+                           ", " + (is_forward ? "forward" : "backward"));
+    throw;
+  }
+}
+
+void CellRunner::end_forward() {
+  c10::OptionalDeviceGuard device_guard;
+  if (!stage_->device().is_cpu()) {
+    device_guard.reset_device(stage_->device());
+  }
+  try {
+    stage_->end_forward();
+  } catch (c10::Error& e) {
+    e.add_context("pipegear: in stage " + std::to_string(index_) +
+                  ", committing the step (end_forward)");
     throw;
   }
 }

@@ -98,10 +98,16 @@ class CellRunner {
       : stage_(std::move(stage)), index_(index) {}
 
   /// Runs cells[i] if the pass includes its phase, with the stage's
-  /// begin_forward / end_forward hooks around its first / last forward.
-  /// Exceptions propagate; a c10::Error gets the stage and micro-batch.
+  /// begin_forward hook before its first forward cell. Exceptions
+  /// propagate; a c10::Error gets the stage and micro-batch.
   void run(StepRun& run, Transport& transport, const std::vector<Cell>& cells,
            size_t i, bool forward, bool backward);
+  /// The stage's end_forward hook (DeferredBatchNorm commits), on the
+  /// stage's device. Called once per step by the owner of the pass, and
+  /// only when every stage's forward cells succeeded: a failed step must
+  /// leave running statistics as they were, whatever the timing of the
+  /// failure.
+  void end_forward();
   void forward(StepRun& run, Transport& transport, int64_t j);
   void backward(StepRun& run, Transport& transport, int64_t j);
 

@@ -1,67 +1,155 @@
 #pragma once
 // GPipe across processes: one stage per rank of a c10d ProcessGroup, the
-// activations and gradients exchanged with point-to-point send/recv.
+// activations and gradients exchanged with point-to-point send/recv. See
+// docs/distributed.md.
 
 #include <chrono>
+#include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
+#include <torch/arg.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/nn/modules/container/any.h>
+#include <torch/nn/modules/container/sequential.h>
 
+#include <pipegear/checkpoint.h>
 #include <pipegear/engine.h>
 #include <pipegear/stage.h>
 #include <pipegear/trace.h>
 
 namespace pipegear {
 
+/// Builds one layer; only the factories of this rank's stage are called, so
+/// no process materialises the whole model.
+using LayerFactory = std::function<torch::nn::AnyModule()>;
+
+struct DistributedOptions {
+  /// Layers per stage (K = balance.size() = the world size). Required by the
+  /// Sequential and factory constructors; with a ready-made Stage it is
+  /// optional and only checked for agreement between ranks.
+  TORCH_ARG(std::vector<int64_t>, balance) = {};
+  /// Micro-batches per mini-batch (M); a smaller batch gives fewer.
+  TORCH_ARG(int64_t, chunks) = 1;
+  TORCH_ARG(CheckpointMode, checkpoint) = CheckpointMode::kExceptLast;
+  /// kGPipe serves both faces; k1F1B only step().
+  TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
+  /// Replace BatchNorm layers of this rank's slice by DeferredBatchNorm
+  /// (Sequential and factory constructors).
+  TORCH_ARG(bool, deferred_batch_norm) = false;
+  /// Where this rank's slice runs (Sequential and factory constructors).
+  /// Default: cpu for Gloo, the current CUDA device for NCCL.
+  TORCH_ARG(std::optional<c10::Device>, device) = std::nullopt;
+  /// Bound of every wait for a peer (step header, activations, gradients,
+  /// the loss): a peer that died or hangs makes the call throw after at
+  /// most this long instead of blocking forever. It must exceed the longest
+  /// time between two ranks' calls (data loading included).
+  TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::seconds(30);
+};
+
 namespace detail {
-class C10dTransport;
+class DistributedCore;
 } // namespace detail
 
 /// One rank's share of a pipeline: rank r of the group runs stage r of K =
-/// world size. Every rank calls step() with the same options; rank 0 passes
-/// the input, the last rank the target (others pass empty batches).
+/// world size, on the calling thread, with the cell logic of the in-process
+/// engine (checkpointing, recomputation, DeferredBatchNorm hooks).
 ///
-///   DistributedPipeline pipe(pg, stage, EngineOptions().chunks(4));
-///   auto loss = pipe.step(rank == 0 ? Batch{x} : Batch{},
-///                         rank == K - 1 ? Batch{t} : Batch{}, loss_fn);
+/// Step style (every rank calls it; rank 0 passes the input, the last rank
+/// the target and the loss; others pass empty batches):
 ///
-/// Every wait (header, activations, gradients, loss) is bounded by
-/// `timeout`: a peer that died or hangs makes step() throw instead of
-/// blocking forever. After such an error the group is unusable.
+///   auto pg = pipegear::init_process_group_from_env();   // torchrun's env
+///   DistributedPipeline pipe(pg, model, DistributedOptions().balance({2, 2})
+///                                           .chunks(4));
+///   auto loss = pipe.step(first ? Batch{x} : Batch{},
+///                         last ? Batch{t} : Batch{}, loss_fn);
+///
+/// Module style (fill/drain schedule only):
+///
+///   Batch y = pipe.forward(first ? Batch{x} : Batch{});
+///   if (last) loss_fn(y, {t}).backward();  // y: the model's output
+///   else y[0].backward();                  // y: a placeholder scalar
+///
+/// A failure on one rank (an exception, a timeout, a peer that died) makes
+/// every rank's call throw: the failing rank sends the peers waiting for it
+/// a "poison" message carrying its error, so they fail at once, then
+/// receives and discards what it is still owed. After an exception raised by
+/// a layer or a loss (the transport is intact) the next step runs normally;
+/// after a timeout or a lost connection the pipeline refuses further steps
+/// (broken()): destroy the process group and restart.
 class DistributedPipeline {
  public:
+  /// This rank's stage, ready-made (any Stage implementation).
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      std::shared_ptr<Stage> stage,
+                      DistributedOptions options = {});
   DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
                       std::shared_ptr<Stage> stage, EngineOptions options,
                       std::chrono::milliseconds timeout =
                           std::chrono::seconds(30));
+  /// The whole model: only this rank's slice (balance[rank] layers, named
+  /// by their index in `model`) is kept, moved to the device and run.
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      const torch::nn::Sequential& model,
+                      DistributedOptions options);
+  /// One factory per layer: only this rank's are called.
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      const std::vector<LayerFactory>& layers,
+                      DistributedOptions options);
   ~DistributedPipeline();
   DistributedPipeline(const DistributedPipeline&) = delete;
   DistributedPipeline& operator=(const DistributedPipeline&) = delete;
 
-  /// Runs this rank's row of the schedule (forward and backward cells) on
-  /// the calling thread. Parameter gradients accumulate in this rank's
-  /// stage. Returns the mini-batch loss (detached) on every rank. Batch
-  /// size, shapes and dtypes may change from one step to the next.
+  /// Step style: this rank's row of the schedule (forward and backward
+  /// cells) on the calling thread. `input` is used on rank 0, `target` and
+  /// `loss_fn` on the last rank. Parameter gradients accumulate in this
+  /// rank's stage; input gradients flow back to `input` on rank 0. Returns
+  /// the mini-batch loss (detached) on every rank. Batch size, shapes and
+  /// dtypes may change from one step to the next.
   torch::Tensor step(const Batch& input, const Batch& target,
                      const LossFn& loss_fn,
                      LossReduction reduction = LossReduction::kMean);
 
-  int64_t rank() const { return rank_; }
-  int64_t world_size() const { return world_; }
-  const EngineOptions& options() const { return options_; }
-  std::chrono::milliseconds timeout() const { return timeout_; }
+  /// Module style, fill pass: every rank calls it, `input` is used on rank
+  /// 0. The last rank gets the gathered output; the other ranks get one
+  /// placeholder scalar (zero). With grad mode on, both hang off one
+  /// autograd node whose backward runs this rank's drain pass: the last rank
+  /// calls backward on its loss, the others on the placeholder (or call
+  /// backward()). Every rank must run the drain before the next forward.
+  Batch forward(const Batch& input);
+
+  /// Runs the drain of the last forward on a rank other than the last
+  /// (backward on the placeholder it returned). Throws on the last rank.
+  void backward();
+
+  int64_t rank() const;
+  int64_t world_size() const;
+  bool is_first() const { return rank() == 0; }
+  bool is_last() const { return rank() + 1 == world_size(); }
+  const DistributedOptions& options() const;
+  std::chrono::milliseconds timeout() const { return options().timeout(); }
+  /// This rank's stage.
+  const std::shared_ptr<Stage>& stage() const;
+  /// This rank's slice (Sequential and factory constructors; null
+  /// otherwise). Its parameters() are what this rank's optimizer updates.
+  torch::nn::Sequential module() const;
+  /// True after a failure that left the transport in an unknown state.
+  bool broken() const;
   /// This rank's cells of the last step (stage = rank).
-  const std::vector<TraceEvent>& last_events() const { return events_; }
+  std::vector<TraceEvent> last_events() const;
 
  private:
-  c10::intrusive_ptr<c10d::ProcessGroup> group_;
-  std::shared_ptr<Stage> stage_;
-  EngineOptions options_;
-  std::chrono::milliseconds timeout_;
-  int64_t rank_;
-  int64_t world_;
-  std::vector<TraceEvent> events_;
+  std::shared_ptr<detail::DistributedCore> core_;
 };
+
+/// Creates a process group from torchrun's environment (RANK, WORLD_SIZE,
+/// MASTER_ADDR, MASTER_PORT): a TCPStore served by rank 0 and a Gloo
+/// backend ("gloo"), or NCCL ("nccl", only in builds of torch with NCCL).
+/// GLOO_SOCKET_IFNAME picks the network interface, as in torch.
+c10::intrusive_ptr<c10d::ProcessGroup> init_process_group_from_env(
+    const std::string& backend = "gloo",
+    std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 } // namespace pipegear

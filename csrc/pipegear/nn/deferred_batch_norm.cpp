@@ -207,7 +207,8 @@ torch::Tensor DeferredBatchNormImpl::forward(const torch::Tensor& input) {
       deferred_batch_norm_forward(input, weight, bias, running_mean,
                                   running_var, stats_, is_training(),
                                   options.eps());
-  if (is_training() && stats_.micro_batches >= options.chunks()) {
+  if (auto_commit_ && is_training() &&
+      stats_.micro_batches >= options.chunks()) {
     commit();
   }
   return output;

@@ -85,9 +85,11 @@ struct DeferredBatchNormOptions {
 /// torch::nn::BatchNorm fed the whole mini-batches. Recomputations of a
 /// checkpointed forward (is_recomputing()) accumulate nothing.
 ///
-/// The engine calls reset_accumulated() before the first forward cell of a
-/// step and commit() after the last one; without the engine, the statistics
-/// are committed after `chunks` micro-batches. Parameters and buffers are
+/// Standalone, the statistics are committed after `chunks` micro-batches.
+/// Inside a pipeline (a SequentialStage turns auto_commit off) the engine
+/// calls reset_accumulated() before the first forward cell of a step and
+/// commit() once the forward cells of every stage succeeded, so a failed
+/// step commits nothing and a step with fewer micro-batches still commits. Parameters and buffers are
 /// named as torch::nn::BatchNorm's, so their state dicts match.
 ///
 ///   auto bn = pipegear::DeferredBatchNorm(
@@ -117,6 +119,10 @@ class DeferredBatchNormImpl
   void reset_accumulated();
   /// Micro-batches accumulated since the last commit.
   int64_t accumulated_micro_batches() const { return stats_.micro_batches; }
+  /// Whether forward() commits by itself after `chunks` micro-batches
+  /// (default true); a pipeline stage turns it off and commits itself.
+  bool auto_commit() const { return auto_commit_; }
+  void set_auto_commit(bool on) { auto_commit_ = on; }
 
   void pretty_print(std::ostream& stream) const override;
 
@@ -129,6 +135,7 @@ class DeferredBatchNormImpl
 
  private:
   DeferredBatchNormStats stats_;
+  bool auto_commit_ = true;
 };
 
 TORCH_MODULE(DeferredBatchNorm);

@@ -1,0 +1,96 @@
+// The distributed pipeline for Python: this rank's stage is an nn.Module
+// called under the GIL on the calling thread; the GIL is released while the
+// rank computes and waits for its peers. A torch.distributed ProcessGroup
+// arrives as c10d::ProcessGroup through torch's own pybind11 registration.
+#include <bindings/bindings.h>
+
+#include <chrono>
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/utils/pybind.h>
+
+#include <pipegear/checkpoint.h>
+#include <pipegear/distributed/pipeline.h>
+
+namespace pipegear::bindings {
+
+void init_distributed(py::module_& m) {
+  py::class_<DistributedPipeline, std::shared_ptr<DistributedPipeline>>(
+      m, "_DistributedPipeline")
+      .def(py::init([](const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                       const py::object& module, const std::string& device,
+                       const py::object& hooks, int64_t chunks,
+                       const std::string& checkpoint,
+                       const std::string& schedule, double timeout,
+                       std::vector<int64_t> balance) {
+             TORCH_CHECK_VALUE(group, "process_group is None");
+             TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
+                               timeout);
+             auto stage = make_py_stage(module, c10::Device(device), hooks,
+                                        group->getRank());
+             auto options = DistributedOptions()
+                                .balance(std::move(balance))
+                                .chunks(chunks)
+                                .checkpoint(parse_checkpoint_mode(checkpoint))
+                                .schedule(parse_schedule_kind(schedule))
+                                .timeout(std::chrono::milliseconds(
+                                    static_cast<int64_t>(timeout * 1000.0)));
+             // The constructor agrees on the options with the other ranks
+             // (a collective): no GIL while it waits.
+             py::gil_scoped_release no_gil;
+             return std::make_shared<DistributedPipeline>(group, std::move(stage),
+                                                          std::move(options));
+           }),
+           py::arg("group"), py::arg("module"), py::arg("device"),
+           py::arg("hooks"), py::arg("chunks"), py::arg("checkpoint"),
+           py::arg("schedule"), py::arg("timeout"), py::arg("balance"))
+      .def(
+          "step",
+          [](DistributedPipeline& p, const py::object& input,
+             const py::object& target, const py::object& loss_fn,
+             const std::string& reduction) {
+            Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
+            Batch tgt = target.is_none() ? Batch{}
+                                         : from_python(target, "the target");
+            LossFn fn;
+            if (p.is_last() && !loss_fn.is_none()) {
+              fn = make_loss_fn(loss_fn);
+            }
+            const auto red = parse_loss_reduction(reduction);
+            py::gil_scoped_release no_gil;
+            return p.step(in, tgt, fn, red);
+          },
+          py::arg("input"), py::arg("target"), py::arg("loss_fn"),
+          py::arg("reduction") = "mean")
+      .def(
+          "forward",
+          [](DistributedPipeline& p, const py::object& input) {
+            Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
+            Batch out;
+            {
+              py::gil_scoped_release no_gil;
+              out = p.forward(in);
+            }
+            return to_python(out);
+          },
+          py::arg("input"))
+      .def("backward",
+           [](DistributedPipeline& p) {
+             py::gil_scoped_release no_gil;
+             p.backward();
+           })
+      .def_property_readonly("rank", &DistributedPipeline::rank)
+      .def_property_readonly("world_size", &DistributedPipeline::world_size)
+      .def_property_readonly("broken", &DistributedPipeline::broken)
+      .def_property_readonly("last_events", [](const DistributedPipeline& p) {
+        py::list out;
+        for (const auto& e : p.last_events()) {
+          out.append(py::make_tuple(e.micro_batch,
+                                    e.phase == Phase::kForward ? "F" : "B",
+                                    e.recompute, e.start_ns, e.end_ns));
+        }
+        return out;
+      });
+}
+
+} // namespace pipegear::bindings

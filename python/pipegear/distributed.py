@@ -1,0 +1,273 @@
+"""GPipe across processes: one pipeline stage per rank of a process group.
+
+Each rank keeps only its slice of the model. Activations and gradients move
+between neighbouring ranks with c10d point-to-point send/recv (Gloo on CPU,
+NCCL on GPUs), driven by the C++ ``pipegear::DistributedPipeline``; rank 0
+sends every rank the step header and relays the loss and the outcome of
+the step (docs/distributed.md). Launch with torchrun::
+
+    torchrun --nproc_per_node=2 train.py
+
+>>> pipegear.distributed.init_from_env()            # Gloo, from torchrun's env
+>>> pipe = pipegear.DistributedGPipe(layers, balance=[2, 1], chunks=4)
+>>> loss = pipe.step(x if pipe.is_first else None,
+...                  t if pipe.is_last else None, F.cross_entropy)
+"""
+import os
+import warnings
+from collections import OrderedDict
+from datetime import timedelta
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipegear import _C
+
+__all__ = ["DistributedGPipe", "init_from_env"]
+
+Tensors = Union[Tensor, tuple]
+LayerSpec = Union[nn.Sequential, Sequence[Union[nn.Module, Callable[[], nn.Module]]]]
+
+
+def init_from_env(backend: str = "gloo", timeout: float = 60.0):
+    """Initialises the default process group from torchrun's environment
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and returns it. With
+    ``backend='nccl'`` the current CUDA device becomes LOCAL_RANK's.
+
+    Does nothing but return the default group when one exists already.
+    """
+    if dist.is_initialized():
+        return dist.group.WORLD
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if k not in os.environ]
+    if missing:
+        raise RuntimeError("init_from_env needs the environment variables "
+                           f"{', '.join(missing)} (set by torchrun)")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, init_method="env://",
+                            rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=timedelta(seconds=timeout))
+    return dist.group.WORLD
+
+
+def _layers(module: LayerSpec) -> list:
+    """(name, layer-or-factory) pairs, in order."""
+    if isinstance(module, nn.Sequential):
+        return list(module._modules.items())
+    if isinstance(module, nn.Module):
+        raise TypeError("module must be an nn.Sequential or a list of layers "
+                        f"or layer factories, got {type(module).__name__}")
+    if not isinstance(module, Iterable):
+        raise TypeError("module must be an nn.Sequential or a list of layers "
+                        f"or layer factories, got {type(module).__name__}")
+    return [(str(i), layer) for i, layer in enumerate(module)]
+
+
+class DistributedGPipe(nn.Module):
+    """GPipe over the ranks of a process group: rank r runs partition r.
+
+    Args:
+        module: an ``nn.Sequential``, or a list whose items are layers or
+            *factories* (callables returning an ``nn.Module``). Only this
+            rank's factories are called, so no process builds the whole model.
+        balance: layers per partition; ``len(balance)`` must equal the world
+            size of the group.
+        process_group: the group (rank r = stage r); ``None``: the default
+            group (see :func:`init_from_env`).
+        chunks: micro-batches per mini-batch.
+        checkpoint: ``'always'``, ``'except_last'`` or ``'never'``.
+        deferred_batch_norm: replace BatchNorm layers by DeferredBatchNorm.
+        timeout: seconds any wait for a peer may take before the call raises.
+        device: where this rank's partition runs (default: CPU for Gloo, the
+            current CUDA device for NCCL).
+        schedule: ``'gpipe'`` or ``'1f1b'`` (``'1f1b'``: :meth:`step` only).
+
+    Every rank makes the same calls. Step style::
+
+        loss = pipe.step(x if pipe.is_first else None,
+                         t if pipe.is_last else None, loss_fn)
+
+    Module style (``'gpipe'``)::
+
+        out = pipe(x if pipe.is_first else None)
+        if pipe.is_last:
+            loss_fn(out, t).backward()  # out: the model's output
+        else:
+            out.backward()              # out: a placeholder; or pipe.backward()
+
+    A failure on one rank (an exception, a dead or hanging peer) makes every
+    rank raise within ``timeout``; after an exception raised by a layer or
+    the loss the next call works, after a lost peer ``broken`` is true and
+    the process group must be recreated (docs/distributed.md).
+    """
+
+    def __init__(self, module: LayerSpec, balance: Sequence[int], *,
+                 process_group=None, chunks: int = 1,
+                 checkpoint: str = "except_last",
+                 deferred_batch_norm: bool = False, timeout: float = 30.0,
+                 device=None, schedule: str = "gpipe") -> None:
+        super().__init__()
+        if process_group is None:
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError(
+                    "DistributedGPipe needs a process group: pass "
+                    "process_group=, call torch.distributed.init_process_group"
+                    " or pipegear.distributed.init_from_env() first")
+            process_group = dist.group.WORLD
+        balance = list(balance)
+        if not balance or any(not isinstance(b, int) or isinstance(b, bool)
+                              or b < 1 for b in balance):
+            raise ValueError("balance must hold positive ints, got "
+                             f"{balance!r}")
+        world = process_group.size()
+        rank = process_group.rank()
+        if len(balance) != world:
+            raise ValueError(f"balance has {len(balance)} partitions but the "
+                             f"process group has {world} ranks: one rank "
+                             "per partition")
+        named = _layers(module)
+        if sum(balance) != len(named):
+            raise ValueError(f"balance sums to {sum(balance)} but the module "
+                             f"has {len(named)} layers")
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+            raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+        if checkpoint not in ("always", "except_last", "never"):
+            raise ValueError("checkpoint must be 'always', 'except_last' or "
+                             f"'never', got {checkpoint!r}")
+        if schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"schedule must be 'gpipe' or '1f1b', got "
+                             f"{schedule!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+
+        offset = sum(balance[:rank])
+        mine = []
+        for name, layer in named[offset:offset + balance[rank]]:
+            if not isinstance(layer, nn.Module):
+                if not callable(layer):
+                    raise TypeError(f"layer {name} is neither an nn.Module "
+                                    f"nor a factory: {type(layer).__name__}")
+                layer = layer()
+                if not isinstance(layer, nn.Module):
+                    raise TypeError(f"the factory of layer {name} returned "
+                                    f"{type(layer).__name__}, not an nn.Module")
+            mine.append((name, layer))
+        partition = nn.Sequential(OrderedDict(mine))
+        if not deferred_batch_norm and chunks > 1 and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.track_running_stats for m in partition.modules()):
+            warnings.warn(
+                f"rank {rank}: a BatchNorm layer with running statistics is "
+                f"pipelined with chunks={chunks}: its running statistics will "
+                "be updated once per micro-batch; pass "
+                "deferred_batch_norm=True for the statistics of the whole "
+                "mini-batch", UserWarning, stacklevel=2)
+        if deferred_batch_norm:
+            from pipegear.batchnorm import convert_deferred_batch_norm
+
+            partition = convert_deferred_batch_norm(partition, chunks)
+        if device is None:
+            backend = dist.get_backend(process_group)
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if backend == "nccl" else torch.device("cpu"))
+        device = torch.device(device)
+        partition.to(device)
+
+        # This rank's layers, under their original names (state_dict keys as
+        # the plain model's, for this slice).
+        for name, layer in partition._modules.items():
+            self.add_module(name, layer)
+        object.__setattr__(self, "partition", partition)
+        self.balance: list = balance
+        self.rank: int = rank
+        self.world_size: int = world
+        self.chunks: int = chunks
+        self.checkpoint: str = checkpoint
+        self.schedule: str = schedule
+        self.timeout: float = float(timeout)
+        self.device: torch.device = device
+        self.process_group = process_group
+
+        from pipegear.gpipe import GPipe
+
+        self._pipeline = _C._DistributedPipeline(
+            process_group, partition, str(device), GPipe._hooks(partition),
+            chunks, checkpoint, schedule, float(timeout), balance)
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    def train(self, mode: bool = True) -> "DistributedGPipe":
+        super().train(mode)
+        self.partition.train(mode)
+        return self
+
+    def step(self, input: Optional[Tensors], target: Optional[Tensors],
+             loss_fn: Callable[..., Tensor],
+             reduction: str = "mean") -> Tensor:
+        """One training step across all ranks; every rank calls it.
+
+        Rank 0 passes the input, the last rank the target (other ranks
+        ``None``; extra values are ignored). ``loss_fn(output, target)`` runs
+        per micro-batch on the last rank. Parameter gradients accumulate in
+        this rank's ``.grad``. Returns the mini-batch loss on every rank.
+        Raises (within ``timeout``) when a peer fails or disappears.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError("reduction must be 'mean' or 'sum', got "
+                             f"{reduction!r}")
+        if self.is_first and input is None:
+            raise ValueError("rank 0 must pass the input")
+        return self._pipeline.step(input if self.is_first else None,
+                                   target if self.is_last else None,
+                                   loss_fn, reduction)
+
+    def forward(self, input: Optional[Tensors] = None) -> Tensors:  # noqa: A002
+        """Module style, every rank calls it; rank 0 passes the input.
+
+        The last rank gets the model's output; every other rank gets a
+        placeholder scalar (zero). With grad enabled both are attached to
+        autograd: the last rank calls ``backward`` on its loss and every
+        other rank on the placeholder (or :meth:`backward`), which runs that
+        rank's drain. Every rank must run the backward of a forward before
+        its next forward (use ``torch.no_grad()`` for evaluation).
+        """
+        if self.is_first and input is None:
+            raise ValueError("rank 0 must pass the input")
+        return self._pipeline.forward(input if self.is_first else None)
+
+    def backward(self, loss: Optional[Tensor] = None) -> None:
+        """Runs this rank's drain of the last forward: ``loss.backward()``
+        on the last rank (``loss`` required), the placeholder's backward on
+        the others (``loss`` ignored)."""
+        if self.is_last:
+            if loss is None:
+                raise ValueError("the last rank must pass the loss to "
+                                 "backward()")
+            loss.backward()
+        else:
+            self._pipeline.backward()
+
+    @property
+    def broken(self) -> bool:
+        """True after a failure that left the process group in an unknown
+        state (a timeout, a lost peer): destroy the group and restart."""
+        return self._pipeline.broken
+
+    def last_events(self) -> list:
+        """This rank's cells of the last step:
+        (micro_batch, 'F'|'B', recompute, start_ns, end_ns)."""
+        return self._pipeline.last_events
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}/{self.world_size}, balance={self.balance}, "
+                f"chunks={self.chunks}, checkpoint={self.checkpoint!r}")

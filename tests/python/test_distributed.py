@@ -1,0 +1,554 @@
+"""DistributedGPipe across processes (Gloo on loopback).
+
+This file is also the worker script: the tests launch it with
+``python test_distributed.py KIND RANK WORLD PORT OUT`` once per rank. One
+launch runs several configurations in a row on the same process group, to
+keep the number of process start-ups (importing torch) small. Every launch
+is bounded in time; the whole file takes about a minute on 2 cores.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+D, H, O = 6, 8, 3
+
+
+class _Fork(nn.Module):
+    """Passes a tuple on: the activation, a float tensor nobody uses (its
+    gradient is None), an int64 tensor (no gradient at all) and the
+    activation's row sums."""
+
+    def forward(self, x):
+        return (x, x * 2, torch.arange(x.size(0)), x.sum(-1))
+
+
+class _Join(nn.Module):
+    def forward(self, inputs):
+        x, _unused, index, sums = inputs
+        assert index.dtype == torch.int64
+        return x + sums.unsqueeze(-1)
+
+
+def layer_factories(bn: bool, fork: bool = False):
+    """Deterministic layers: factory i seeds its own initialisation. `fork`:
+    a tuple with a None gradient and an int tensor crosses stages 0 -> 1."""
+    def make(i, ctor):
+        def factory():
+            torch.manual_seed(1000 + i)
+            return ctor()
+        return factory
+    ctors = [lambda: nn.Linear(D, H), nn.Tanh, lambda: nn.Linear(H, H),
+             (lambda: nn.BatchNorm1d(H)) if bn else (_Fork if fork else nn.ReLU),
+             (lambda: nn.Sequential(_Join(), nn.Linear(H, H))) if fork
+             else (lambda: nn.Linear(H, H)), nn.Tanh, lambda: nn.Linear(H, O)]
+    return [make(i, c) for i, c in enumerate(ctors)]
+
+
+def batch(cfg, step):
+    """Step `step`'s input and target: batch size and sequence length change
+    from step to step (bn configs have no sequence dimension)."""
+    n, length = cfg["shapes"][step]
+    g = torch.Generator().manual_seed(10 * step + 1)
+    shape = (n, D) if cfg["bn"] else (n, length, D)
+    x = torch.randn(shape, generator=g)
+    t = torch.randn(shape[:-1] + (O,), generator=g)
+    return x, t
+
+
+def mse(y, t):
+    return nn.functional.mse_loss(y, t)
+
+
+def cfg(name, balance, chunks, checkpoint, shapes, bn=False, schedule="gpipe",
+        face="step", fork=False):
+    return dict(name=name, balance=balance, chunks=chunks,
+                checkpoint=checkpoint, shapes=shapes, bn=bn,
+                schedule=schedule, face=face, fork=fork)
+
+
+CONFIGS = {
+    2: [
+        cfg("k2-c1-never", [4, 3], 1, "never", [(8, 5), (5, 3)]),
+        cfg("k2-c4-always", [4, 3], 4, "always", [(8, 5), (6, 2)]),
+        cfg("k2-c4-except_last-1f1b", [2, 5], 4, "except_last",
+            [(9, 4), (7, 6)], schedule="1f1b"),
+        cfg("k2-c4-module-except_last", [4, 3], 4, "except_last",
+            [(8, 5), (3, 2)], face="module"),
+        cfg("k2-c1-module-always-bn", [3, 4], 1, "always", [(6, 0), (9, 0)],
+            bn=True, face="module"),
+        cfg("k2-c4-tuple-none-grad", [4, 3], 4, "except_last",
+            [(8, 5), (5, 2)], fork=True),
+        cfg("k2-c2-module-tuple-none-grad", [4, 3], 2, "never",
+            [(6, 3), (4, 4)], face="module", fork=True),
+    ],
+    3: [
+        cfg("k3-c4-except_last", [3, 2, 2], 4, "except_last",
+            [(8, 5), (10, 7)]),
+        cfg("k3-c4-never-bn", [3, 2, 2], 4, "never", [(12, 0), (8, 0)],
+            bn=True),
+        cfg("k3-c1-always-bn", [2, 3, 2], 1, "always", [(6, 0), (9, 0)],
+            bn=True),
+        cfg("k3-c4-module-always", [3, 2, 2], 4, "always", [(8, 5), (7, 3)],
+            face="module"),
+        cfg("k3-c4-module-never-bn", [3, 2, 2], 4, "never",
+            [(12, 0), (10, 0)], bn=True, face="module"),
+    ],
+}
+
+
+# ---------------------------------------------------------------- workers
+def _init(rank, world, port, timeout=60):
+    import datetime
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
+    return dist
+
+
+def _run_step(pipe, c, x, t, rank, world):
+    """One training step of either face; returns the loss (None on a
+    non-last rank in module style)."""
+    first, last = rank == 0, rank == world - 1
+    if c["face"] == "step":
+        return pipe.step(x if first else None, t if last else None, mse)
+    y = pipe(x if first else None)
+    if last:
+        loss = mse(y, t)
+        loss.backward()
+        return loss.detach()
+    assert y.dim() == 0 and y.requires_grad
+    y.backward()
+    return None
+
+
+def worker_compare(rank, world, port, out):
+    import pipegear
+    dist = _init(rank, world, port)
+    results = {}
+    for c in CONFIGS[world]:
+        pipe = pipegear.DistributedGPipe(
+            layer_factories(c["bn"], c["fork"]), c["balance"], chunks=c["chunks"],
+            checkpoint=c["checkpoint"], deferred_batch_norm=c["bn"],
+            schedule=c["schedule"], timeout=20.0)
+        pipe.train()
+        steps = []
+        for step in range(len(c["shapes"])):
+            x, t = batch(c, step)
+            x.requires_grad_(True)
+            loss = _run_step(pipe, c, x, t, rank, world)
+            grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
+            for p in pipe.parameters():
+                p.grad = None
+            steps.append({"loss": loss, "grads": grads,
+                          "input_grad": x.grad if rank == 0 else None})
+        result = {"steps": steps,
+                  "buffers": {n: b.clone() for n, b in pipe.named_buffers()}}
+        if c["face"] == "module":
+            # evaluation: no graph, no backward, running statistics
+            pipe.eval()
+            x, _ = batch(c, 0)
+            with torch.no_grad():
+                y = pipe(x if rank == 0 else None)
+            result["eval"] = y if rank == world - 1 else None
+        results[c["name"]] = result
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+class _Exit(nn.Module):
+    def forward(self, x):
+        if os.environ.get("PIPEGEAR_TEST_MODE") == "hang":
+            time.sleep(60)  # the test kills it once the peer has given up
+        os._exit(3)
+
+
+def worker_crash(rank, world, port, out):
+    import pipegear
+    _init(rank, world, port)
+    dying = int(os.environ["PIPEGEAR_TEST_DYING"])
+    layers = [lambda: nn.Linear(D, H)] + [lambda: nn.Linear(H, H)] * (world - 2) \
+        + [lambda: nn.Linear(H, O)]
+    if rank == dying:
+        layers[rank] = _Exit
+    pipe = pipegear.DistributedGPipe(layers, [1] * world, chunks=4,
+                                     timeout=float(os.environ["PIPEGEAR_TEST_TIMEOUT"]))
+    x, t = torch.randn(8, D), torch.randn(8, O)
+    start = time.monotonic()
+    try:
+        pipe.step(x if rank == 0 else None, t if rank == world - 1 else None, mse)
+        result = {"error": None}
+    except Exception as e:  # noqa: BLE001
+        result = {"error": f"{type(e).__name__}: {e}"}
+    result["elapsed"] = time.monotonic() - start
+    result["broken"] = pipe.broken
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    os._exit(0)  # no teardown against a dead peer
+
+
+class _Boom(nn.Module):
+    """Raises ValueError in its forward or backward while armed."""
+    armed = None  # None, "forward" or "backward"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1002)
+        self.linear = nn.Linear(H, H)
+
+    def forward(self, x):
+        import pipegear
+        if _Boom.armed == "forward" and not pipegear.is_recomputing():
+            raise ValueError("boom in a forward")
+        y = self.linear(x)
+        if _Boom.armed == "backward":
+            y = _Fail.apply(y)
+        return y
+
+
+class _Fail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise ValueError("boom in a backward")
+
+
+RAISE_SCENARIOS = [("step", "gpipe", "forward"), ("step", "gpipe", "backward"),
+                   ("step", "1f1b", "forward"), ("step", "1f1b", "backward"),
+                   ("module", "gpipe", "forward"),
+                   ("module", "gpipe", "backward")]
+
+
+def worker_raise(rank, world, port, out):
+    """Rank 1 raises in step 1; every rank must raise; step 2 must be right."""
+    import pipegear
+    dist = _init(rank, world, port)
+    report = []
+    for face, schedule, where in RAISE_SCENARIOS:
+        factories = layer_factories(False)
+        factories[2] = _Boom  # rank 1's first layer with balance [2, 3, 2]
+        c = cfg("raise", [2, 3, 2], 4, "except_last", [(8, 3)] * 3,
+                schedule=schedule, face=face)
+        pipe = pipegear.DistributedGPipe(factories, c["balance"], chunks=4,
+                                         schedule=schedule, timeout=20.0)
+        entry = {"scenario": [face, schedule, where]}
+        for step in range(3):
+            x, t = batch(c, step)
+            _Boom.armed = where if (step == 1 and rank == 1) else None
+            start = time.monotonic()
+            try:
+                loss = _run_step(pipe, c, x, t, rank, world)
+                entry[f"step{step}"] = None
+            except Exception as e:  # noqa: BLE001
+                entry[f"step{step}"] = f"{type(e).__name__}: {e}"
+                loss = None
+            entry[f"elapsed{step}"] = time.monotonic() - start
+            if step == 2:
+                entry["loss"] = None if loss is None else float(loss)
+                entry["grads"] = {n: None if p.grad is None else p.grad.tolist()
+                                  for n, p in pipe.named_parameters()}
+            pipe.zero_grad(set_to_none=True)
+        _Boom.armed = None
+        entry["broken"] = pipe.broken
+        report.append(entry)
+        print(json.dumps({k: v for k, v in entry.items() if k != "grads"}),
+              flush=True)
+    errors = _mismatches(rank, world)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"raise": report, "mismatch": errors}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _mismatches(rank, world):
+    """Ranks that disagree fail, on every rank, with the reason; the
+    pipeline works afterwards."""
+    import pipegear
+    errors = {}
+    try:
+        pipegear.DistributedGPipe(layer_factories(False), [3, 2, 2],
+                                  chunks=4 if rank == 0 else 2, timeout=10.0)
+        errors["chunks"] = None
+    except Exception as e:  # noqa: BLE001
+        errors["chunks"] = f"{type(e).__name__}: {e}"
+    pipe = pipegear.DistributedGPipe(layer_factories(False), [3, 2, 2],
+                                     chunks=2, timeout=10.0)
+    x, t = batch(CONFIGS[2][0], 0)
+    last = rank == world - 1
+    try:
+        if rank == 1:
+            pipe(None)  # the others call step()
+        else:
+            pipe.step(x if rank == 0 else None, t if last else None, mse)
+        errors["face"] = None
+    except Exception as e:  # noqa: BLE001
+        errors["face"] = f"{type(e).__name__}: {e}"
+    loss = pipe.step(x if rank == 0 else None, t if last else None, mse)
+    errors["after"] = float(loss)
+    return errors
+
+
+# ------------------------------------------------------------------ tests
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(kind, world, out, env_extra=None, timeout=120, wait_for=None):
+    """Starts `world` ranks of this file; waits for all of them, or only for
+    the ranks in `wait_for` (the others are killed afterwards)."""
+    import pipegear
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(pipegear.__file__)),
+         env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(env_extra or {})
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, kind, str(r), str(world), str(port), out],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for r in range(world)]
+    logs = [""] * world
+    try:
+        for r in (range(world) if wait_for is None else wait_for):
+            logs[r] = procs[r].communicate(timeout=timeout)[0].decode(
+                errors="replace")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], logs
+
+
+def _reference(c):
+    """The plain model on the whole batch. With BatchNorm and chunks > 1 each
+    micro-batch is normalised with its own statistics (by design), so the
+    loss and gradients come from the in-process pipegear.GPipe instead; the
+    running statistics still equal the plain model's."""
+    import pipegear
+    model = nn.Sequential(*[f() for f in layer_factories(c["bn"], c["fork"])])
+    model.train()
+    pipe = None
+    if c["bn"] and c["chunks"] > 1:
+        pipe = pipegear.GPipe(
+            nn.Sequential(*[f() for f in layer_factories(True)]),
+            balance=c["balance"], chunks=c["chunks"],
+            checkpoint=c["checkpoint"], deferred_batch_norm=True)
+        pipe.train()
+    steps = []
+    for step in range(len(c["shapes"])):
+        x, t = batch(c, step)
+        x.requires_grad_(True)
+        loss = mse(model(x), t)
+        if pipe is not None:
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            loss = pipe.step(x, t, mse)
+            steps.append({"loss": loss.detach(), "input_grad": x.grad,
+                          "grads": {n: p.grad.clone()
+                                    for n, p in pipe.named_parameters()}})
+            pipe.zero_grad(set_to_none=True)
+            continue
+        loss.backward()
+        steps.append({"loss": loss.detach(), "input_grad": x.grad,
+                      "grads": {n: p.grad.clone()
+                                for n, p in model.named_parameters()}})
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        evaluation = model(batch(c, 0)[0])
+    return steps, dict(model.named_buffers()), evaluation
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def launched(request, tmp_path_factory):
+    world = request.param
+    out = str(tmp_path_factory.mktemp(f"dist{world}"))
+    codes, logs = _launch("compare", world, out)
+    assert codes == [0] * world, "\n".join(logs)
+    return world, [torch.load(os.path.join(out, f"rank{r}.pt"))
+                   for r in range(world)]
+
+
+def test_matches_whole_model(launched):
+    """Losses, every rank's gradients, the input gradient, running
+    statistics and eval outputs equal the plain model's, for both faces,
+    chunks 1 and 4, every checkpoint mode, gpipe and 1f1b, DeferredBatchNorm,
+    and a second step with another batch size and sequence length."""
+    world, ranks = launched
+    for c in CONFIGS[world]:
+        ref_steps, ref_buffers, ref_eval = _reference(c)
+        for step, ref in enumerate(ref_steps):
+            seen = set()
+            for r, res in enumerate(ranks):
+                got = res[c["name"]]["steps"][step]
+                if got["loss"] is not None:
+                    torch.testing.assert_close(
+                        got["loss"], ref["loss"], rtol=1e-5, atol=1e-6,
+                        msg=lambda m: f"{c['name']} step {step} rank {r}: {m}")
+                else:
+                    assert c["face"] == "module" and r < world - 1
+                for name, g in got["grads"].items():
+                    torch.testing.assert_close(
+                        g, ref["grads"][name], rtol=1e-4, atol=1e-6,
+                        msg=lambda m: f"{c['name']} step {step} {name}: {m}")
+                    seen.add(name)
+            # every parameter lives on exactly one rank
+            assert seen == set(ref["grads"]), c["name"]
+            torch.testing.assert_close(
+                ranks[0][c["name"]]["steps"][step]["input_grad"],
+                ref["input_grad"], rtol=1e-4, atol=1e-6,
+                msg=lambda m: f"{c['name']} step {step} input grad: {m}")
+        if c["bn"]:
+            buffers = {}
+            for res in ranks:
+                buffers.update(res[c["name"]]["buffers"])
+            for name, b in ref_buffers.items():
+                torch.testing.assert_close(buffers[name], b, rtol=1e-5,
+                                           atol=1e-6, msg=name)
+        if c["face"] == "module":
+            torch.testing.assert_close(ranks[-1][c["name"]]["eval"], ref_eval,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_each_rank_keeps_only_its_slice(launched):
+    world, ranks = launched
+    c = CONFIGS[world][0]
+    names = [set(res[c["name"]]["steps"][0]["grads"]) for res in ranks]
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not names[a] & names[b]
+
+
+@pytest.mark.parametrize("world,dying,mode", [(2, 1, "exit"), (3, 1, "exit"),
+                                              (2, 1, "hang")],
+                         ids=["last-dies", "middle-dies", "last-hangs"])
+def test_dead_peer_fails_within_timeout(tmp_path, world, dying, mode):
+    """A rank killed mid-step (os._exit) or hanging makes every other rank
+    raise within the timeout (plus a margin), never hang."""
+    timeout = 4.0
+    survivors = [r for r in range(world) if r != dying]
+    t0 = time.monotonic()
+    codes, logs = _launch("crash", world, str(tmp_path),
+                          {"PIPEGEAR_TEST_DYING": str(dying),
+                           "PIPEGEAR_TEST_MODE": mode,
+                           "PIPEGEAR_TEST_TIMEOUT": str(timeout)},
+                          timeout=60, wait_for=survivors)
+    if mode == "exit":
+        assert codes[dying] == 3, logs
+    for r in survivors:
+        with open(tmp_path / f"rank{r}.json") as f:
+            result = json.load(f)
+        assert result["error"] is not None, logs
+        assert "pipegear: rank" in result["error"], result
+        assert result["elapsed"] < timeout + 4.0, result
+        assert result["broken"], result
+        if mode == "hang":
+            assert "timed out" in result["error"].lower(), result
+            assert result["elapsed"] > timeout - 1.0, result
+    assert time.monotonic() - t0 < 45
+
+
+def test_exception_in_a_layer_fails_every_rank_and_the_next_step_works(tmp_path):
+    """A Python exception in rank 1's layer (forward or backward, both faces,
+    gpipe and 1f1b): rank 1 raises it, every other rank raises an error
+    naming rank 1 at once (no timeout), and the next step is exact. Ranks
+    that disagree on the options or the call get the reason."""
+    codes, logs = _launch("raise", 3, str(tmp_path), timeout=90)
+    assert codes == [0] * 3, "\n".join(logs)
+    reports, mismatches = [], []
+    for r in range(3):
+        with open(tmp_path / f"rank{r}.json") as f:
+            got = json.load(f)
+        reports.append(got["raise"])
+        mismatches.append(got["mismatch"])
+    for i, (face, schedule, where) in enumerate(RAISE_SCENARIOS):
+        c = cfg("raise", [2, 3, 2], 4, "except_last", [(8, 3)] * 3)
+        factories = layer_factories(False)
+        model = nn.Sequential(*[f() for f in factories[:2]], _Boom(),
+                              *[f() for f in factories[3:]])
+        reference = {}
+        for r, rep in enumerate(reports):
+            e = rep[i]
+            label = f"{e['scenario']} rank {r}"
+            assert e["step0"] is None and e["step2"] is None, label
+            assert e["step1"] is not None, label
+            if r == 1:
+                assert e["step1"].startswith("ValueError: boom in a " + where), label
+            else:
+                assert "rank 1 failed" in e["step1"], label
+                if face == "step":
+                    assert "boom" in e["step1"] or "see its error" in e["step1"], label
+            assert e["elapsed1"] < 10.0, label  # well under the 20 s timeout
+            assert not e["broken"], label
+            reference.update(e["grads"])
+        # step 2 equals the plain model (the Boom layer is a Linear then)
+        x, t = batch(c, 2)
+        loss = mse(model(x), t)
+        loss.backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(torch.tensor(reference[name]), p.grad,
+                                       rtol=1e-4, atol=1e-6, msg=name)
+        last = reports[2][i]["loss"]
+        assert last == pytest.approx(loss.item(), rel=1e-5)
+    # Ranks that disagree (same launch, to save a start-up): on chunks at
+    # construction, every rank raises the reason; on the call (rank 1 calls
+    # forward() while the others call step()), rank 1 raises the reason and
+    # the others that rank 1 failed; the next step works.
+    for r, errors in enumerate(mismatches):
+        assert errors["chunks"].startswith("ValueError"), errors
+        assert "chunks is" in errors["chunks"], errors
+        if r == 1:
+            assert "rank 0 called step() while this rank called forward()" \
+                in errors["face"], errors
+        else:
+            assert "rank 1 failed" in errors["face"], errors
+    assert len({e["after"] for e in mismatches}) == 1
+    assert mismatches[0]["after"] > 0
+
+
+def test_world_size_must_match_balance():
+    import pipegear
+
+    class FakeGroup:
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 0
+
+    with pytest.raises(ValueError, match="3 partitions .* 2 ranks"):
+        pipegear.DistributedGPipe([nn.Linear(2, 2)] * 3, [1, 1, 1],
+                                  process_group=FakeGroup())
+
+
+def test_needs_a_process_group():
+    import torch.distributed as dist
+
+    import pipegear
+    if dist.is_initialized():
+        pytest.skip("a default group exists in this process")
+    with pytest.raises(RuntimeError, match="needs a process group"):
+        pipegear.DistributedGPipe([nn.Linear(2, 2)], [1])
+
+
+if __name__ == "__main__":
+    kind, rank, world, port, out = sys.argv[1:6]
+    fn = {"compare": worker_compare, "crash": worker_crash,
+          "raise": worker_raise}[kind]
+    fn(int(rank), int(world), int(port), out)
