@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 from typing import List, Sequence
 
@@ -27,8 +28,11 @@ from pipegear.balance import balance_by_cost, balance_by_time, profile_layers
 
 
 def time_partitioner() -> None:
-    print("balance_by_cost, random costs (median of 5 calls, ms)")
-    print(f"{'L':>7} {'K=2':>8} {'K=8':>8} {'K=64':>8}")
+    print("## Partitioner speed\n")
+    print("balance_by_cost on L random (log-normal) costs, median of 5 calls, "
+          "ms:\n")
+    print("| L | K=2 | K=8 | K=64 |")
+    print("|--:|--:|--:|--:|")
     rng = random.Random(0)
     for layers in (100, 1000, 10000):
         costs = [rng.lognormvariate(0, 1) for _ in range(layers)]
@@ -39,8 +43,8 @@ def time_partitioner() -> None:
                 start = time.perf_counter()
                 balance_by_cost(k, costs)
                 times.append(time.perf_counter() - start)
-            row.append(f"{statistics.median(times) * 1e3:8.2f}")
-        print(f"{layers:>7} " + " ".join(row))
+            row.append(f"{statistics.median(times) * 1e3:.2f}")
+        print(f"| {layers} | " + " | ".join(row) + " |")
     print()
 
 
@@ -92,24 +96,27 @@ def compare_on_model() -> None:
     sample = torch.randint(0, 8192, (8, 64))
     model(sample).sum().backward()  # the process's first run is slow
     model.zero_grad(set_to_none=True)
+    print("## Balance found on a heterogeneous model\n")
     print(
-        f"heterogeneous model: {len(model)} layers (embedding, 12 blocks of "
-        "widths 64..4096, layernorm, 8192-way head), 8x64 tokens,"
-    )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("bottleneck = max stage time / mean stage time (1.00 is perfect);")
-    print("bound = max(largest layer, total / K) / (total / K), profiled")
+        f"{len(model)} layers (an embedding, 12 residual MLP blocks of "
+        "widths 64..4096, a layernorm, an 8192-way head), 8x64 tokens, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s). "
+        "Bottleneck = max stage time / mean stage time, each stage timed "
+        "afresh (1.00 is perfect); bound = max(largest layer, total / K) / "
+        "(total / K), the best any contiguous split can do on the profiled "
+        "costs.\n")
     costs = [
         p.forward_seconds + p.backward_seconds
         for p in profile_layers(model, sample, repeats=5)
     ]
-    print(f"{'K':>3} {'by time':>8} {'uniform':>8} {'bound':>6}   balance")
+    print("| K | balance_by_time | uniform split | bound | balance |")
+    print("|--:|--:|--:|--:|---|")
     for k in (2, 4, 8):
         balance = balance_by_time(k, model, sample, repeats=5)
         ours = stage_ratio(model, balance, sample)
         even = stage_ratio(model, uniform(len(model), k), sample)
         bound = lower_bound(costs, k)
-        print(f"{k:>3} {ours:8.2f} {even:8.2f} {bound:6.2f}   {balance}")
+        print(f"| {k} | {ours:.2f} | {even:.2f} | {bound:.2f} | {balance} |")
 
 
 if __name__ == "__main__":
@@ -119,4 +126,4 @@ if __name__ == "__main__":
     start = time.perf_counter()
     time_partitioner()
     compare_on_model()
-    print(f"\n({time.perf_counter() - start:.0f} s)")
+    print(f"\n({time.perf_counter() - start:.0f} s)", file=sys.stderr)
