@@ -36,8 +36,11 @@ test-python: build
 
 test: test-cpp consumer test-python
 
+# torchgpipe (a baseline of bench_torchgpipe.py only) without its deps: pip
+# must never resolve torch itself.
 bench: build
-	$(PY) benchmarks/run_all.py
+	$(PY) -m pip install -q --no-deps torchgpipe==0.0.7
+	$(PY) benchmarks/run_all.py $(BENCH)
 
 # ASan + UBSan build of the library and the C++ tests in $(BUILD)-asan (no
 # Python module), then every C++ test. `make sanitize SANITIZE=thread`:

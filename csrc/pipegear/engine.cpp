@@ -442,63 +442,17 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
 
 namespace {
 
-// Keeps a step alive inside the autograd node between fill and drain.
-struct StepHolder : torch::CustomClassHolder {
+// A module-style step of the in-process engine.
+struct LocalStep : PendingStep {
   std::shared_ptr<EngineCore> core;
   std::shared_ptr<LocalRun> run;
-};
 
-// The whole pipeline as one autograd node: forward = fill, backward = drain.
-// `phony` (a requires-grad scalar) makes the node part of the graph when
-// only parameters, not inputs, need gradients.
-struct PipelineFunction : torch::autograd::Function<PipelineFunction> {
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx,
-      c10::intrusive_ptr<StepHolder> holder, torch::Tensor phony,
-      at::TensorList /*inputs: the run holds their micro-batches*/) {
-    Batch out = holder->core->fill(holder->run);
-    std::vector<torch::Tensor> non_diff;
-    for (auto& t : out) {
-      if (!can_require_grad(t)) {
-        non_diff.push_back(t);
-      }
-    }
-    if (!non_diff.empty()) {
-      ctx->mark_non_differentiable(non_diff);
-    }
-    ctx->saved_data["step"] = c10::IValue::make_capsule(
-        c10::static_intrusive_pointer_cast<torch::CustomClassHolder>(holder));
-    return out;
-  }
-
-  static torch::autograd::variable_list backward(
-      torch::autograd::AutogradContext* ctx,
-      torch::autograd::variable_list grads) {
-    auto it = ctx->saved_data.find("step");
-    TORCH_CHECK(it != ctx->saved_data.end(),
-                "pipegear: backward through the pipeline's output ran a second "
-                "time; a step's graph is freed by its first backward "
-                "(retain_graph is not supported: run the forward again)");
-    auto holder = c10::static_intrusive_pointer_cast<StepHolder>(
-        it->second.toCapsule());
-    ctx->saved_data.erase(it);
-    Batch input_grads = holder->core->drain(holder->run, grads);
-    holder->run.reset();
-    torch::autograd::variable_list result;
-    result.reserve(input_grads.size() + 2);
-    result.emplace_back();  // holder
-    result.emplace_back();  // phony
-    for (auto& g : input_grads) {
-      result.push_back(std::move(g));
-    }
-    return result;
+  Batch fill() override { return core->fill(run); }
+  Batch drain(const Batch& grads) override {
+    auto run_ = std::move(run);
+    return core->drain(run_, grads);
   }
 };
-
-torch::Tensor phony() {
-  static const torch::Tensor p = torch::zeros({}).requires_grad_(true);
-  return p;
-}
 
 } // namespace
 } // namespace detail
@@ -536,11 +490,10 @@ Batch Engine::forward(const Batch& input) {
     core_->publish_trace(*run);
     return out;
   }
-  auto holder = c10::make_intrusive<detail::StepHolder>();
-  holder->core = core_;
-  holder->run = std::move(run);
-  return detail::PipelineFunction::apply(holder, detail::phony(),
-                                         at::TensorList(input));
+  auto step = c10::make_intrusive<detail::LocalStep>();
+  step->core = core_;
+  step->run = std::move(run);
+  return detail::apply_pipeline_node(std::move(step), input);
 }
 
 torch::Tensor Engine::step(const Batch& input, const Batch& target,

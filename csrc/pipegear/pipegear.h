@@ -1,8 +1,13 @@
 #pragma once
-/// The whole public C++ API of pipegear.
+/// The public C++ API of pipegear for one process.
 ///
 ///   #include <pipegear/pipegear.h>
 ///   auto pipe = pipegear::GPipe(model, pipegear::GPipeOptions({2, 2}).chunks(8));
+///
+/// The distributed pipeline (one stage per process over c10d) is included
+/// on its own, since it brings torch's c10d headers:
+///
+///   #include <pipegear/distributed/pipeline.h>
 
 #include <pipegear/checkpoint.h>
 #include <pipegear/engine.h>

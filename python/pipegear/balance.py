@@ -317,22 +317,25 @@ def _run_profile(
             ],
         )
 
+        def measure(fn, failure: str):
+            """(fn(), seconds), device-synchronised; a failure of fn is a
+            ValueError starting with `failure`."""
+            try:
+                _sync(on)
+                start = time.perf_counter()
+                result = fn()
+                _sync(on)
+                return result, time.perf_counter() - start
+            except Exception as e:
+                raise ValueError(f"{failure}: {type(e).__name__}: {e}") from e
+
         def one_round(record: bool) -> None:
             x = first
             for i, layer in enumerate(layers):
                 if i > 0:
                     x = _detach(x, requires_grad=timed)
-                try:
-                    _sync(on)
-                    start = time.perf_counter()
-                    y = layer(x)
-                    _sync(on)
-                    forward_seconds = time.perf_counter() - start
-                except Exception as e:
-                    raise ValueError(
-                        f"{labels[i]} failed while profiling: "
-                        f"{type(e).__name__}: {e}"
-                    ) from e
+                y, forward_seconds = measure(
+                    lambda: layer(x), f"{labels[i]} failed while profiling")
                 try:
                     outputs = _tensors(y, f"the output of {labels[i]}")
                 except (TypeError, ValueError) as e:
@@ -344,17 +347,9 @@ def _run_profile(
                 backward_seconds = 0.0
                 if needs_grad:
                     grads = [torch.ones_like(t) for t in needs_grad]
-                    try:
-                        _sync(on)
-                        start = time.perf_counter()
-                        torch.autograd.backward(needs_grad, grads)
-                        _sync(on)
-                        backward_seconds = time.perf_counter() - start
-                    except Exception as e:
-                        raise ValueError(
-                            f"{labels[i]} failed in backward while "
-                            f"profiling: {type(e).__name__}: {e}"
-                        ) from e
+                    _, backward_seconds = measure(
+                        lambda: torch.autograd.backward(needs_grad, grads),
+                        f"{labels[i]} failed in backward while profiling")
                     for p in layer.parameters():
                         p.grad = None
                 if record:

@@ -11,6 +11,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/Event.h>
 #include <c10/core/Stream.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include <pipegear/engine.h>
 
@@ -68,6 +69,23 @@ struct StepRun {
   std::vector<std::vector<TraceEvent>> events;  // per stage, worker-owned
 };
 
+
+/// A module-style step between its fill and its drain, held by the autograd
+/// node that stands for the pipeline (or, distributed, for this rank's share).
+struct PendingStep : c10::intrusive_ptr_target {
+  /// The fill: the outputs of the node.
+  virtual Batch fill() = 0;
+  /// The drain, given the gradients of those outputs: the gradients of the
+  /// node's `inputs`, in order (undefined where none). Called at most once.
+  virtual Batch drain(const Batch& grads) = 0;
+};
+
+/// Runs `step->fill()` as the forward of one autograd node and returns its
+/// outputs; the node's backward runs `step->drain()`. The node depends on
+/// `inputs` and on a requires-grad scalar, so it is part of the graph even
+/// when only parameters need gradients. A second backward is a clear error.
+Batch apply_pipeline_node(c10::intrusive_ptr<PendingStep> step,
+                          const Batch& inputs);
 
 /// Sizes the per-step state for `sizes.size()` micro-batches of K stages and
 /// decides which micro-batches are checkpointed (only when `grad`).

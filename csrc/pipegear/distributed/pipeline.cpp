@@ -89,6 +89,20 @@ struct PendingSend {
   std::string what;
 };
 
+
+// Waits for `work`; returns whether it completed, and the text of the error
+// it raised instead (empty if none).
+std::pair<bool, std::string> wait_work(const c10::intrusive_ptr<c10d::Work>& work,
+                                       std::chrono::milliseconds timeout) {
+  try {
+    return {work->wait(timeout), std::string()};
+  } catch (const c10::Error& e) {
+    return {false, e.what_without_backtrace()};
+  } catch (const std::exception& e) {
+    return {false, e.what()};
+  }
+}
+
 } // namespace
 
 // Why the current step failed, as seen by this rank's transport.
@@ -413,15 +427,7 @@ class C10dTransport final : public Transport {
   void wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t peer,
             const std::string& what) {
     const auto timeout = core_.timeout();
-    std::string error;
-    bool done = false;
-    try {
-      done = work->wait(timeout);
-    } catch (const c10::Error& e) {
-      error = e.what_without_backtrace();
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
+    const auto [done, error] = wait_work(work, timeout);
     const bool timed_out = !done && (error.empty() ||
         error.find("imed out") != std::string::npos ||
         error.find("imeout") != std::string::npos);
@@ -685,15 +691,7 @@ namespace {
 
 void wait_collective(const c10::intrusive_ptr<c10d::Work>& work, int64_t rank,
                      std::chrono::milliseconds timeout, const std::string& what) {
-  std::string error;
-  bool done = false;
-  try {
-    done = work->wait(timeout);
-  } catch (const c10::Error& e) {
-    error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
+  const auto [done, error] = wait_work(work, timeout);
   TORCH_CHECK(error.empty() && done, "pipegear: rank ", rank, ": ", what,
               error.empty() || error.find("imed out") != std::string::npos
                   ? " timed out after " + seconds(timeout) +
@@ -1374,63 +1372,19 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
 // ---------------------------------------------------------------------------
 namespace {
 
-// Keeps a module-style step alive inside the autograd node between the
-// fill and the drain.
-struct StepHolder : torch::CustomClassHolder {
+// This rank's share of a module-style step: its fill has run already, the
+// drain is this rank's backward cells.
+struct RankStep : PendingStep {
   std::shared_ptr<DistributedCore> core;
   std::shared_ptr<StepState> state;
   Batch output;  // the fill's result
-};
 
-// This rank's share of the pipeline as one autograd node: forward = fill
-// (already run), backward = this rank's drain.
-struct RankFunction : torch::autograd::Function<RankFunction> {
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx,
-      c10::intrusive_ptr<StepHolder> holder, torch::Tensor /*phony*/,
-      at::TensorList /*inputs: the state holds their micro-batches*/) {
-    Batch out = std::move(holder->output);
-    std::vector<torch::Tensor> non_diff;
-    for (auto& t : out) {
-      if (!can_require_grad(t)) {
-        non_diff.push_back(t);
-      }
-    }
-    if (!non_diff.empty()) {
-      ctx->mark_non_differentiable(non_diff);
-    }
-    ctx->saved_data["step"] = c10::IValue::make_capsule(
-        c10::static_intrusive_pointer_cast<torch::CustomClassHolder>(holder));
-    return out;
-  }
-
-  static torch::autograd::variable_list backward(
-      torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
-    auto it = ctx->saved_data.find("step");
-    TORCH_CHECK(it != ctx->saved_data.end(),
-                "pipegear: backward through the pipeline's output ran a second "
-                "time; a step's graph is freed by its first backward "
-                "(retain_graph is not supported: run the forward again)");
-    auto holder = c10::static_intrusive_pointer_cast<StepHolder>(
-        it->second.toCapsule());
-    ctx->saved_data.erase(it);
-    Batch input_grads = holder->core->drain(*holder->state, grads);
-    holder->state.reset();
-    torch::autograd::variable_list result;
-    result.reserve(input_grads.size() + 2);
-    result.emplace_back();  // holder
-    result.emplace_back();  // phony
-    for (auto& g : input_grads) {
-      result.push_back(std::move(g));
-    }
-    return result;
+  Batch fill() override { return std::move(output); }
+  Batch drain(const Batch& grads) override {
+    auto state_ = std::move(state);
+    return core->drain(*state_, grads);
   }
 };
-
-torch::Tensor phony() {
-  static const torch::Tensor p = torch::zeros({}).requires_grad_(true);
-  return p;
-}
 
 } // namespace
 
@@ -1474,15 +1428,11 @@ Batch DistributedCore::forward(const Batch& input) {
     }
     undrained_ = state;
   }
-  auto holder = c10::make_intrusive<StepHolder>();
-  holder->core = shared_from_this();
-  holder->state = state;
-  holder->output = std::move(out);
-  Batch inputs;
-  if (rank_ == 0) {
-    inputs = input;
-  }
-  out = RankFunction::apply(holder, phony(), at::TensorList(inputs));
+  auto step = c10::make_intrusive<RankStep>();
+  step->core = shared_from_this();
+  step->state = state;
+  step->output = std::move(out);
+  out = apply_pipeline_node(std::move(step), rank_ == 0 ? input : Batch{});
   if (rank_ + 1 != world_) {
     std::lock_guard<std::mutex> call(call_mutex_);
     placeholder_ = out.front();
