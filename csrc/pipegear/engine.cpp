@@ -190,7 +190,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
                                      const at::ThreadLocalState& tls,
                                      bool grad_mode) {
     auto run = std::make_shared<LocalRun>();
-    run->inputs = scatter(input, options_.chunks());
+    scatter_input(*run, input, options_.chunks());
     std::vector<int64_t> sizes;
     for (const auto& b : run->inputs) {
       sizes.push_back(b.front().size(0));

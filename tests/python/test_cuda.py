@@ -13,6 +13,7 @@ scripts/gpu_check.sh does either; see docs/gpu.md.
 CPU (smaller sizes): a dry run of the tests' own logic on a CPU-only machine.
 It proves nothing about the CUDA path.
 """
+import contextlib
 import copy
 import faulthandler
 import os
@@ -195,6 +196,38 @@ def test_an_input_still_being_computed_reaches_a_cpu_stage_0_intact():
             out = pipe.step(x, t, nn.functional.mse_loss).detach()
             ref = nn.functional.mse_loss(plain(x.cpu()), t.cpu())
         assert_close(out, ref, f"{face}: output from an in-flight input")
+
+
+def test_an_input_made_on_a_side_stream_reaches_a_gpu_stage_0_intact():
+    # Stage 0 on the input's own GPU takes it without a copy, on its worker's
+    # stream; the input is still being written on the caller's side stream,
+    # so stage 0 must wait for that stream (the step records an event).
+    n = 4096 if ON_CUDA else 64
+    side = torch.cuda.Stream() if ON_CUDA else None
+    for face in ("module", "step"):
+        torch.manual_seed(7)
+        plain = mlp().to(DEV)
+        pipe = pipegear.GPipe(copy.deepcopy(plain), [4, 4],
+                              devices=[DEV, DEV], chunks=4)
+        t = torch.randn(16, 32, device=DEV, dtype=F64)
+        sync()
+        ctx = torch.cuda.stream(side) if ON_CUDA else contextlib.nullcontext()
+        with ctx:
+            a = torch.randn(n, n, device=DEV)
+            w = torch.randn(n, n, device=DEV) / n ** 0.5
+            for _ in range(12):
+                a = torch.tanh(a @ w)
+            x = a[:16, :32].double()  # written last, on the side stream
+            if face == "module":
+                out = pipe(x).detach()
+            else:
+                out = pipe.step(x, t, nn.functional.mse_loss).detach()
+        sync()
+        if face == "module":
+            ref = plain(x)
+        else:
+            ref = nn.functional.mse_loss(plain(x), t)
+        assert_close(out, ref, f"{face}: output from a side-stream input")
 
 
 def test_fifty_training_steps_with_copies_match_the_plain_model():

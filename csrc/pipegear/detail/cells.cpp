@@ -156,6 +156,17 @@ Batch apply_pipeline_node(c10::intrusive_ptr<PendingStep> step,
   return PipelineNode::apply(capsule, phony, at::TensorList(inputs));
 }
 
+void scatter_input(StepRun& run, const Batch& input, int64_t chunks) {
+  run.inputs = scatter(input, chunks);
+  run.input_ready.reset();
+  for (const auto& t : input) {
+    if (t.defined() && !t.device().is_cpu()) {
+      run.input_ready = CellRunner::make_message({}, t.device()).ready;
+      break;
+    }
+  }
+}
+
 void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
                  bool grad, CheckpointMode mode, const at::ThreadLocalState& tls) {
   const auto m = static_cast<int64_t>(sizes.size());
@@ -256,9 +267,18 @@ Batch CellRunner::receive(Message m, c10::Device device, bool as_leaves) {
         continue;
       }
       const bool grad = as_leaves && t.requires_grad();
-      torch::Tensor r = t.device() == device
-          ? t.detach()
-          : copy_to(t.detach(), device, m.ready);
+      torch::Tensor r;
+      if (t.device() == device) {
+        r = t.detach();
+        if (m.ready && !device.is_cpu()) {
+          // Same device, maybe another stream (the caller's): wait for it.
+          c10::impl::VirtualGuardImpl impl(device.type());
+          m.ready->block(impl.getStream(device));
+          r.record_stream(impl.getStream(device));
+        }
+      } else {
+        r = copy_to(t.detach(), device, m.ready);
+      }
       out.push_back(grad ? r.requires_grad_(true) : r);
     }
     return out;
@@ -315,7 +335,7 @@ Message CellRunner::make_message(Batch tensors, c10::Device device) {
 void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
   const int64_t s = index_;
     const auto device = stage_->device();
-    Message in = s == 0 ? Message{run.inputs[j], nullptr}
+    Message in = s == 0 ? Message{run.inputs[j], run.input_ready}
                         : transport.recv_forward(s, j);
     const int64_t start = now_ns();  // the trace shows work, not waiting
     Batch x = receive(std::move(in), device, true);

@@ -56,6 +56,9 @@ struct StepRun {
   std::vector<uint8_t> checkpointed;  // per micro-batch
 
   std::vector<Batch> inputs;   // stage-0 micro-batches
+  // On an accelerator: recorded on the caller's stream after the input was
+  // made; stage 0's cells wait for it (see scatter_input).
+  std::shared_ptr<c10::Event> input_ready;
   std::vector<Batch> targets;  // step style
   const LossFn* loss_fn = nullptr;
   std::vector<double> loss_weights;
@@ -86,6 +89,13 @@ struct PendingStep : c10::intrusive_ptr_target {
 /// when only parameters need gradients. A second backward is a clear error.
 Batch apply_pipeline_node(c10::intrusive_ptr<PendingStep> step,
                           const Batch& inputs);
+
+/// Splits `input` into `run.inputs` (at most `chunks` micro-batches) and,
+/// when it lives on an accelerator, records `run.input_ready` on the
+/// calling thread's current stream of that device, so that stage 0's worker
+/// (on its own stream) never reads an input the caller's stream is still
+/// computing.
+void scatter_input(StepRun& run, const Batch& input, int64_t chunks);
 
 /// Sizes the per-step state for `sizes.size()` micro-batches of K stages and
 /// decides which micro-batches are checkpointed (only when `grad`).

@@ -914,7 +914,7 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, const Batch& input,
     if (!local_error) {
       try {
         TORCH_CHECK_VALUE(!input.empty(), "rank 0 must pass the input, got none");
-        state->run.inputs = scatter(input, options_.chunks());
+        scatter_input(state->run, input, options_.chunks());
         for (const auto& b : state->run.inputs) {
           sizes.push_back(b.front().size(0));
         }
