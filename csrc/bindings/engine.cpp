@@ -60,6 +60,10 @@ class PyStage final : public Stage {
 
   Batch forward(const Batch& input) override {
     py::gil_scoped_acquire gil;
+    if (!kept_thread_state) {
+      gil.inc_ref();  // kept until end_pass()
+      kept_thread_state = true;
+    }
     py::object out = module_(to_python(input));
     return from_python(out, ("the output of stage " + std::to_string(index_))
                                 .c_str());
@@ -80,6 +84,14 @@ class PyStage final : public Stage {
   void begin_forward() override { call_hook("begin"); }
   void end_forward() override { call_hook("end"); }
 
+  void end_pass() noexcept override {
+    if (kept_thread_state) {
+      py::gil_scoped_acquire gil;
+      gil.dec_ref();  // the leaving `gil` deletes the thread state
+      kept_thread_state = false;
+    }
+  }
+
  private:
   void call_hook(const char* what) {
     if (has_hooks_) {
@@ -99,6 +111,10 @@ class PyStage final : public Stage {
       add_note(e.value().ptr(), context);
     } catch (python_error& e) {
       py::gil_scoped_acquire gil;
+      // torch's autograd engine also restores the error into this thread's
+      // state when it rethrows (for a Python caller); the exception travels
+      // as `e`, so the copy left pending here is dropped.
+      PyErr_Clear();
       add_note(e.value, context);
     } catch (...) {
     }
@@ -115,12 +131,21 @@ class PyStage final : public Stage {
     Py_XDECREF(r);
   }
 
+  // pybind11 gives a thread without a Python thread state (an engine
+  // worker) a new one at every gil_scoped_acquire and deletes it at the
+  // release: tens of µs per cell. A worker keeps the one of its first
+  // Python call of a pass until the pass ends (end_pass); the autograd
+  // engine's Python nodes, run by the worker's backward cells, use it too.
+  static thread_local bool kept_thread_state;
+
   py::object module_;
   py::object hooks_;
   c10::Device device_;
   int64_t index_;
   bool has_hooks_ = !hooks_.is_none();
 };
+
+thread_local bool PyStage::kept_thread_state = false;
 
 } // namespace
 

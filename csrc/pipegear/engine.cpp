@@ -371,6 +371,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
           }
         }
       }
+      runners_[s]->stage().end_pass();
       job.run.reset();
       {
         std::lock_guard<std::mutex> lock(done_mutex_);

@@ -39,6 +39,11 @@ class Stage {
   /// DeferredBatchNorm layers commit the statistics of the mini-batch.
   virtual void end_forward() {}
 
+  /// Called on an engine worker after it ran its cells of one pass (even
+  /// a failed one), before the caller is told the pass is over. The Python
+  /// stage drops the thread state it kept for the pass here.
+  virtual void end_pass() noexcept {}
+
   /// Called inside the handler of an exception that is not a c10::Error
   /// (those get `context` added by the engine), on the thread that caught
   /// it; `context` names the stage, micro-batch and phase. The Python stage

@@ -335,3 +335,23 @@ def test_worker_threads_stay_set_when_the_caller_changes_its_count():
     finally:
         torch.set_num_threads(old)
     assert seen and set(seen) == {1}, seen
+
+
+def test_a_worker_keeps_its_python_thread_state_for_a_whole_pass():
+    """Python state of a worker thread (threading.local, which lives in the
+    thread state) lasts from one cell to the next within a pass: a worker
+    does not pay for a new Python thread state at every cell."""
+    local = threading.local()
+    seen = []
+
+    class Count(nn.Module):
+        def forward(self, x):
+            local.calls = getattr(local, "calls", 0) + 1
+            seen.append(local.calls)
+            return x
+
+    pipe = pipegear.GPipe(nn.Sequential(nn.Linear(2, 2), Count()), [1, 1],
+                          chunks=4)
+    with torch.no_grad():
+        pipe(torch.randn(8, 2))
+    assert seen == [1, 2, 3, 4]
