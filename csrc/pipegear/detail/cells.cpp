@@ -38,10 +38,10 @@ at::Generator device_generator(c10::Device device) {
 RngState save_rng(c10::Device device) {
   RngState state;
   {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    state.cpu = gen.get_state();
-  }
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  state.cpu = gen.get_state();
+}
   if (!device.is_cpu()) {
     auto gen = device_generator(device);
     std::lock_guard<std::mutex> lock(gen.mutex());
@@ -52,10 +52,10 @@ RngState save_rng(c10::Device device) {
 
 void restore_rng(c10::Device device, const RngState& state) {
   {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(state.cpu);
-  }
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state.cpu);
+}
   if (!device.is_cpu()) {
     auto gen = device_generator(device);
     std::lock_guard<std::mutex> lock(gen.mutex());
@@ -226,8 +226,8 @@ void CellRunner::run(StepRun& run, Transport& transport,
 void CellRunner::end_forward() {
   c10::OptionalDeviceGuard device_guard;
   if (!stage_->device().is_cpu()) {
-    device_guard.reset_device(stage_->device());
-  }
+  device_guard.reset_device(stage_->device());
+}
   try {
     stage_->end_forward();
   } catch (c10::Error& e) {
@@ -238,213 +238,211 @@ void CellRunner::end_forward() {
 }
 
 // Runs the stage on x; on the last stage of a step-style run, also applies
-  // the loss and returns {weight * loss} (what its backward differentiates).
+// the loss and returns {weight * loss} (what its backward differentiates).
 Batch CellRunner::apply(StepRun& run, int64_t j, const Batch& x) {
   const int64_t s = index_;
-    Batch y = stage_->forward(x);
-    TORCH_CHECK_VALUE(!y.empty(), "stage ", s, " returned no tensor");
-    for (size_t i = 0; i < y.size(); ++i) {
-      TORCH_CHECK_VALUE(y[i].defined(), "stage ", s, " returned an undefined tensor at position ", i);
-    }
-    if (is_last(run) && run.loss_fn != nullptr) {
-      auto loss = (*run.loss_fn)(y, run.targets[j]);
-      TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1,
-                        "loss_fn must return a scalar tensor, got ",
-                        loss.defined() ? loss.sizes() : c10::IntArrayRef{});
-      run.losses[j] = loss.detach().reshape({});
-      return {loss.reshape({}) * run.loss_weights[j]};
-    }
-    return y;
+  Batch y = stage_->forward(x);
+  TORCH_CHECK_VALUE(!y.empty(), "stage ", s, " returned no tensor");
+  for (size_t i = 0; i < y.size(); ++i) {
+    TORCH_CHECK_VALUE(y[i].defined(), "stage ", s,
+                      " returned an undefined tensor at position ", i);
   }
+  if (is_last(run) && run.loss_fn != nullptr) {
+    auto loss = (*run.loss_fn)(y, run.targets[j]);
+    TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1,
+                      "loss_fn must return a scalar tensor, got ",
+                      loss.defined() ? loss.sizes() : c10::IntArrayRef{});
+    run.losses[j] = loss.detach().reshape({});
+    return {loss.reshape({}) * run.loss_weights[j]};
+  }
+  return y;
+}
 
-  // Moves a received message onto `device`, making the stage's leaves.
+// Moves a received message onto `device`, making the stage's leaves.
 Batch CellRunner::receive(Message m, c10::Device device, bool as_leaves) {
-    Batch out;
-    out.reserve(m.tensors.size());
-    for (auto& t : m.tensors) {
-      if (!t.defined()) {
-        out.emplace_back();
-        continue;
-      }
-      const bool grad = as_leaves && t.requires_grad();
-      torch::Tensor r;
-      if (t.device() == device) {
-        r = t.detach();
-        if (m.ready && !device.is_cpu()) {
-          // Same device, maybe another stream (the caller's): wait for it.
-          c10::impl::VirtualGuardImpl impl(device.type());
-          m.ready->block(impl.getStream(device));
-          r.record_stream(impl.getStream(device));
-        }
-      } else {
-        r = copy_to(t.detach(), device, m.ready);
-      }
-      out.push_back(grad ? r.requires_grad_(true) : r);
+  Batch out;
+  out.reserve(m.tensors.size());
+  for (auto& t : m.tensors) {
+    if (!t.defined()) {
+      out.emplace_back();
+      continue;
     }
-    return out;
+    const bool grad = as_leaves && t.requires_grad();
+    torch::Tensor r;
+    if (t.device() == device) {
+      r = t.detach();
+      if (m.ready && !device.is_cpu()) {
+        // Same device, maybe another stream (the caller's): wait for it.
+        c10::impl::VirtualGuardImpl impl(device.type());
+        m.ready->block(impl.getStream(device));
+        r.record_stream(impl.getStream(device));
+      }
+    } else {
+      r = copy_to(t.detach(), device, m.ready);
+    }
+    out.push_back(grad ? r.requires_grad_(true) : r);
   }
+  return out;
+}
 
 torch::Tensor CellRunner::copy_to(const torch::Tensor& t, c10::Device dst,
                                   const std::shared_ptr<c10::Event>& ready) {
-    const c10::Device src = t.device();
-    if (src.is_cpu() && dst.is_cpu()) {
-      return t;
-    }
-    // The copy runs on a copy stream of the accelerator side.
-    const c10::Device side = dst.is_cpu() ? src : dst;
-    c10::impl::VirtualGuardImpl impl(side.type());
-    auto& streams = copy_streams_;
-    auto it = streams.find(side);
-    if (it == streams.end()) {
-      it = streams.emplace(side, impl.getStreamFromGlobalPool(side)).first;
-    }
-    const c10::Stream copy_stream = it->second;
-    if (ready) {
-      ready->block(copy_stream);
-    }
-    torch::Tensor r;
-    {
-      c10::StreamGuard guard(copy_stream);
-      r = t.to(dst, /*non_blocking=*/true);
-    }
-    if (!src.is_cpu()) {
-      t.record_stream(copy_stream);  // not reused before the copy is done
-    }
-    c10::Event copied(side.type());
-    copied.record(copy_stream);
-    if (dst.is_cpu()) {
-      copied.synchronize();
-    } else {
-      const auto compute = impl.getStream(dst);
-      copied.block(compute);
-      r.record_stream(compute);
-    }
-    return r;
+  const c10::Device src = t.device();
+  if (src.is_cpu() && dst.is_cpu()) {
+    return t;
   }
+  // The copy runs on a copy stream of the accelerator side.
+  const c10::Device side = dst.is_cpu() ? src : dst;
+  c10::impl::VirtualGuardImpl impl(side.type());
+  auto& streams = copy_streams_;
+  auto it = streams.find(side);
+  if (it == streams.end()) {
+    it = streams.emplace(side, impl.getStreamFromGlobalPool(side)).first;
+  }
+  const c10::Stream copy_stream = it->second;
+  if (ready) {
+    ready->block(copy_stream);
+  }
+  torch::Tensor r;
+  {
+    c10::StreamGuard guard(copy_stream);
+    r = t.to(dst, /*non_blocking=*/true);
+  }
+  if (!src.is_cpu()) {
+    t.record_stream(copy_stream);  // not reused before the copy is done
+  }
+  c10::Event copied(side.type());
+  copied.record(copy_stream);
+  if (dst.is_cpu()) {
+    copied.synchronize();
+  } else {
+    const auto compute = impl.getStream(dst);
+    copied.block(compute);
+    r.record_stream(compute);
+  }
+  return r;
+}
 
 Message CellRunner::make_message(Batch tensors, c10::Device device) {
-    Message m{std::move(tensors), nullptr};
-    if (!device.is_cpu()) {
-      c10::impl::VirtualGuardImpl impl(device.type());
-      m.ready = std::make_shared<c10::Event>(device.type());
-      m.ready->record(impl.getStream(device));
-    }
-    return m;
+  Message m{std::move(tensors), nullptr};
+  if (!device.is_cpu()) {
+    c10::impl::VirtualGuardImpl impl(device.type());
+    m.ready = std::make_shared<c10::Event>(device.type());
+    m.ready->record(impl.getStream(device));
   }
+  return m;
+}
 
 void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
   const int64_t s = index_;
-    const auto device = stage_->device();
-    Message in = s == 0 ? Message{run.inputs[j], run.input_ready}
-                        : transport.recv_forward(s, j);
-    const int64_t start = now_ns();  // the trace shows work, not waiting
-    Batch x = receive(std::move(in), device, true);
-    auto& cell = run.cells[s][j];
-    Batch y;
-    bool y_requires_grad = false;
-    if (run.checkpointed[j]) {
-      cell.checkpointed = true;
-      cell.rng = save_rng(device);
-      {
-        torch::NoGradGuard no_grad;
-        CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kCheckpointing);
-        y = apply(run, j, x);
-      }
-      y_requires_grad = stage_->requires_grad() ||
-          std::any_of(x.begin(), x.end(),
-                      [](const auto& t) { return t.requires_grad(); });
+  const auto device = stage_->device();
+  Message in = s == 0 ? Message{run.inputs[j], run.input_ready}
+                      : transport.recv_forward(s, j);
+  const int64_t start = now_ns();  // the trace shows work, not waiting
+  Batch x = receive(std::move(in), device, true);
+  auto& cell = run.cells[s][j];
+  Batch y;
+  bool y_requires_grad = false;
+  if (run.checkpointed[j]) {
+    cell.checkpointed = true;
+    cell.rng = save_rng(device);
+    {
+      torch::NoGradGuard no_grad;
+      CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kCheckpointing);
+      y = apply(run, j, x);
+    }
+    y_requires_grad = stage_->requires_grad() ||
+        std::any_of(x.begin(), x.end(),
+                    [](const auto& t) { return t.requires_grad(); });
+    cell.leaves = std::move(x);
+  } else {
+    y = apply(run, j, run.grad ? alias_leaves(x) : x);
+    if (run.grad) {
       cell.leaves = std::move(x);
-    } else {
-      y = apply(run, j, run.grad ? alias_leaves(x) : x);
-      if (run.grad) {
-        cell.leaves = std::move(x);
-        cell.outputs = y;
-      }
+      cell.outputs = y;
     }
-    if (is_last(run)) {
-      if (run.loss_fn == nullptr) {
-        for (auto& t : y) {
-          t = t.detach();
-        }
-        run.outputs[j] = std::move(y);
-      }
-    } else {
-      Batch send;
-      send.reserve(y.size());
-      for (const auto& t : y) {
-        const bool grad = run.grad && can_require_grad(t) &&
-            (run.checkpointed[j] ? y_requires_grad : t.requires_grad());
-        send.push_back(grad ? t.detach().requires_grad_(true) : t.detach());
-      }
-      transport.send_forward(s, j, make_message(std::move(send), device));
-    }
-    run.events[s].push_back(
-        {s, j, Phase::kForward, false, start, now_ns()});
   }
+  if (is_last(run)) {
+    if (run.loss_fn == nullptr) {
+      for (auto& t : y) {
+        t = t.detach();
+      }
+      run.outputs[j] = std::move(y);
+    }
+  } else {
+    Batch send;
+    send.reserve(y.size());
+    for (const auto& t : y) {
+      const bool grad = run.grad && can_require_grad(t) &&
+          (run.checkpointed[j] ? y_requires_grad : t.requires_grad());
+      send.push_back(grad ? t.detach().requires_grad_(true) : t.detach());
+    }
+    transport.send_forward(s, j, make_message(std::move(send), device));
+  }
+  run.events[s].push_back({s, j, Phase::kForward, false, start, now_ns()});
+}
 
 void CellRunner::backward(StepRun& run, Transport& transport, int64_t j) {
   const int64_t s = index_;
-    const auto device = stage_->device();
-    auto& cell = run.cells[s][j];
-    if (cell.checkpointed) {
-      const int64_t recompute_start = now_ns();
-      // Recompute first: it needs no gradient, so it overlaps the wait.
-      // Every recomputation rewinds the (shared) CPU generator, so two of
-      // them must not overlap, or one would rewind the other's draws.
-      std::lock_guard<std::mutex> replay(replay_mutex());
-      const RngState current = save_rng(device);
-      restore_rng(device, cell.rng);
-      try {
-        CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
-        cell.outputs = apply(run, j, alias_leaves(cell.leaves));
-      } catch (...) {
-        restore_rng(device, current);
-        throw;
-      }
+  const auto device = stage_->device();
+  auto& cell = run.cells[s][j];
+  if (cell.checkpointed) {
+    const int64_t recompute_start = now_ns();
+    // Recompute first: it needs no gradient, so it overlaps the wait.
+    // Every recomputation rewinds the (shared) CPU generator, so two of
+    // them must not overlap, or one would rewind the other's draws.
+    std::lock_guard<std::mutex> replay(replay_mutex());
+    const RngState current = save_rng(device);
+    restore_rng(device, cell.rng);
+    try {
+      CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
+      cell.outputs = apply(run, j, alias_leaves(cell.leaves));
+    } catch (...) {
       restore_rng(device, current);
-      run.events[s].push_back(
-          {s, j, Phase::kBackward, true, recompute_start, now_ns()});
+      throw;
     }
-    Batch grads;
-    int64_t start = now_ns();
-    if (!is_last(run)) {
-      Message m = transport.recv_backward(s, j);
-      start = now_ns();
-      grads = receive(std::move(m), device, false);
-    } else if (run.loss_fn != nullptr) {
-      grads = {torch::ones_like(cell.outputs.front())};
-    } else {
-      grads = run.output_grads[j];
-      for (auto& g : grads) {
-        if (g.defined() && g.device() != device) {
-          g = copy_to(g, device, nullptr);
-        }
-      }
-    }
-    std::vector<torch::Tensor> outs, gs;
-    for (size_t i = 0; i < cell.outputs.size() && i < grads.size(); ++i) {
-      if (cell.outputs[i].requires_grad() && grads[i].defined()) {
-        outs.push_back(cell.outputs[i]);
-        gs.push_back(grads[i]);
-      }
-    }
-    if (!outs.empty()) {
-      torch::autograd::backward(outs, gs);
-    }
-    Batch input_grads;
-    input_grads.reserve(cell.leaves.size());
-    for (const auto& leaf : cell.leaves) {
-      input_grads.push_back(leaf.requires_grad() ? leaf.grad() : torch::Tensor());
-    }
-    cell = CellState{};
-    if (s == 0) {
-      run.input_grads[j] = std::move(input_grads);
-    } else {
-      transport.send_backward(s, j,
-               make_message(std::move(input_grads), device));
-    }
-    run.events[s].push_back({s, j, Phase::kBackward, false, start, now_ns()});
+    restore_rng(device, current);
+    run.events[s].push_back(
+        {s, j, Phase::kBackward, true, recompute_start, now_ns()});
   }
-
+  Batch grads;
+  int64_t start = now_ns();
+  if (!is_last(run)) {
+    Message m = transport.recv_backward(s, j);
+    start = now_ns();
+    grads = receive(std::move(m), device, false);
+  } else if (run.loss_fn != nullptr) {
+    grads = {torch::ones_like(cell.outputs.front())};
+  } else {
+    grads = run.output_grads[j];
+    for (auto& g : grads) {
+      if (g.defined() && g.device() != device) {
+        g = copy_to(g, device, nullptr);
+      }
+    }
+  }
+  std::vector<torch::Tensor> outs, gs;
+  for (size_t i = 0; i < cell.outputs.size() && i < grads.size(); ++i) {
+    if (cell.outputs[i].requires_grad() && grads[i].defined()) {
+      outs.push_back(cell.outputs[i]);
+      gs.push_back(grads[i]);
+    }
+  }
+  if (!outs.empty()) {
+    torch::autograd::backward(outs, gs);
+  }
+  Batch input_grads;
+  input_grads.reserve(cell.leaves.size());
+  for (const auto& leaf : cell.leaves) {
+    input_grads.push_back(leaf.requires_grad() ? leaf.grad() : torch::Tensor());
+  }
+  cell = CellState{};
+  if (s == 0) {
+    run.input_grads[j] = std::move(input_grads);
+  } else {
+    transport.send_backward(s, j, make_message(std::move(input_grads), device));
+  }
+  run.events[s].push_back({s, j, Phase::kBackward, false, start, now_ns()});
+}
 
 } // namespace pipegear::detail
