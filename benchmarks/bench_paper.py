@@ -25,7 +25,8 @@ from torch import nn
 import pipegear
 
 ROOT = Path(__file__).resolve().parent.parent
-FORWARD_S = 0.004  # simulated forward time of one layer and micro-batch
+FORWARD_S = 0.010  # simulated forward time of one layer and micro-batch (ms-scale,
+# like a device kernel; much shorter waits measure the VM's wake-up latency)
 
 
 class SleepFn(torch.autograd.Function):

@@ -24,24 +24,6 @@ torch::nn::Sequential cuda_mlp() {
   return seq;  // 8 layers
 }
 
-void require_close(const torch::Tensor& a, const torch::Tensor& b,
-                   double tol = 1e-5) {
-  REQUIRE(a.defined());
-  REQUIRE(b.defined());
-  REQUIRE(a.sizes() == b.sizes());
-  auto ac = a.detach().to(torch::kCPU);
-  auto bc = b.detach().to(torch::kCPU);
-  INFO("max abs diff " << (ac - bc).abs().max().item<double>());
-  REQUIRE(torch::allclose(ac, bc, tol, tol));
-}
-
-std::vector<int64_t> even_balance(int64_t layers, size_t k) {
-  std::vector<int64_t> b(k, layers / static_cast<int64_t>(k));
-  for (int64_t i = 0; i < layers % static_cast<int64_t>(k); ++i) {
-    ++b[i];
-  }
-  return b;
-}
 
 // The pipelined copy of `plain` on `devices` against `plain` on
 // `ref_device`, module style and step style, every checkpoint mode.

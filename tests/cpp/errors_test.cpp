@@ -415,8 +415,8 @@ struct TaggedImpl : torch::nn::Module {
 };
 TORCH_MODULE(Tagged);
 
-struct FaultImpl : torch::nn::Module {
-  explicit FaultImpl(int stage) : stage(stage) {}
+struct InjectingImpl : torch::nn::Module {
+  explicit InjectingImpl(int stage) : stage(stage) {}
   torch::Tensor forward(torch::Tensor x) {
     if (g_plan.stage != stage) {
       return x;
@@ -440,7 +440,7 @@ struct FaultImpl : torch::nn::Module {
   }
   int stage;
 };
-TORCH_MODULE(Fault);
+TORCH_MODULE(Injecting);
 
 struct UntagImpl : torch::nn::Module {
   torch::Tensor forward(torch::Tensor x) { return x.narrow(1, 0, kWidth); }
@@ -452,7 +452,7 @@ torch::nn::Sequential fault_model() {
   torch::nn::Sequential seq;
   for (int s = 0; s < kStages; ++s) {
     seq->push_back(Tagged());
-    seq->push_back(Fault(s));
+    seq->push_back(Injecting(s));
   }
   seq->push_back(Untag());
   return seq;

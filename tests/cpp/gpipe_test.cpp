@@ -30,21 +30,6 @@ torch::nn::Sequential conv() {
       torch::nn::Linear(4 * 6 * 6, 5));
 }
 
-std::vector<int64_t> even_balance(int64_t layers, int64_t k) {
-  std::vector<int64_t> b(k, layers / k);
-  for (int64_t i = 0; i < layers % k; ++i) {
-    ++b[i];
-  }
-  return b;
-}
-
-void require_close(const torch::Tensor& a, const torch::Tensor& b, double tol) {
-  REQUIRE(a.defined());
-  REQUIRE(b.defined());
-  REQUIRE(a.sizes() == b.sizes());
-  INFO("max abs diff " << (a - b).abs().max().item<double>());
-  REQUIRE(torch::allclose(a, b, tol, tol));
-}
 
 // Compares the pipelined copy of `plain` with `plain` itself, both faces.
 void check_transparency(torch::nn::Sequential plain, torch::Tensor x,

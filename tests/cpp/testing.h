@@ -7,3 +7,34 @@
 #undef CHECK_EQ
 #undef CHECK_NE
 #include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace pipegear::testing {
+
+/// a and b have the same shape and are close (compared on the CPU).
+inline void require_close(const torch::Tensor& a, const torch::Tensor& b,
+                          double tol = 1e-5) {
+  REQUIRE(a.defined());
+  REQUIRE(b.defined());
+  REQUIRE(a.sizes() == b.sizes());
+  auto ac = a.detach().to(torch::kCPU);
+  auto bc = b.detach().to(torch::kCPU);
+  INFO("max abs diff " << (ac - bc).abs().max().item<double>());
+  REQUIRE(torch::allclose(ac, bc, tol, tol));
+}
+
+/// `layers` layers in `k` stages, the first ones one layer longer.
+inline std::vector<int64_t> even_balance(int64_t layers, int64_t k) {
+  std::vector<int64_t> b(k, layers / k);
+  for (int64_t i = 0; i < layers % k; ++i) {
+    ++b[i];
+  }
+  return b;
+}
+
+} // namespace pipegear::testing
+
+using pipegear::testing::even_balance;
+using pipegear::testing::require_close;
