@@ -15,12 +15,10 @@ CheckpointMode parse_checkpoint_mode(const std::string& name) {
   if (name == "except_last") {
     return CheckpointMode::kExceptLast;
   }
-  if (name == "never") {
-    return CheckpointMode::kNever;
-  }
-  TORCH_CHECK_VALUE(false,
+  TORCH_CHECK_VALUE(name == "never",
                     "checkpoint must be 'always', 'except_last' or 'never', "
                     "got '", name, "'");
+  return CheckpointMode::kNever;
 }
 
 std::string to_string(CheckpointMode mode) {

@@ -601,7 +601,12 @@ class C10dTransport final : public Transport {
     largest_received_[backward] = std::max(largest_received_[backward], base + payload);
     torch::Tensor data;  // the payload's bytes
     int64_t data_offset = 0;
-    if (w[0] == kPacked) {
+    if (w[0] == kPacked && 2 * (base + payload) < buffer.numel()) {
+      // Much smaller than the link's capacity (shapes shrank since a larger
+      // step): a right-sized copy, so that a kept tensor (a checkpointed
+      // stage input) does not hold the whole receive buffer.
+      data = buffer.narrow(0, base, payload).clone();
+    } else if (w[0] == kPacked) {
       data = buffer;
       data_offset = base;
     } else if (payload > 0) {
