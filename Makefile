@@ -52,7 +52,7 @@ sanitize: env
 	@set -e; if [ "$(SANITIZE)" = thread ]; then \
 	  set -x; \
 	  cmake -S . -B $(BUILD)-tsan -G Ninja -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" \
-	    -DPIPEGEAR_BUILD_PYTHON=OFF -DCMAKE_BUILD_TYPE=RelWithInfo \
+	    -DPIPEGEAR_BUILD_PYTHON=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	    -DCMAKE_CXX_FLAGS="-fsanitize=thread -fno-omit-frame-pointer" \
 	    -DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread \
 	    -DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=thread; \
