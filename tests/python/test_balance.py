@@ -44,12 +44,22 @@ def brute_force(k, costs, memory=None, capacity=None):
         if memory is not None and max(stage_sums(sizes, memory)) > capacity:
             continue
         s = score(sizes, costs)
-        if best is None or s[0] < best[0] - 1e-9 or (
-            math.isclose(s[0], best[0], rel_tol=1e-9, abs_tol=1e-12)
+        # Ties only up to rounding: the partitioner minimises the bottleneck
+        # exactly, so 60 beats 60.00000006 (a looser tie would let a lower
+        # variance win with a larger bottleneck).
+        if best is None or s[0] < best[0] - 1e-12 * max(1.0, best[0]) or (
+            math.isclose(s[0], best[0], rel_tol=1e-12, abs_tol=1e-15)
             and s[1] < best[1]
         ):
             best = s
     return best
+
+
+def test_a_tiny_cost_does_not_tie_two_bottlenecks():
+    # Found by hypothesis: [1, 1, 2] (bottleneck 60) beats [2, 1, 1]
+    # (bottleneck 60 + 6e-8) although the latter has the lower variance.
+    assert balance_by_cost(3, [5.960464477539063e-08, 60.0, 1.0, 1.0]) == [1, 1, 2]
+    assert_optimal(3, [5.960464477539063e-08, 60.0, 1.0, 1.0])
 
 
 def assert_optimal(k, costs, memory=None, capacity=None):
