@@ -450,8 +450,8 @@ struct LocalStep : PendingStep {
 
   Batch fill() override { return core->fill(run); }
   Batch drain(const Batch& grads) override {
-    auto run_ = std::move(run);
-    return core->drain(run_, grads);
+    auto taken = std::move(run);  // freed with the drain
+    return core->drain(taken, grads);
   }
 };
 

@@ -13,6 +13,7 @@ the step (docs/distributed.md). Launch with torchrun::
 >>> loss = pipe.step(x if pipe.is_first else None,
 ...                  t if pipe.is_last else None, F.cross_entropy)
 """
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -118,11 +119,13 @@ class DistributedGPipe(nn.Module):
                     "process_group=, call torch.distributed.init_process_group"
                     " or pipegear.distributed.init_from_env() first")
             process_group = dist.group.WORLD
-        balance = list(balance)
-        if not balance or any(not isinstance(b, int) or isinstance(b, bool)
-                              or b < 1 for b in balance):
-            raise ValueError("balance must hold positive ints, got "
-                             f"{balance!r}")
+        from pipegear.gpipe import CHECKPOINT_MODES, SCHEDULES, _check_int
+
+        if isinstance(balance, (str, bytes)) or not isinstance(balance, Sequence):
+            raise TypeError("balance must be a sequence of ints, got "
+                            f"{type(balance).__name__}")
+        balance = [_check_int(f"balance[{i}]", b, 1)
+                   for i, b in enumerate(balance)]
         world = process_group.size()
         rank = process_group.rank()
         if len(balance) != world:
@@ -133,16 +136,17 @@ class DistributedGPipe(nn.Module):
         if sum(balance) != len(named):
             raise ValueError(f"balance sums to {sum(balance)} but the module "
                              f"has {len(named)} layers")
-        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-            raise ValueError(f"chunks must be a positive int, got {chunks!r}")
-        if checkpoint not in ("always", "except_last", "never"):
-            raise ValueError("checkpoint must be 'always', 'except_last' or "
-                             f"'never', got {checkpoint!r}")
-        if schedule not in ("gpipe", "1f1b"):
-            raise ValueError(f"schedule must be 'gpipe' or '1f1b', got "
-                             f"{schedule!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        chunks = _check_int("chunks", chunks, 1)
+        if checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, "
+                             f"got {checkpoint!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, "
+                             f"got {schedule!r}")
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not math.isfinite(timeout) or timeout < 0.001):
+            raise ValueError("timeout must be a finite number of seconds, at "
+                             f"least 0.001, got {timeout!r}")
 
         offset = sum(balance[:rank])
         mine = []
@@ -225,8 +229,8 @@ class DistributedGPipe(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError("reduction must be 'mean' or 'sum', got "
                              f"{reduction!r}")
-        if self.is_first and input is None:
-            raise ValueError("rank 0 must pass the input")
+        # A missing input on rank 0 is reported by the pipeline itself, to
+        # every rank at once (raising here would leave the others waiting).
         return self._pipeline.step(input if self.is_first else None,
                                    target if self.is_last else None,
                                    loss_fn, reduction)
@@ -241,8 +245,6 @@ class DistributedGPipe(nn.Module):
         rank's drain. Every rank must run the backward of a forward before
         its next forward (use ``torch.no_grad()`` for evaluation).
         """
-        if self.is_first and input is None:
-            raise ValueError("rank 0 must pass the input")
         return self._pipeline.forward(input if self.is_first else None)
 
     def backward(self, loss: Optional[Tensor] = None) -> None:

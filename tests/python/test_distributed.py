@@ -295,6 +295,16 @@ def _mismatches(rank, world):
         errors["face"] = None
     except Exception as e:  # noqa: BLE001
         errors["face"] = f"{type(e).__name__}: {e}"
+    # Rank 0 forgets its input: every rank raises (rank 0 a ValueError
+    # saying so), within seconds, and the pipeline is not broken.
+    start = time.monotonic()
+    try:
+        pipe.step(None, t if last else None, mse)
+        errors["no_input"] = None
+    except Exception as e:  # noqa: BLE001
+        errors["no_input"] = f"{type(e).__name__}: {e}"
+    errors["no_input_s"] = time.monotonic() - start
+    errors["no_input_broken"] = pipe.broken
     loss = pipe.step(x if rank == 0 else None, t if last else None, mse)
     errors["after"] = float(loss)
     return errors
@@ -518,6 +528,13 @@ def test_exception_in_a_layer_fails_every_rank_and_the_next_step_works(tmp_path)
                 in errors["face"], errors
         else:
             assert "rank 1 failed" in errors["face"], errors
+        assert errors["no_input"] is not None, errors
+        if r == 0:
+            assert errors["no_input"].startswith(
+                "ValueError: rank 0 must pass the input"), errors
+        else:
+            assert "rank 0 failed" in errors["no_input"], errors
+        assert errors["no_input_s"] < 5 and not errors["no_input_broken"], errors
     assert len({e["after"] for e in mismatches}) == 1
     assert mismatches[0]["after"] > 0
 
@@ -535,6 +552,37 @@ def test_world_size_must_match_balance():
     with pytest.raises(ValueError, match="3 partitions .* 2 ranks"):
         pipegear.DistributedGPipe([nn.Linear(2, 2)] * 3, [1, 1, 1],
                                   process_group=FakeGroup())
+
+
+class _TwoRanks:
+    def size(self):
+        return 2
+
+    def rank(self):
+        return 0
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(balance="11"), TypeError, "balance must be a sequence of ints, got str"),
+    (dict(balance=[1, 1.0]), TypeError, r"balance\[1\] must be an int, got float"),
+    (dict(balance=[0, 2]), ValueError, r"balance\[0\] must be at least 1, got 0"),
+    (dict(chunks=0), ValueError, "chunks must be at least 1, got 0"),
+    (dict(chunks=2.0), TypeError, "chunks must be an int, got float"),
+    (dict(checkpoint="sometimes"), ValueError,
+     "checkpoint must be one of .*got 'sometimes'"),
+    (dict(schedule="zigzag"), ValueError, "schedule must be one of .*'zigzag'"),
+    (dict(timeout=0.0), ValueError, "timeout must be .* got 0.0"),
+    (dict(timeout=float("inf")), ValueError, "timeout must be .* got inf"),
+])
+def test_bad_arguments_are_typed_errors_like_gpipes(kwargs, error, match):
+    """Checked before any rank talks to another (the same errors as GPipe)."""
+    import pipegear
+    args = dict(balance=[1, 1])
+    args.update(kwargs)
+    balance = args.pop("balance")
+    with pytest.raises(error, match=match):
+        pipegear.DistributedGPipe([nn.Linear(2, 2), nn.Linear(2, 2)], balance,
+                                  process_group=_TwoRanks(), **args)
 
 
 def test_needs_a_process_group():

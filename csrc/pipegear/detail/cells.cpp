@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <mutex>
+#include <optional>
+#include <string>
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/StreamGuard.h>
@@ -161,7 +163,7 @@ void scatter_input(StepRun& run, const Batch& input, int64_t chunks) {
   run.input_ready.reset();
   for (const auto& t : input) {
     if (t.defined() && !t.device().is_cpu()) {
-      run.input_ready = CellRunner::make_message({}, t.device()).ready;
+      run.input_ready = CellRunner::record_ready(t.device());
       break;
     }
   }
@@ -185,6 +187,34 @@ void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
   run.events.resize(stages);
 }
 
+namespace {
+
+// The guard that makes `device` current for a cell (none on the CPU).
+std::optional<c10::Device> accelerator(c10::Device device) {
+  return device.is_cpu() ? std::nullopt : std::optional<c10::Device>(device);
+}
+
+// Runs f; an exception leaving it names "pipegear: in stage s, <where>": a
+// c10::Error as context, any other (a Python error) through the stage's
+// annotate_error. Aborted (another cell failed) passes untouched.
+template <typename F>
+void in_context(Stage& stage, int64_t index, const std::string& where, F f) {
+  try {
+    f();
+  } catch (c10::Error& e) {
+    e.add_context("pipegear: in stage " + std::to_string(index) + ", " + where);
+    throw;
+  } catch (const Aborted&) {
+    throw;
+  } catch (...) {
+    stage.annotate_error("pipegear: in stage " + std::to_string(index) + ", " +
+                         where);
+    throw;
+  }
+}
+
+} // namespace
+
 void CellRunner::run(StepRun& run, Transport& transport,
                      const std::vector<Cell>& cells, size_t i, bool forward,
                      bool backward) {
@@ -193,13 +223,11 @@ void CellRunner::run(StepRun& run, Transport& transport,
   if ((is_forward && !forward) || (!is_forward && !backward)) {
     return;
   }
-  const auto device = stage_->device();
-  c10::OptionalDeviceGuard device_guard;
-  if (!device.is_cpu()) {
-    device_guard.reset_device(device);
-  }
+  c10::OptionalDeviceGuard device_guard(accelerator(stage_->device()));
   auto is_fwd = [](const Cell& c) { return c.phase == Phase::kForward; };
-  try {
+  const std::string where = "micro-batch " + std::to_string(cell.micro_batch) +
+      (is_forward ? ", forward" : ", backward");
+  in_context(*stage_, index_, where, [&] {
     if (!is_forward) {
       this->backward(run, transport, cell.micro_batch);
       return;
@@ -208,33 +236,13 @@ void CellRunner::run(StepRun& run, Transport& transport,
       stage_->begin_forward();
     }
     this->forward(run, transport, cell.micro_batch);
-  } catch (c10::Error& e) {
-    e.add_context("pipegear: in stage " + std::to_string(index_) +
-                  ", micro-batch " + std::to_string(cell.micro_batch) + ", " +
-                  (is_forward ? "forward" : "backward"));
-    throw;
-  } catch (const Aborted&) {
-    throw;
-  } catch (...) {
-    stage_->annotate_error("pipegear: in stage " + std::to_string(index_) +
-                           ", micro-batch " + std::to_string(cell.micro_batch) +
-                           ", " + (is_forward ? "forward" : "backward"));
-    throw;
-  }
+  });
 }
 
 void CellRunner::end_forward() {
-  c10::OptionalDeviceGuard device_guard;
-  if (!stage_->device().is_cpu()) {
-  device_guard.reset_device(stage_->device());
-}
-  try {
-    stage_->end_forward();
-  } catch (c10::Error& e) {
-    e.add_context("pipegear: in stage " + std::to_string(index_) +
-                  ", committing the step (end_forward)");
-    throw;
-  }
+  c10::OptionalDeviceGuard device_guard(accelerator(stage_->device()));
+  in_context(*stage_, index_, "committing the step (end_forward)",
+             [&] { stage_->end_forward(); });
 }
 
 // Runs the stage on x; on the last stage of a step-style run, also applies
@@ -323,14 +331,18 @@ torch::Tensor CellRunner::copy_to(const torch::Tensor& t, c10::Device dst,
   return r;
 }
 
-Message CellRunner::make_message(Batch tensors, c10::Device device) {
-  Message m{std::move(tensors), nullptr};
-  if (!device.is_cpu()) {
-    c10::impl::VirtualGuardImpl impl(device.type());
-    m.ready = std::make_shared<c10::Event>(device.type());
-    m.ready->record(impl.getStream(device));
+std::shared_ptr<c10::Event> CellRunner::record_ready(c10::Device device) {
+  if (device.is_cpu()) {
+    return nullptr;
   }
-  return m;
+  c10::impl::VirtualGuardImpl impl(device.type());
+  auto ready = std::make_shared<c10::Event>(device.type());
+  ready->record(impl.getStream(device));
+  return ready;
+}
+
+Message CellRunner::make_message(Batch tensors, c10::Device device) {
+  return Message{std::move(tensors), record_ready(device)};
 }
 
 void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {

@@ -146,6 +146,9 @@ class CellRunner {
   /// `ready` (device-generic; plain on CPU).
   torch::Tensor copy_to(const torch::Tensor& t, c10::Device dst,
                         const std::shared_ptr<c10::Event>& ready);
+  /// An event recorded on the calling thread's current stream of
+  /// `device`; null on the CPU.
+  static std::shared_ptr<c10::Event> record_ready(c10::Device device);
   /// Wraps outputs in a Message, with an event on accelerators.
   static Message make_message(Batch tensors, c10::Device device);
 

@@ -953,15 +953,7 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, const Batch& input,
     }
     auto got = next_header_;
     auto work = next_header_work_;
-    std::string error;
-    bool done = false;
-    try {
-      done = work->wait(options_.timeout());
-    } catch (const c10::Error& e) {
-      error = e.what_without_backtrace();
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
+    const auto [done, error] = wait_work(work, options_.timeout());
     if (!done || !error.empty()) {
       mark_broken("the header of step " + std::to_string(seq) + " did not arrive");
       TORCH_CHECK(false, "pipegear: rank ", rank_, ": waiting for rank 0 to start "
@@ -1160,21 +1152,9 @@ std::pair<double, int64_t> DistributedCore::agree(StepState& state,
     }
     check_not_broken();
   }
-  auto wait_one = [&](size_t i, int64_t peer) -> const double* {
+  auto wait_one = [&](size_t i) -> const double* {
     auto& [t, work] = state.agreement[i];
-    std::string e = "could not post the receive";
-    bool done = false;
-    if (work) {
-      e.clear();
-      try {
-        done = work->wait(options_.timeout());
-      } catch (const c10::Error& x) {
-        e = x.what_without_backtrace();
-      } catch (const std::exception& x) {
-        e = x.what();
-      }
-    }
-    if (!done || !e.empty()) {
+    if (!work || !wait_work(work, options_.timeout()).first) {
       mark_broken(what + " did not complete");
       return nullptr;
     }
@@ -1186,7 +1166,7 @@ std::pair<double, int64_t> DistributedCore::agree(StepState& state,
   if (rank_ == 0) {
     // The rank that failed by itself first, else any failed one.
     for (int64_t r = 1; r < world_; ++r) {
-      const double* v = wait_one(static_cast<size_t>(r - 1), r);
+      const double* v = wait_one(static_cast<size_t>(r - 1));
       if (v == nullptr) {
         comm_error = "pipegear: rank 0: " + what + ": rank " + std::to_string(r) +
             " did not report within " + seconds(options_.timeout()) +
@@ -1220,7 +1200,7 @@ std::pair<double, int64_t> DistributedCore::agree(StepState& state,
     if (state.agreement.empty()) {
       post_agreement(state);
     }
-    const double* v = wait_one(0, 0);
+    const double* v = wait_one(0);
     if (v == nullptr) {
       comm_error = "pipegear: rank " + std::to_string(rank_) + ": " + what +
           ": rank 0 did not report within " + seconds(options_.timeout()) +
@@ -1296,7 +1276,6 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
   // Everything after the header that may fail is a failure of the step: the
   // failure protocol tells the peers.
   std::exception_ptr error;
-  bool broken = false;
   torch::Tensor loss;
   try {
     if (last) {
@@ -1327,7 +1306,6 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
   if (!error) {
     error = run_cells(*state, /*forward=*/true, /*backward=*/run.grad);
   }
-  broken = this->broken();
   if (!error) {
     try {
       if (first && run.grad) {
@@ -1362,7 +1340,6 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
       error = std::current_exception();  // nothing owed any more
     }
   }
-  (void)broken;
   // Every rank learns who failed, and the loss of the last rank.
   const auto [value, dtype] = agree(*state, error, loss, "step");
   runner_.end_forward();  // every rank succeeded: commit (DeferredBatchNorm)
@@ -1386,8 +1363,8 @@ struct RankStep : PendingStep {
 
   Batch fill() override { return std::move(output); }
   Batch drain(const Batch& grads) override {
-    auto state_ = std::move(state);
-    return core->drain(*state_, grads);
+    auto taken = std::move(state);  // freed with the drain
+    return core->drain(*taken, grads);
   }
 };
 
