@@ -297,23 +297,6 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     return gather_input_grads(*run);
   }
 
-  Batch gather_input_grads(const LocalRun& run) {
-    const size_t width = run.inputs.front().size();
-    Batch out(width);
-    for (size_t i = 0; i < width; ++i) {
-      std::vector<torch::Tensor> parts;
-      for (const auto& g : run.input_grads) {
-        if (i < g.size() && g[i].defined()) {
-          parts.push_back(g[i]);
-        }
-      }
-      if (parts.size() == run.input_grads.size()) {
-        out[i] = parts.size() == 1 ? parts.front() : at::cat(parts, 0);
-      }
-    }
-    return out;
-  }
-
   void publish_trace(const LocalRun& run) {
     std::vector<TraceEvent> all;
     for (const auto& e : run.events) {
@@ -523,25 +506,11 @@ torch::Tensor Engine::step(const Batch& input, const Batch& target,
   }
   core_->run_pass(run, /*forward=*/true, /*backward=*/run->grad);
   core_->publish_trace(*run);
-  torch::Tensor loss = torch::zeros({}, run->losses.front().options());
-  for (int64_t j = 0; j < m; ++j) {
-    loss = loss + run->losses[j] * run->loss_weights[j];
-  }
   if (run->grad) {
     // Gradients of the input, if it asked for them, flow on from here.
-    Batch grads = core_->gather_input_grads(*run);
-    std::vector<torch::Tensor> outs, gs;
-    for (size_t i = 0; i < input.size(); ++i) {
-      if (input[i].requires_grad() && grads[i].defined()) {
-        outs.push_back(input[i]);
-        gs.push_back(grads[i]);
-      }
-    }
-    if (!outs.empty()) {
-      torch::autograd::backward(outs, gs);
-    }
+    detail::backward_into_input(input, *run);
   }
-  return loss;
+  return detail::weighted_loss(*run);
 }
 
 } // namespace pipegear

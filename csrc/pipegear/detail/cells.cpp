@@ -158,6 +158,45 @@ Batch apply_pipeline_node(c10::intrusive_ptr<PendingStep> step,
   return PipelineNode::apply(capsule, phony, at::TensorList(inputs));
 }
 
+Batch gather_input_grads(const StepRun& run) {
+  const size_t width = run.inputs.empty() ? 0 : run.inputs.front().size();
+  Batch out(width);
+  for (size_t i = 0; i < width; ++i) {
+    std::vector<torch::Tensor> parts;
+    for (const auto& g : run.input_grads) {
+      if (i < g.size() && g[i].defined()) {
+        parts.push_back(g[i]);
+      }
+    }
+    if (!parts.empty() && parts.size() == run.input_grads.size()) {
+      out[i] = parts.size() == 1 ? parts.front() : at::cat(parts, 0);
+    }
+  }
+  return out;
+}
+
+void backward_into_input(const Batch& input, const StepRun& run) {
+  const Batch grads = gather_input_grads(run);
+  std::vector<torch::Tensor> outs, gs;
+  for (size_t i = 0; i < input.size() && i < grads.size(); ++i) {
+    if (input[i].defined() && input[i].requires_grad() && grads[i].defined()) {
+      outs.push_back(input[i]);
+      gs.push_back(grads[i]);
+    }
+  }
+  if (!outs.empty()) {
+    torch::autograd::backward(outs, gs);
+  }
+}
+
+torch::Tensor weighted_loss(const StepRun& run) {
+  torch::Tensor loss = torch::zeros({}, run.losses.front().options());
+  for (int64_t j = 0; j < run.micro_batches; ++j) {
+    loss = loss + run.losses[j] * run.loss_weights[j];
+  }
+  return loss;
+}
+
 void scatter_input(StepRun& run, const Batch& input, int64_t chunks) {
   run.inputs = scatter(input, chunks);
   run.input_ready.reset();

@@ -97,6 +97,17 @@ Batch apply_pipeline_node(c10::intrusive_ptr<PendingStep> step,
 /// computing.
 void scatter_input(StepRun& run, const Batch& input, int64_t chunks);
 
+/// Stage 0's input gradients of all micro-batches, concatenated per input
+/// position (undefined where some micro-batch has none).
+Batch gather_input_grads(const StepRun& run);
+
+/// Step style: sends the gathered input gradients on into the graph of
+/// `input` (the caller's tensors that require a gradient).
+void backward_into_input(const Batch& input, const StepRun& run);
+
+/// Step style: the mini-batch loss, sum over micro-batches of loss x weight.
+torch::Tensor weighted_loss(const StepRun& run);
+
 /// Sizes the per-step state for `sizes.size()` micro-batches of K stages and
 /// decides which micro-batches are checkpointed (only when `grad`).
 void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,

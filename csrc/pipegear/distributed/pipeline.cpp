@@ -1310,31 +1310,10 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
     try {
       if (first && run.grad) {
         // Gradients of the input, if it asked for them, flow on from here.
-        std::vector<torch::Tensor> outs, gs;
-        for (size_t i = 0; i < input.size(); ++i) {
-          if (!input[i].defined() || !input[i].requires_grad()) {
-            continue;
-          }
-          std::vector<torch::Tensor> parts;
-          for (const auto& g : run.input_grads) {
-            if (i < g.size() && g[i].defined()) {
-              parts.push_back(g[i]);
-            }
-          }
-          if (parts.size() == run.input_grads.size()) {
-            outs.push_back(input[i]);
-            gs.push_back(parts.size() == 1 ? parts.front() : torch::cat(parts, 0));
-          }
-        }
-        if (!outs.empty()) {
-          torch::autograd::backward(outs, gs);
-        }
+        backward_into_input(input, run);
       }
       if (last) {
-        loss = torch::zeros({}, run.losses.front().options());
-        for (int64_t j = 0; j < m; ++j) {
-          loss = loss + run.losses[j] * run.loss_weights[j];
-        }
+        loss = weighted_loss(run);
       }
     } catch (...) {
       error = std::current_exception();  // nothing owed any more
@@ -1457,19 +1436,7 @@ Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   }
   Batch out;
   if (!error && rank_ == 0) {
-    const size_t width = run.inputs.front().size();
-    out.resize(width);
-    for (size_t i = 0; i < width; ++i) {
-      std::vector<torch::Tensor> parts;
-      for (const auto& g : run.input_grads) {
-        if (i < g.size() && g[i].defined()) {
-          parts.push_back(g[i]);
-        }
-      }
-      if (!parts.empty() && parts.size() == run.input_grads.size()) {
-        out[i] = parts.size() == 1 ? parts.front() : torch::cat(parts, 0);
-      }
-    }
+    out = gather_input_grads(run);
   }
   finish_pass(state, error, "backward");
   return out;
