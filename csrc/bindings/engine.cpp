@@ -179,9 +179,7 @@ void init_engine(py::module_& m) {
   m.def(
       "render_schedule",
       [](const std::string& kind, int64_t stages, int64_t micro_batches) {
-        auto s = parse_schedule_kind(kind) == ScheduleKind::kGPipe
-            ? gpipe_schedule(stages, micro_batches)
-            : one_f_one_b_schedule(stages, micro_batches);
+        auto s = make_schedule(parse_schedule_kind(kind), stages, micro_batches);
         return render_schedule(s, micro_batches);
       },
       py::arg("schedule"), py::arg("stages"), py::arg("micro_batches"));

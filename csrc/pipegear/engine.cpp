@@ -44,6 +44,13 @@ ScheduleKind parse_schedule_kind(const std::string& name) {
   return ScheduleKind::k1F1B;
 }
 
+Schedule make_schedule(ScheduleKind kind, int64_t stages,
+                       int64_t micro_batches) {
+  return kind == ScheduleKind::kGPipe
+      ? gpipe_schedule(stages, micro_batches)
+      : one_f_one_b_schedule(stages, micro_batches);
+}
+
 namespace detail {
 // A step of the in-process engine: the shared StepRun plus the mailboxes
 // between the worker threads and the first failure.
@@ -174,9 +181,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   const EngineOptions& options() const { return options_; }
 
   Schedule schedule(int64_t m) const {
-    return options_.schedule() == ScheduleKind::kGPipe
-        ? gpipe_schedule(num_stages(), m)
-        : one_f_one_b_schedule(num_stages(), m);
+    return make_schedule(options_.schedule(), num_stages(), m);
   }
 
   Trace last_trace() const {
@@ -190,11 +195,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
                                      const at::ThreadLocalState& tls,
                                      bool grad_mode) {
     auto run = std::make_shared<LocalRun>();
-    scatter_input(*run, input, options_.chunks());
-    std::vector<int64_t> sizes;
-    for (const auto& b : run->inputs) {
-      sizes.push_back(b.front().size(0));
-    }
+    std::vector<int64_t> sizes = scatter_input(*run, input, options_.chunks());
     bool needs = false;
     for (const auto& t : input) {
       needs = needs || t.requires_grad();

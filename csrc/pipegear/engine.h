@@ -31,6 +31,10 @@ enum class ScheduleKind : uint8_t { kGPipe, k1F1B };
 /// "gpipe" or "1f1b"; ValueError otherwise.
 ScheduleKind parse_schedule_kind(const std::string& name);
 
+/// The schedule of `kind` for `stages` stages and `micro_batches`.
+Schedule make_schedule(ScheduleKind kind, int64_t stages,
+                       int64_t micro_batches);
+
 /// loss_fn(output, target) -> scalar, called per micro-batch on the last
 /// stage's worker.
 using LossFn = std::function<torch::Tensor(const Batch& output,

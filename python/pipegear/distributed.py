@@ -15,7 +15,6 @@ the step (docs/distributed.md). Launch with torchrun::
 """
 import math
 import os
-import warnings
 from collections import OrderedDict
 from datetime import timedelta
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -119,7 +118,8 @@ class DistributedGPipe(nn.Module):
                     "process_group=, call torch.distributed.init_process_group"
                     " or pipegear.distributed.init_from_env() first")
             process_group = dist.group.WORLD
-        from pipegear.gpipe import CHECKPOINT_MODES, SCHEDULES, _check_int
+        from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, _check_int,
+                                    _prepare_batch_norm, _resolve_devices)
 
         if isinstance(balance, (str, bytes)) or not isinstance(balance, Sequence):
             raise TypeError("balance must be a sequence of ints, got "
@@ -147,6 +147,9 @@ class DistributedGPipe(nn.Module):
                 or not math.isfinite(timeout) or timeout < 0.001):
             raise ValueError("timeout must be a finite number of seconds, at "
                              f"least 0.001, got {timeout!r}")
+        if device is not None:
+            # GPipe's checks: TypeError / ValueError / IndexError naming it.
+            device = _resolve_devices([device], 1)[0]
 
         offset = sum(balance[:rank])
         mine = []
@@ -161,24 +164,12 @@ class DistributedGPipe(nn.Module):
                                     f"{type(layer).__name__}, not an nn.Module")
             mine.append((name, layer))
         partition = nn.Sequential(OrderedDict(mine))
-        if not deferred_batch_norm and chunks > 1 and any(
-                isinstance(m, nn.modules.batchnorm._BatchNorm)
-                and m.track_running_stats for m in partition.modules()):
-            warnings.warn(
-                f"rank {rank}: a BatchNorm layer with running statistics is "
-                f"pipelined with chunks={chunks}: its running statistics will "
-                "be updated once per micro-batch; pass "
-                "deferred_batch_norm=True for the statistics of the whole "
-                "mini-batch", UserWarning, stacklevel=2)
-        if deferred_batch_norm:
-            from pipegear.batchnorm import convert_deferred_batch_norm
-
-            partition = convert_deferred_batch_norm(partition, chunks)
+        partition = _prepare_batch_norm(partition, chunks, checkpoint,
+                                        deferred_batch_norm, f"rank {rank}: ")
         if device is None:
             backend = dist.get_backend(process_group)
             device = (torch.device("cuda", torch.cuda.current_device())
                       if backend == "nccl" else torch.device("cpu"))
-        device = torch.device(device)
         partition.to(device)
 
         # This rank's layers, under their original names (state_dict keys as

@@ -117,6 +117,28 @@ def _resolve_devices(devices: Optional[Iterable[Device]],
     return resolved
 
 
+def _prepare_batch_norm(module: nn.Module, chunks: int, checkpoint: str,
+                        deferred: bool, who: str = "") -> nn.Module:
+    """Converts BatchNorm layers to DeferredBatchNorm (``deferred``), or
+    warns that plain ones count every micro-batch (and recomputation)."""
+    if deferred:
+        from pipegear.batchnorm import convert_deferred_batch_norm
+
+        return convert_deferred_batch_norm(module, chunks)
+    if chunks > 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats for m in module.modules()):
+        warnings.warn(
+            f"{who}a BatchNorm layer with running statistics is pipelined "
+            f"with chunks={chunks}: its running statistics will be "
+            "updated once per micro-batch"
+            + (", and once more by every recomputation"
+               if checkpoint != "never" else "")
+            + "; pass deferred_batch_norm=True for the statistics of the "
+            "whole mini-batch", UserWarning, stacklevel=3)
+    return module
+
+
 def _check_input(name: str, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         return
@@ -219,22 +241,9 @@ class GPipe(nn.Module):
             offset += size
         devices = _resolve_devices(devices, len(balance))
 
-        if not deferred_batch_norm and chunks > 1 and any(
-                isinstance(m, nn.modules.batchnorm._BatchNorm)
-                and m.track_running_stats for m in module.modules()):
-            warnings.warn(
-                "a BatchNorm layer with running statistics is pipelined "
-                f"with chunks={chunks}: its running statistics will be "
-                "updated once per micro-batch"
-                + (", and once more by every recomputation"
-                   if checkpoint != "never" else "")
-                + "; pass deferred_batch_norm=True for the statistics of the "
-                "whole mini-batch", UserWarning, stacklevel=2)
-        if deferred_batch_norm:
-            from pipegear.batchnorm import convert_deferred_batch_norm
-
-            module = convert_deferred_batch_norm(module, chunks)
-            named = list(module._modules.items())
+        module = _prepare_batch_norm(module, chunks, checkpoint,
+                                     deferred_batch_norm)
+        named = list(module._modules.items())
 
         # Everything is checked before the module is converted or moved.
         partitions = []

@@ -573,6 +573,8 @@ class _TwoRanks:
     (dict(schedule="zigzag"), ValueError, "schedule must be one of .*'zigzag'"),
     (dict(timeout=0.0), ValueError, "timeout must be .* got 0.0"),
     (dict(timeout=float("inf")), ValueError, "timeout must be .* got inf"),
+    (dict(device="bogus"), ValueError, "is not a device: 'bogus'"),
+    (dict(device=1.5), TypeError, "devices must hold torch.device, str or int"),
 ])
 def test_bad_arguments_are_typed_errors_like_gpipes(kwargs, error, match):
     """Checked before any rank talks to another (the same errors as GPipe)."""

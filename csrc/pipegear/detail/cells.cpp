@@ -197,7 +197,8 @@ torch::Tensor weighted_loss(const StepRun& run) {
   return loss;
 }
 
-void scatter_input(StepRun& run, const Batch& input, int64_t chunks) {
+std::vector<int64_t> scatter_input(StepRun& run, const Batch& input,
+                                   int64_t chunks) {
   run.inputs = scatter(input, chunks);
   run.input_ready.reset();
   for (const auto& t : input) {
@@ -206,6 +207,11 @@ void scatter_input(StepRun& run, const Batch& input, int64_t chunks) {
       break;
     }
   }
+  std::vector<int64_t> sizes;
+  for (const auto& b : run.inputs) {
+    sizes.push_back(b.front().size(0));
+  }
+  return sizes;
 }
 
 void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,

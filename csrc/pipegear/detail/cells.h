@@ -94,8 +94,9 @@ Batch apply_pipeline_node(c10::intrusive_ptr<PendingStep> step,
 /// when it lives on an accelerator, records `run.input_ready` on the
 /// calling thread's current stream of that device, so that stage 0's worker
 /// (on its own stream) never reads an input the caller's stream is still
-/// computing.
-void scatter_input(StepRun& run, const Batch& input, int64_t chunks);
+/// computing. Returns the micro-batch sizes.
+std::vector<int64_t> scatter_input(StepRun& run, const Batch& input,
+                                   int64_t chunks);
 
 /// Stage 0's input gradients of all micro-batches, concatenated per input
 /// position (undefined where some micro-batch has none).

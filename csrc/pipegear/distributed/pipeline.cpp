@@ -919,10 +919,7 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, const Batch& input,
     if (!local_error) {
       try {
         TORCH_CHECK_VALUE(!input.empty(), "rank 0 must pass the input, got none");
-        scatter_input(state->run, input, options_.chunks());
-        for (const auto& b : state->run.inputs) {
-          sizes.push_back(b.front().size(0));
-        }
+        sizes = scatter_input(state->run, input, options_.chunks());
       } catch (...) {
         local_error = std::current_exception();
       }
@@ -1002,9 +999,8 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, const Batch& input,
   state->seq = seq;
   prepare_run(state->run, world_, sizes, grad, options_.checkpoint(),
               at::ThreadLocalState());
-  state->schedule = options_.schedule() == ScheduleKind::kGPipe
-      ? gpipe_schedule(world_, static_cast<int64_t>(sizes.size()))
-      : one_f_one_b_schedule(world_, static_cast<int64_t>(sizes.size()));
+  state->schedule = make_schedule(options_.schedule(), world_,
+                                  static_cast<int64_t>(sizes.size()));
   state->transport = std::make_unique<C10dTransport>(*this, state->seq);
   return state;
 }
