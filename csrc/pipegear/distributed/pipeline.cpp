@@ -14,9 +14,7 @@
 #include <string>
 #include <utility>
 
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/cuda.h>
 
 #include <pipegear/detail/cells.h>
@@ -90,10 +88,21 @@ struct PendingSend {
 };
 
 
-// Waits for `work`; returns whether it completed, and the text of the error
-// it raised instead (empty if none).
-std::pair<bool, std::string> wait_work(const c10::intrusive_ptr<c10d::Work>& work,
-                                       std::chrono::milliseconds timeout) {
+// How a wait on a c10d Work ended.
+struct WaitResult {
+  bool done = false;
+  std::string error;  // what the backend raised instead, if anything
+  bool ok() const { return done && error.empty(); }
+  // A timeout: no completion and no error, or the backend's own timeout
+  // error (Gloo: "Timed out ...", others "...timeout...").
+  bool timed_out() const {
+    return !done && (error.empty() || error.find("imed out") != std::string::npos ||
+                     error.find("imeout") != std::string::npos);
+  }
+};
+
+WaitResult wait_work(const c10::intrusive_ptr<c10d::Work>& work,
+                     std::chrono::milliseconds timeout) {
   try {
     return {work->wait(timeout), std::string()};
   } catch (const c10::Error& e) {
@@ -427,11 +436,9 @@ class C10dTransport final : public Transport {
   void wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t peer,
             const std::string& what) {
     const auto timeout = core_.timeout();
-    const auto [done, error] = wait_work(work, timeout);
-    const bool timed_out = !done && (error.empty() ||
-        error.find("imed out") != std::string::npos ||
-        error.find("imeout") != std::string::npos);
-    if (timed_out) {
+    const WaitResult r = wait_work(work, timeout);
+    const std::string& error = r.error;
+    if (r.timed_out()) {
       comm_failure(peer, "pipegear: rank " + std::to_string(core_.rank()) +
                              ": " + what + " timed out after " +
                              seconds(timeout) + " (did rank " +
@@ -696,12 +703,12 @@ namespace {
 
 void wait_collective(const c10::intrusive_ptr<c10d::Work>& work, int64_t rank,
                      std::chrono::milliseconds timeout, const std::string& what) {
-  const auto [done, error] = wait_work(work, timeout);
-  TORCH_CHECK(error.empty() && done, "pipegear: rank ", rank, ": ", what,
-              error.empty() || error.find("imed out") != std::string::npos
+  const WaitResult r = wait_work(work, timeout);
+  TORCH_CHECK(r.ok(), "pipegear: rank ", rank, ": ", what,
+              r.timed_out()
                   ? " timed out after " + seconds(timeout) +
                       " (a rank died, hangs or does not make the same call)"
-                  : " failed: " + error);
+                  : " failed: " + r.error);
 }
 
 c10::Device default_device(const c10d::ProcessGroup& group) {
@@ -950,14 +957,14 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, const Batch& input,
     }
     auto got = next_header_;
     auto work = next_header_work_;
-    const auto [done, error] = wait_work(work, options_.timeout());
-    if (!done || !error.empty()) {
+    const WaitResult r = wait_work(work, options_.timeout());
+    if (!r.ok()) {
       mark_broken("the header of step " + std::to_string(seq) + " did not arrive");
       TORCH_CHECK(false, "pipegear: rank ", rank_, ": waiting for rank 0 to start "
-                  "step ", seq, error.empty() || error.find("imed out") != std::string::npos
+                  "step ", seq, r.timed_out()
                       ? " timed out after " + seconds(options_.timeout()) +
                           " (did rank 0 die, hang or skip the call?)"
-                      : " failed: " + error);
+                      : " failed: " + r.error);
     }
     post_header_recv();
     auto hc = got.cpu();
@@ -1150,7 +1157,7 @@ std::pair<double, int64_t> DistributedCore::agree(StepState& state,
   }
   auto wait_one = [&](size_t i) -> const double* {
     auto& [t, work] = state.agreement[i];
-    if (!work || !wait_work(work, options_.timeout()).first) {
+    if (!work || !wait_work(work, options_.timeout()).ok()) {
       mark_broken(what + " did not complete");
       return nullptr;
     }
