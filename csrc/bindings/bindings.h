@@ -29,9 +29,15 @@ Batch from_python(const py::handle& value, const char* what);
 /// A stage calling the nn.Module `module` under the GIL on `device`;
 /// `hooks` (None or a callable taking "begin" / "end") around a step's
 /// forward cells (DeferredBatchNorm). Python errors get a PEP 678 note
-/// naming stage `index`.
+/// naming stage `index`. An nn.Sequential runs layer by layer, layer i
+/// drawing from the random stream of layer first_layer + i (random.h).
 std::shared_ptr<Stage> make_py_stage(py::object module, c10::Device device,
-                                     py::object hooks, int64_t index);
+                                     py::object hooks, int64_t index,
+                                     int64_t first_layer);
+/// StepOptions from the Python arguments: "mean"/"sum", None or a callable
+/// count(target of one micro-batch) -> number, the module's training flag.
+StepOptions make_step_options(const std::string& reduction,
+                              const py::object& count, bool training);
 /// A LossFn calling the Python callable `loss_fn` under the GIL (it must
 /// outlive the LossFn); TypeError when it is not callable.
 LossFn make_loss_fn(const py::object& loss_fn);

@@ -26,8 +26,14 @@ void init_distributed(py::module_& m) {
              TORCH_CHECK_VALUE(group, "process_group is None");
              TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
                                timeout);
+             const int64_t rank = group->getRank();
+             int64_t first_layer = balance.empty() ? -1 : 0;
+             for (int64_t r = 0; r < rank && r < static_cast<int64_t>(balance.size());
+                  ++r) {
+               first_layer += balance[r];
+             }
              auto stage = make_py_stage(module, c10::Device(device), hooks,
-                                        group->getRank());
+                                        rank, first_layer);
              auto options = DistributedOptions()
                                 .balance(std::move(balance))
                                 .chunks(chunks)
@@ -48,7 +54,8 @@ void init_distributed(py::module_& m) {
           "step",
           [](DistributedPipeline& p, const py::object& input,
              const py::object& target, const py::object& loss_fn,
-             const std::string& reduction) {
+             const std::string& reduction, const py::object& count,
+             bool training) {
             Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
             Batch tgt = target.is_none() ? Batch{}
                                          : from_python(target, "the target");
@@ -56,24 +63,25 @@ void init_distributed(py::module_& m) {
             if (p.is_last() && !loss_fn.is_none()) {
               fn = make_loss_fn(loss_fn);
             }
-            const auto red = parse_loss_reduction(reduction);
+            const auto options = make_step_options(reduction, count, training);
             py::gil_scoped_release no_gil;
-            return p.step(in, tgt, fn, red);
+            return p.step(in, tgt, fn, options);
           },
           py::arg("input"), py::arg("target"), py::arg("loss_fn"),
-          py::arg("reduction") = "mean")
+          py::arg("reduction") = "mean", py::arg("count") = py::none(),
+          py::arg("training") = true)
       .def(
           "forward",
-          [](DistributedPipeline& p, const py::object& input) {
+          [](DistributedPipeline& p, const py::object& input, bool training) {
             Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
             Batch out;
             {
               py::gil_scoped_release no_gil;
-              out = p.forward(in);
+              out = p.forward(in, training);
             }
             return to_python(out);
           },
-          py::arg("input"))
+          py::arg("input"), py::arg("training") = true)
       .def("backward",
            [](DistributedPipeline& p) {
              py::gil_scoped_release no_gil;

@@ -6,12 +6,13 @@
 
 #include <pipegear/checkpoint.h>
 #include <pipegear/engine.h>
+#include <pipegear/random.h>
 #include <pipegear/schedule.h>
 
 namespace pipegear::bindings {
 
 py::object to_python(const Batch& batch) {
-  if (batch.size() == 1) {
+  if (!batch.is_tuple()) {
     return py::cast(batch.front());
   }
   py::tuple out(batch.size());
@@ -27,6 +28,7 @@ Batch from_python(const py::handle& value, const char* what) {
   }
   if (py::isinstance<py::tuple>(value) || py::isinstance<py::list>(value)) {
     Batch out;
+    out.tuple = true;
     for (const auto& item : value) {
       TORCH_CHECK_TYPE(THPVariable_Check(item.ptr()), what,
                        " must be a tensor or a tuple of tensors, got a tuple "
@@ -46,16 +48,27 @@ namespace {
 class PyStage final : public Stage {
  public:
   PyStage(py::object module, c10::Device device, py::object hooks,
-          int64_t index)
+          int64_t index, int64_t first_layer)
       : module_(std::move(module)),
         hooks_(std::move(hooks)),
         device_(device),
-        index_(index) {}
+        index_(index),
+        first_layer_(first_layer) {
+    // An nn.Sequential runs layer by layer here, so that each layer draws
+    // from its own random stream (random.h); anything else is one layer.
+    auto sequential = py::module_::import("torch.nn").attr("Sequential");
+    if (py::isinstance(module_, sequential)) {
+      for (const auto& layer : module_) {
+        layers_.push_back(py::reinterpret_borrow<py::object>(layer));
+      }
+    }
+  }
 
   ~PyStage() override {
     py::gil_scoped_acquire gil;
     module_ = py::object();
     hooks_ = py::object();
+    layers_.clear();
   }
 
   Batch forward(const Batch& input) override {
@@ -64,12 +77,22 @@ class PyStage final : public Stage {
       gil.inc_ref();  // kept until end_pass()
       kept_thread_state = true;
     }
-    py::object out = module_(to_python(input));
+    py::object out = to_python(input);
+    if (layers_.empty()) {
+      set_random_layer(0);
+      out = module_(out);
+    } else {
+      for (size_t i = 0; i < layers_.size(); ++i) {
+        set_random_layer(static_cast<int64_t>(i));
+        out = layers_[i](out);
+      }
+    }
     return from_python(out, ("the output of stage " + std::to_string(index_))
                                 .c_str());
   }
 
   c10::Device device() const override { return device_; }
+  int64_t first_layer() const override { return first_layer_; }
 
   bool requires_grad() const override {
     py::gil_scoped_acquire gil;
@@ -103,12 +126,13 @@ class PyStage final : public Stage {
   // A Python exception from a forward (pybind11's error_already_set) or
   // from a backward run by the autograd engine (torch's python_error) gets
   // the cell as a PEP 678 note, which keeps its type and message intact.
-  void annotate_error(const std::string& context) noexcept override {
+  bool annotate_error(const std::string& context) noexcept override {
     try {
       throw;
     } catch (py::error_already_set& e) {
       py::gil_scoped_acquire gil;
       add_note(e.value().ptr(), context);
+      return true;
     } catch (python_error& e) {
       py::gil_scoped_acquire gil;
       // torch's autograd engine also restores the error into this thread's
@@ -116,8 +140,10 @@ class PyStage final : public Stage {
       // as `e`, so the copy left pending here is dropped.
       PyErr_Clear();
       add_note(e.value, context);
+      return true;
     } catch (...) {
     }
+    return false;
   }
 
   static void add_note(PyObject* value, const std::string& context) {
@@ -140,8 +166,10 @@ class PyStage final : public Stage {
 
   py::object module_;
   py::object hooks_;
+  std::vector<py::object> layers_;
   c10::Device device_;
   int64_t index_;
+  int64_t first_layer_;
   bool has_hooks_ = !hooks_.is_none();
 };
 
@@ -150,10 +178,59 @@ thread_local bool PyStage::kept_thread_state = false;
 } // namespace
 
 std::shared_ptr<Stage> make_py_stage(py::object module, c10::Device device,
-                                     py::object hooks, int64_t index) {
+                                     py::object hooks, int64_t index,
+                                     int64_t first_layer) {
   return std::make_shared<PyStage>(std::move(module), device, std::move(hooks),
-                                   index);
+                                   index, first_layer);
 }
+
+LossCount make_loss_count(const py::object& count) {
+  if (count.is_none()) {
+    return {};
+  }
+  TORCH_CHECK_TYPE(PyCallable_Check(count.ptr()), "count must be callable, got ",
+                   py::str(py::type::of(count)).cast<std::string>());
+  // Called on the calling thread before the step; `count` outlives it.
+  return [count](const Batch& target) {
+    py::gil_scoped_acquire gil;
+    py::object n = count(target.empty() ? py::none() : to_python(target));
+    if (THPVariable_Check(n.ptr())) {
+      auto t = py::cast<torch::Tensor>(n);
+      TORCH_CHECK_VALUE(t.numel() == 1, "count must return a number or a "
+                        "one-element tensor, got a tensor of shape ", t.sizes());
+      return t.item<double>();
+    }
+    TORCH_CHECK_TYPE(py::isinstance<py::int_>(n) || py::isinstance<py::float_>(n),
+                     "count must return a number or a tensor, got ",
+                     py::str(py::type::of(n)).cast<std::string>());
+    return n.cast<double>();
+  };
+}
+
+StepOptions make_step_options(const std::string& reduction,
+                              const py::object& count, bool training) {
+  return StepOptions()
+      .reduction(parse_loss_reduction(reduction))
+      .count(make_loss_count(count))
+      .training(training);
+}
+
+namespace {
+
+// Every 50 ms of a wait for a pass: pending signals (Ctrl-C) raise in the
+// waiting thread, which Python runs handlers on only when it is the main
+// thread. Nothing to do from other threads, or once Python is finalising.
+void check_python_signals() {
+  if (!Py_IsInitialized() || _Py_IsFinalizing()) {
+    return;
+  }
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) {
+    throw py::error_already_set();
+  }
+}
+
+} // namespace
 
 LossFn make_loss_fn(const py::object& loss_fn) {
   TORCH_CHECK_TYPE(PyCallable_Check(loss_fn.ptr()),
@@ -171,6 +248,8 @@ LossFn make_loss_fn(const py::object& loss_fn) {
 }
 
 void init_engine(py::module_& m) {
+  set_interrupt_check(&check_python_signals);
+
   m.def("is_checkpointing", &pipegear::is_checkpointing,
         "True inside a checkpointed forward (the pass that keeps no graph).");
   m.def("is_recomputing", &pipegear::is_recomputing,
@@ -189,13 +268,15 @@ void init_engine(py::module_& m) {
                        const std::string& checkpoint,
                        const std::string& schedule, int64_t worker_threads) {
              std::vector<std::shared_ptr<Stage>> built;
+             int64_t first_layer = 0;
              for (size_t i = 0; i < stages.size(); ++i) {
                const auto& s = stages[i];
                TORCH_CHECK_VALUE(s.size() == 3, "stage ", i,
                                  " must be (module, device, hooks)");
                built.push_back(make_py_stage(
                    s[0], c10::Device(s[1].cast<std::string>()), s[2],
-                   static_cast<int64_t>(i)));
+                   static_cast<int64_t>(i), first_layer));
+               first_layer += static_cast<int64_t>(py::len(s[0]));
              }
              return std::make_shared<Engine>(
                  std::move(built), EngineOptions()
@@ -208,29 +289,31 @@ void init_engine(py::module_& m) {
            py::arg("schedule"), py::arg("worker_threads"))
       .def(
           "forward",
-          [](Engine& e, const py::object& input) {
+          [](Engine& e, const py::object& input, bool training) {
             Batch in = from_python(input, "the input");
             Batch out;
             {
               py::gil_scoped_release no_gil;
-              out = e.forward(in);
+              out = e.forward(in, training);
             }
             return to_python(out);
           },
-          py::arg("input"))
+          py::arg("input"), py::arg("training") = true)
       .def(
           "step",
           [](Engine& e, const py::object& input, const py::object& target,
-             const py::object& loss_fn, const std::string& reduction) {
+             const py::object& loss_fn, const std::string& reduction,
+             const py::object& count, bool training) {
             Batch in = from_python(input, "the input");
             Batch tgt = target.is_none() ? Batch{} : from_python(target, "the target");
             LossFn fn = make_loss_fn(loss_fn);
-            const auto red = parse_loss_reduction(reduction);
+            const auto options = make_step_options(reduction, count, training);
             py::gil_scoped_release no_gil;
-            return e.step(in, tgt, fn, red);
+            return e.step(in, tgt, fn, options);
           },
           py::arg("input"), py::arg("target"), py::arg("loss_fn"),
-          py::arg("reduction") = "mean")
+          py::arg("reduction") = "mean", py::arg("count") = py::none(),
+          py::arg("training") = true)
       .def_property_readonly("last_trace", &Engine::last_trace)
       .def_property_readonly("num_stages", &Engine::num_stages)
       .def("schedule_table", [](const Engine& e, int64_t micro_batches) {

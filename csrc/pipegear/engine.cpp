@@ -11,6 +11,7 @@
 #include <pipegear/engine.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -23,6 +24,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <pipegear/detail/cells.h>
+#include <pipegear/random.h>
 
 namespace pipegear {
 
@@ -49,6 +51,30 @@ Schedule make_schedule(ScheduleKind kind, int64_t stages,
   return kind == ScheduleKind::kGPipe
       ? gpipe_schedule(stages, micro_batches)
       : one_f_one_b_schedule(stages, micro_batches);
+}
+
+namespace {
+
+std::mutex& interrupt_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+std::function<void()>& interrupt_hook() {
+  static std::function<void()> hook;
+  return hook;
+}
+
+std::function<void()> interrupt_check() {
+  std::lock_guard<std::mutex> lock(interrupt_mutex());
+  return interrupt_hook();
+}
+
+} // namespace
+
+void set_interrupt_check(std::function<void()> check) {
+  std::lock_guard<std::mutex> lock(interrupt_mutex());
+  interrupt_hook() = std::move(check);
 }
 
 namespace detail {
@@ -137,6 +163,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   EngineCore(std::vector<std::shared_ptr<Stage>> stages, EngineOptions options)
       : options_(options) {
     TORCH_CHECK_VALUE(!stages.empty(), "a pipeline needs at least 1 stage");
+    register_random_kernels();
     TORCH_CHECK_VALUE(options_.chunks() >= 1, "chunks must be at least 1, got ",
                       options_.chunks());
     TORCH_CHECK_VALUE(options_.worker_threads() >= 0,
@@ -193,7 +220,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // graph is kept and which micro-batches are checkpointed.
   std::shared_ptr<LocalRun> make_run(const Batch& input,
                                      const at::ThreadLocalState& tls,
-                                     bool grad_mode) {
+                                     bool grad_mode, bool training) {
     auto run = std::make_shared<LocalRun>();
     std::vector<int64_t> sizes = scatter_input(*run, input, options_.chunks());
     bool needs = false;
@@ -204,7 +231,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
       needs = needs || runner->stage().requires_grad();
     }
     prepare_run(*run, num_stages(), std::move(sizes), grad_mode && needs,
-                options_.checkpoint(), tls);
+                call_checkpoint(options_.checkpoint(), training), tls);
     const auto k = num_stages();
     const auto m = run->micro_batches;
     run->forward_box.assign(k, std::vector<std::optional<Message>>(m));
@@ -240,10 +267,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     if (!inline_stages.empty()) {
       run_inline(run, sched, forward, backward, inline_stages);
     }
-    {
-      std::unique_lock<std::mutex> lock(done_mutex_);
-      done_cv_.wait(lock, [&] { return pending_ == 0; });
-    }
+    wait_pass(*run);
     if (run->error) {
       std::rethrow_exception(run->error);
     }
@@ -296,6 +320,27 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     run_pass(run, /*forward=*/false, /*backward=*/true, inline_stages);
     publish_trace(*run);
     return gather_input_grads(*run);
+  }
+
+  // Waits for the workers of the pass. Every 50 ms the interrupt check
+  // runs (Python: pending signals, Ctrl-C); when it throws, the pass is
+  // aborted (workers stop at their next cell) and the error is the pass's.
+  void wait_pass(LocalRun& run) {
+    const auto check = interrupt_check();
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    while (!done_cv_.wait_for(lock, std::chrono::milliseconds(50),
+                              [&] { return pending_ == 0; })) {
+      if (!check) {
+        continue;
+      }
+      lock.unlock();
+      try {
+        check();
+      } catch (...) {
+        run.fail(std::current_exception());
+      }
+      lock.lock();
+    }
   }
 
   void publish_trace(const LocalRun& run) {
@@ -464,12 +509,12 @@ Trace Engine::last_trace() const {
   return core_->last_trace();
 }
 
-Batch Engine::forward(const Batch& input) {
+Batch Engine::forward(const Batch& input, bool training) {
   TORCH_CHECK_VALUE(options().schedule() == ScheduleKind::kGPipe,
                     "module-style forward needs a fill/drain schedule "
                     "('gpipe'); the '1f1b' schedule runs only through step()");
   const auto tls = at::ThreadLocalState();
-  auto run = core_->make_run(input, tls, c10::GradMode::is_enabled());
+  auto run = core_->make_run(input, tls, c10::GradMode::is_enabled(), training);
   if (!run->grad) {
     Batch out = core_->fill(run);
     core_->publish_trace(*run);
@@ -482,29 +527,13 @@ Batch Engine::forward(const Batch& input) {
 }
 
 torch::Tensor Engine::step(const Batch& input, const Batch& target,
-                           const LossFn& loss_fn, LossReduction reduction) {
+                           const LossFn& loss_fn, const StepOptions& options) {
   TORCH_CHECK_VALUE(static_cast<bool>(loss_fn),
                     "step needs a loss function, got none");
   const auto tls = at::ThreadLocalState();
-  auto run = core_->make_run(input, tls, c10::GradMode::is_enabled());
-  const auto m = run->micro_batches;
-  if (target.empty()) {
-    run->targets.assign(m, Batch{});
-  } else {
-    const auto n = batch_size(input);
-    const auto nt = batch_size(target);
-    TORCH_CHECK_VALUE(nt == n, "the target's batch size must equal the "
-                      "input's: input has ", n, ", target has ", nt);
-    run->targets = scatter(target, options().chunks());
-  }
-  run->loss_fn = &loss_fn;
-  run->losses.resize(m);
-  const double total = static_cast<double>(batch_size(input));
-  for (int64_t j = 0; j < m; ++j) {
-    run->loss_weights.push_back(reduction == LossReduction::kMean
-                                    ? run->sizes[j] / total
-                                    : 1.0);
-  }
+  auto run = core_->make_run(input, tls, c10::GradMode::is_enabled(),
+                             options.training());
+  detail::prepare_loss(*run, target, loss_fn, options);
   core_->run_pass(run, /*forward=*/true, /*backward=*/run->grad);
   core_->publish_trace(*run);
   if (run->grad) {

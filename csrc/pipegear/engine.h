@@ -40,6 +40,32 @@ Schedule make_schedule(ScheduleKind kind, int64_t stages,
 using LossFn = std::function<torch::Tensor(const Batch& output,
                                            const Batch& target)>;
 
+/// count(target of one micro-batch) -> how many terms a mean loss averages
+/// over for it: the targets that are not ignored (ignore_index), or the sum
+/// of their class weights. Called on the calling thread before the step.
+using LossCount = std::function<double(const Batch& target)>;
+
+/// How `step` combines the micro-batch losses, so that the loss and the
+/// gradients equal those of the loss on the whole batch.
+struct StepOptions {
+  /// kMean: micro-batch j weighs count_j / sum(count) (count_j: its rows,
+  /// or `count` of its target); kSum: the losses add up.
+  TORCH_ARG(LossReduction, reduction) = LossReduction::kMean;
+  /// What a mean loss averages over; empty: the rows of the micro-batch.
+  /// Needed when that differs from the rows (ignored targets, class
+  /// weights); not allowed with kSum.
+  TORCH_ARG(LossCount, count) = {};
+  /// False (an eval-mode module): no micro-batch is checkpointed.
+  TORCH_ARG(bool, training) = true;
+};
+
+/// A function the thread that waits for a pass (the caller of forward,
+/// step or of the backward) runs every 50 ms: the Python bindings check
+/// for pending signals there, so Ctrl-C raises KeyboardInterrupt. When it
+/// throws, the step fails with that exception once the running cells end
+/// (workers stop at their next cell). Process-wide; empty: none.
+void set_interrupt_check(std::function<void()> check);
+
 struct EngineOptions {
   /// Micro-batches per mini-batch (M); a smaller batch gives fewer.
   TORCH_ARG(int64_t, chunks) = 1;
@@ -73,15 +99,19 @@ class Engine {
   /// the last stage, on its device. When a gradient is needed, the outputs
   /// hang off one autograd node whose backward runs the drain pass on the
   /// workers; input gradients flow back to `input`, parameter gradients
-  /// accumulate in .grad. Eval / no-grad forwards keep no graph.
-  Batch forward(const Batch& input);
+  /// accumulate in .grad. No-grad forwards keep no graph; `training` false
+  /// (an eval-mode module) checkpoints nothing.
+  Batch forward(const Batch& input, bool training = true);
 
   /// Step style. Runs the whole schedule with loss_fn applied per
   /// micro-batch on the last stage and returns the mini-batch loss
   /// (detached). `target` is split like `input` (it may be empty).
   torch::Tensor step(const Batch& input, const Batch& target,
-                     const LossFn& loss_fn,
-                     LossReduction reduction = LossReduction::kMean);
+                     const LossFn& loss_fn, const StepOptions& options = {});
+  torch::Tensor step(const Batch& input, const Batch& target,
+                     const LossFn& loss_fn, LossReduction reduction) {
+    return step(input, target, loss_fn, StepOptions().reduction(reduction));
+  }
 
   /// The timeline of the last completed step (forward and backward cells).
   Trace last_trace() const;

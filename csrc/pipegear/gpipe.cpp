@@ -98,11 +98,14 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
     parts.push_back(part);
   }
   // Checked everything before moving anything: a rejected module is intact.
+  int64_t first_layer = 0;
   for (size_t s = 0; s < parts.size(); ++s) {
     auto& part = parts[s];
     part->to(devices_[s]);
     partitions_->push_back(part);
-    stages.push_back(std::make_shared<SequentialStage>(part, devices_[s]));
+    stages.push_back(
+        std::make_shared<SequentialStage>(part, devices_[s], first_layer));
+    first_layer += static_cast<int64_t>(part->size());
   }
   engine_ = std::make_unique<Engine>(
       std::move(stages), EngineOptions()
@@ -113,20 +116,19 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
 }
 
 torch::Tensor GPipeImpl::forward(torch::Tensor input) {
-  auto out = engine_->forward({std::move(input)});
+  auto out = engine_->forward({std::move(input)}, is_training());
   TORCH_CHECK_VALUE(out.size() == 1, "the last stage returned ", out.size(),
                     " tensors; use forward_batch for tuples");
   return out.front();
 }
 
 Batch GPipeImpl::forward_batch(const Batch& input) {
-  return engine_->forward(input);
+  return engine_->forward(input, is_training());
 }
 
 torch::Tensor GPipeImpl::step(
     torch::Tensor input, torch::Tensor target,
-    std::function<torch::Tensor(torch::Tensor, torch::Tensor)> loss_fn,
-    LossReduction reduction) {
+    TensorLoss loss_fn, StepOptions options) {
   TORCH_CHECK_VALUE(static_cast<bool>(loss_fn),
                     "step needs a loss function, got none");
   LossFn fn = [&loss_fn](const Batch& output, const Batch& t) {
@@ -140,7 +142,25 @@ torch::Tensor GPipeImpl::step(
                       "micro-batching splits dim 0");
     targets.push_back(std::move(target));
   }
-  return engine_->step({std::move(input)}, targets, fn, reduction);
+  return engine_->step({std::move(input)}, targets, fn,
+                       options.training(is_training()));
+}
+
+LossCount count_class_targets(int64_t ignore_index, torch::Tensor weight) {
+  return [ignore_index, weight](const Batch& target) -> double {
+    TORCH_CHECK_VALUE(!target.empty() && target.front().defined(),
+                      "a cross entropy loss needs a target, got none");
+    const auto& t = target.front();
+    if (t.is_floating_point()) {
+      return static_cast<double>(t.size(0));  // class probabilities
+    }
+    const auto valid = t != ignore_index;
+    if (!weight.defined()) {
+      return valid.sum().item<double>();
+    }
+    const auto classes = t.masked_select(valid);
+    return weight.to(t.device()).index_select(0, classes).sum().item<double>();
+  };
 }
 
 std::string GPipeImpl::schedule_table(int64_t micro_batches) const {

@@ -3,7 +3,12 @@
 #include <memory>
 #include <vector>
 
+#include <string>
+#include <type_traits>
+
+#include <torch/enum.h>
 #include <torch/nn/module.h>
+#include <torch/nn/modules/loss.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/pimpl.h>
@@ -11,6 +16,33 @@
 #include <pipegear/engine.h>
 
 namespace pipegear {
+
+/// StepOptions::count for a class-index target of a cross entropy or NLL
+/// loss: the targets other than `ignore_index`, or the sum of `weight` over
+/// them when class weights are given (what the mean divides by). A floating
+/// (probability) target counts its rows.
+LossCount count_class_targets(int64_t ignore_index, torch::Tensor weight = {});
+
+/// The StepOptions that make a pipeline reduce like the torch::nn loss
+/// module `loss`: ValueError for reduction kNone.
+template <typename LossImpl>
+StepOptions loss_step_options(const LossImpl& loss) {
+  const std::string name = torch::enumtype::get_enum_name(loss.options.reduction());
+  // torch's enum names: kMean, kSum, kBatchMean (KLDivLoss), kNone.
+  TORCH_CHECK_VALUE(name == "kMean" || name == "kSum" || name == "kBatchMean",
+                    "a pipeline needs a loss that reduces to a scalar; the "
+                    "loss module's reduction is ", name);
+  StepOptions options;
+  options.reduction(name == "kSum" ? LossReduction::kSum : LossReduction::kMean);
+  if constexpr (std::is_same_v<LossImpl, torch::nn::CrossEntropyLossImpl> ||
+                std::is_same_v<LossImpl, torch::nn::NLLLossImpl>) {
+    if (name == "kMean") {
+      options.count(count_class_targets(loss.options.ignore_index(),
+                                        loss.options.weight()));
+    }
+  }
+  return options;
+}
 
 struct GPipeOptions {
   /* implicit */ GPipeOptions(std::vector<int64_t> balance)
@@ -52,13 +84,37 @@ class GPipeImpl : public torch::nn::Module {
   /// Module style on a tuple of tensors.
   Batch forward_batch(const Batch& input);
 
+  using TensorLoss = std::function<torch::Tensor(torch::Tensor, torch::Tensor)>;
+
   /// Step style: loss_fn(output, target) per micro-batch on the last stage,
   /// forward and backward of the whole schedule; returns the mini-batch
-  /// loss. Gradients equal those of loss_fn(model(input), target).
+  /// loss. Gradients equal those of loss_fn(model(input), target) when
+  /// `options` say how loss_fn reduces (StepOptions: kMean or kSum, and
+  /// what a mean counts). A torch::nn loss module says it itself: use the
+  /// overload below.
   torch::Tensor step(torch::Tensor input, torch::Tensor target,
-                     std::function<torch::Tensor(torch::Tensor, torch::Tensor)>
-                         loss_fn,
-                     LossReduction reduction = LossReduction::kMean);
+                     TensorLoss loss_fn, StepOptions options);
+  torch::Tensor step(torch::Tensor input, torch::Tensor target,
+                     TensorLoss loss_fn,
+                     LossReduction reduction = LossReduction::kMean) {
+    return step(std::move(input), std::move(target), std::move(loss_fn),
+                StepOptions().reduction(reduction));
+  }
+
+  /// Step style with a torch::nn loss module (torch::nn::MSELoss,
+  /// torch::nn::CrossEntropyLoss(...).reduction(torch::kSum), ...): the
+  /// reduction comes from its options (kNone is a ValueError), and a mean
+  /// CrossEntropyLoss / NLLLoss counts what the loss on the whole batch
+  /// counts (targets other than ignore_index, weighed by the class weight).
+  template <typename LossImpl>
+  torch::Tensor step(torch::Tensor input, torch::Tensor target,
+                     torch::nn::ModuleHolder<LossImpl> loss) {
+    return step(std::move(input), std::move(target),
+                [loss](torch::Tensor o, torch::Tensor t) mutable {
+                  return loss->forward(o, t);
+                },
+                loss_step_options(*loss));
+  }
 
   const GPipeOptions& options() const { return options_; }
   const std::vector<int64_t>& balance() const { return options_.balance(); }

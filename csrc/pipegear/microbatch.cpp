@@ -42,6 +42,9 @@ int64_t batch_size(const Batch& input) {
 std::vector<Batch> scatter(const Batch& input, int64_t chunks) {
   const auto sizes = chunk_sizes(batch_size(input), chunks);
   std::vector<Batch> out(sizes.size());
+  for (auto& b : out) {
+    b.tuple = input.tuple;
+  }
   for (const auto& t : input) {
     auto parts = t.split_with_sizes(sizes, 0);
     for (size_t j = 0; j < parts.size(); ++j) {
@@ -58,6 +61,7 @@ Batch gather(const std::vector<Batch>& outputs) {
   }
   const size_t width = outputs.front().size();
   Batch out;
+  out.tuple = outputs.front().tuple;
   out.reserve(width);
   std::vector<torch::Tensor> column(outputs.size());
   for (size_t i = 0; i < width; ++i) {

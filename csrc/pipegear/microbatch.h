@@ -7,8 +7,23 @@
 
 namespace pipegear {
 
-/// What flows between stages: a tensor (one element) or a tuple of tensors.
-using Batch = std::vector<torch::Tensor>;
+/// What flows between stages: one tensor, or a tuple of tensors. A tuple of
+/// one tensor stays a tuple (`tuple`), so that a layer receives exactly what
+/// its predecessor returned whatever the balance puts between them. A
+/// vector with one element and `tuple` false is a bare tensor; with two or
+/// more elements it is a tuple either way.
+struct Batch : std::vector<torch::Tensor> {
+  using std::vector<torch::Tensor>::vector;
+  Batch() = default;
+  /* implicit */ Batch(std::vector<torch::Tensor> tensors, bool tuple = false)
+      : std::vector<torch::Tensor>(std::move(tensors)), tuple(tuple) {}
+
+  /// Whether the value is a tuple (also of one tensor).
+  bool is_tuple() const { return tuple || size() != 1; }
+
+  /// Set for a tuple of one tensor; ignored for other sizes.
+  bool tuple = false;
+};
 
 /// Sizes of the micro-batches a batch of `batch` samples splits into when
 /// `chunks` are asked for: min(batch, chunks) parts whose sizes differ by at

@@ -11,11 +11,13 @@
 
 #include <pipegear/checkpoint.h>
 #include <pipegear/engine.h>
+#include <pipegear/errors.h>
 #include <pipegear/gpipe.h>
 #include <pipegear/microbatch.h>
 #include <pipegear/nn/deferred_batch_norm.h>
 #include <pipegear/partition.h>
 #include <pipegear/profile.h>
+#include <pipegear/random.h>
 #include <pipegear/schedule.h>
 #include <pipegear/stage.h>
 #include <pipegear/trace.h>

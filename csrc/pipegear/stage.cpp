@@ -4,6 +4,7 @@
 #include <torch/nn/modules/container/any.h>
 
 #include <pipegear/nn/deferred_batch_norm.h>
+#include <pipegear/random.h>
 
 namespace pipegear {
 namespace {
@@ -13,7 +14,7 @@ Batch to_batch(torch::nn::AnyValue&& value, size_t layer) {
     return {*t};
   }
   if (auto* v = value.try_get<std::vector<torch::Tensor>>()) {
-    return *v;
+    return Batch(*v, /*tuple=*/true);
   }
   TORCH_CHECK_TYPE(false, "layer ", layer,
                    " returned a value of type ",
@@ -34,19 +35,20 @@ void for_each_deferred_batch_norm(const torch::nn::Sequential& layers, F f) {
 } // namespace
 
 SequentialStage::SequentialStage(torch::nn::Sequential layers,
-                                 c10::Device device)
-    : layers_(std::move(layers)), device_(device) {
+                                 c10::Device device, int64_t first_layer)
+    : layers_(std::move(layers)), device_(device), first_layer_(first_layer) {
   // The engine commits once every stage's forward succeeded (end_forward).
   for_each_deferred_batch_norm(
       layers_, [](DeferredBatchNormImpl& bn) { bn.set_auto_commit(false); });
 }
 
 Batch SequentialStage::forward(const Batch& input) {
-  torch::nn::AnyValue value = input.size() == 1
-      ? torch::nn::AnyValue(input.front())
-      : torch::nn::AnyValue(input);
+  torch::nn::AnyValue value = input.is_tuple()
+      ? torch::nn::AnyValue(std::vector<torch::Tensor>(input))
+      : torch::nn::AnyValue(input.front());
   size_t i = 0;
   for (auto& layer : *layers_) {
+    set_random_layer(static_cast<int64_t>(i));
     value = layer.any_forward(std::move(value));
     ++i;
   }

@@ -46,9 +46,18 @@ class Stage {
 
   /// Called inside the handler of an exception that is not a c10::Error
   /// (those get `context` added by the engine), on the thread that caught
-  /// it; `context` names the stage, micro-batch and phase. The Python stage
-  /// adds it to a Python exception as a PEP 678 note. Must not throw.
-  virtual void annotate_error(const std::string& /*context*/) noexcept {}
+  /// it; `context` names the stage, micro-batch and phase. Returns whether
+  /// the stage annotated it (the Python stage adds `context` to a Python
+  /// exception as a PEP 678 note); otherwise the engine rethrows a
+  /// std::exception as a StageError (errors.h). Must not throw.
+  virtual bool annotate_error(const std::string& /*context*/) noexcept {
+    return false;
+  }
+
+  /// The index of the stage's first layer in the whole model, or -1 when
+  /// unknown. Keys the layers' random streams (random.h): with it, the
+  /// same seed gives the same random numbers whatever the balance.
+  virtual int64_t first_layer() const { return -1; }
 };
 
 /// A contiguous slice of a torch::nn::Sequential. Between layers a value is a
@@ -56,19 +65,24 @@ class Stage {
 /// whichever its predecessor returned.
 class SequentialStage final : public Stage {
  public:
-  SequentialStage(torch::nn::Sequential layers, c10::Device device);
+  /// `first_layer`: the index of `layers`' first layer in the whole model
+  /// (keys the random streams; -1 when unknown).
+  SequentialStage(torch::nn::Sequential layers, c10::Device device,
+                  int64_t first_layer = -1);
 
   Batch forward(const Batch& input) override;
   c10::Device device() const override { return device_; }
   bool requires_grad() const override;
   void begin_forward() override;
   void end_forward() override;
+  int64_t first_layer() const override { return first_layer_; }
 
   const torch::nn::Sequential& layers() const { return layers_; }
 
  private:
   torch::nn::Sequential layers_;
   c10::Device device_;
+  int64_t first_layer_;
 };
 
 } // namespace pipegear

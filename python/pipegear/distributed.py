@@ -24,6 +24,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipegear import _C
+from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe,
+                            _check_available, _check_int, _parse_device,
+                            _Placed, _prepare_batch_norm)
+from pipegear.loss import Count, plan_loss
 
 __all__ = ["DistributedGPipe", "init_from_env"]
 
@@ -67,7 +71,7 @@ def _layers(module: LayerSpec) -> list:
     return [(str(i), layer) for i, layer in enumerate(module)]
 
 
-class DistributedGPipe(nn.Module):
+class DistributedGPipe(_Placed):
     """GPipe over the ranks of a process group: rank r runs partition r.
 
     Args:
@@ -83,7 +87,9 @@ class DistributedGPipe(nn.Module):
         deferred_batch_norm: replace BatchNorm layers by DeferredBatchNorm.
         timeout: seconds any wait for a peer may take before the call raises.
         device: where this rank's partition runs (default: CPU for Gloo, the
-            current CUDA device for NCCL).
+            current CUDA device for NCCL). The partition stays there: a move
+            to another device (``.to(device)``, ``.cuda()``) is a
+            ``ValueError``; dtype casts work.
         schedule: ``'gpipe'`` or ``'1f1b'`` (``'1f1b'``: :meth:`step` only).
 
     Every rank makes the same calls. Step style::
@@ -118,9 +124,6 @@ class DistributedGPipe(nn.Module):
                     "process_group=, call torch.distributed.init_process_group"
                     " or pipegear.distributed.init_from_env() first")
             process_group = dist.group.WORLD
-        from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, _check_int,
-                                    _prepare_batch_norm, _resolve_devices)
-
         if isinstance(balance, (str, bytes)) or not isinstance(balance, Sequence):
             raise TypeError("balance must be a sequence of ints, got "
                             f"{type(balance).__name__}")
@@ -149,7 +152,8 @@ class DistributedGPipe(nn.Module):
                              f"least 0.001, got {timeout!r}")
         if device is not None:
             # GPipe's checks: TypeError / ValueError / IndexError naming it.
-            device = _resolve_devices([device], 1)[0]
+            device = _parse_device(device, "device")
+            _check_available(device, "device")
 
         offset = sum(balance[:rank])
         mine = []
@@ -172,26 +176,84 @@ class DistributedGPipe(nn.Module):
                       if backend == "nccl" else torch.device("cpu"))
         partition.to(device)
 
-        # This rank's layers, under their original names (state_dict keys as
-        # the plain model's, for this slice).
-        for name, layer in partition._modules.items():
-            self.add_module(name, layer)
-        object.__setattr__(self, "partition", partition)
-        self.balance: list = balance
-        self.rank: int = rank
-        self.world_size: int = world
-        self.chunks: int = chunks
-        self.checkpoint: str = checkpoint
-        self.schedule: str = schedule
-        self.timeout: float = float(timeout)
-        self.device: torch.device = device
-        self.process_group = process_group
-
-        from pipegear.gpipe import GPipe
-
+        # The configuration lives in private fields behind read-only
+        # properties, set before the layers join `_modules`, so that a layer
+        # named like a property or method does not displace it (see GPipe).
+        self._balance = balance
+        self._rank = rank
+        self._world_size = world
+        self._chunks = chunks
+        self._checkpoint = checkpoint
+        self._schedule = schedule
+        self._timeout = float(timeout)
+        self._device = device
+        self._process_group = process_group
+        object.__setattr__(self, "_partition", partition)
         self._pipeline = _C._DistributedPipeline(
             process_group, partition, str(device), GPipe._hooks(partition),
             chunks, checkpoint, schedule, float(timeout), balance)
+        # This rank's layers, under their original names (state_dict keys as
+        # the plain model's, for this slice); add_module() would refuse a
+        # name that is an attribute of DistributedGPipe.
+        for name, layer in partition._modules.items():
+            self._modules[name] = layer
+
+    # -- configuration (read-only) ---------------------------------------
+    @property
+    def balance(self) -> list:
+        """Layers per partition (one partition per rank)."""
+        return list(self._balance)
+
+    @property
+    def rank(self) -> int:
+        """This rank, the partition it runs."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The ranks of the group: the number of partitions."""
+        return self._world_size
+
+    @property
+    def chunks(self) -> int:
+        """Micro-batches per mini-batch."""
+        return self._chunks
+
+    @property
+    def checkpoint(self) -> str:
+        """``'always'``, ``'except_last'`` or ``'never'``."""
+        return self._checkpoint
+
+    @property
+    def schedule(self) -> str:
+        """``'gpipe'`` or ``'1f1b'``."""
+        return self._schedule
+
+    @property
+    def timeout(self) -> float:
+        """Seconds any wait for a peer may take."""
+        return self._timeout
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's partition runs."""
+        return self._device
+
+    @property
+    def process_group(self):
+        """The group, rank r running partition r."""
+        return self._process_group
+
+    @property
+    def partition(self) -> nn.Sequential:
+        """This rank's layers as an ``nn.Sequential`` (a view: the layers
+        are the pipeline's children)."""
+        return self._partition
+
+    def _placement(self) -> tuple:
+        return [self._device], ("build a new DistributedGPipe(..., "
+                                "device=...) to run this rank's partition "
+                                "elsewhere")
 
     @property
     def is_first(self) -> bool:
@@ -203,28 +265,53 @@ class DistributedGPipe(nn.Module):
 
     def train(self, mode: bool = True) -> "DistributedGPipe":
         super().train(mode)
-        self.partition.train(mode)
+        self._partition.train(mode)
         return self
 
     def step(self, input: Optional[Tensors], target: Optional[Tensors],
              loss_fn: Callable[..., Tensor],
-             reduction: str = "mean") -> Tensor:
+             reduction: Optional[str] = None, *,
+             count: Optional[Count] = None) -> Tensor:
         """One training step across all ranks; every rank calls it.
 
         Rank 0 passes the input, the last rank the target (other ranks
         ``None``; extra values are ignored). ``loss_fn(output, target)`` runs
-        per micro-batch on the last rank. Parameter gradients accumulate in
+        per micro-batch on the last rank; ``reduction`` and ``count`` are
+        :meth:`pipegear.GPipe.step`'s (read from the loss when None) and
+        matter on the last rank only. Parameter gradients accumulate in
         this rank's ``.grad``. Returns the mini-batch loss on every rank.
-        Raises (within ``timeout``) when a peer fails or disappears.
+        In eval mode nothing is checkpointed. Raises (within ``timeout``)
+        when a peer fails or disappears; a mistake in the last rank's
+        arguments (a missing target, a reduction the loss contradicts) is
+        raised there and makes every other rank raise at once.
         """
-        if reduction not in ("mean", "sum"):
-            raise ValueError("reduction must be 'mean' or 'sum', got "
-                             f"{reduction!r}")
         # A missing input on rank 0 is reported by the pipeline itself, to
         # every rank at once (raising here would leave the others waiting).
-        return self._pipeline.step(input if self.is_first else None,
-                                   target if self.is_last else None,
-                                   loss_fn, reduction)
+        first_input = input if self.is_first else None
+        if not self.is_last:
+            # Only the last rank runs the loss: the others' values are unused.
+            return self._pipeline.step(first_input, None, None, "mean",
+                                       training=self.training)
+        try:
+            if loss_fn is not None and not callable(loss_fn):
+                raise TypeError("loss_fn must be callable, got "
+                                f"{type(loss_fn).__name__}")
+            # No loss_fn at all: the pipeline reports it, on every rank.
+            reduction, count = (("mean", None) if loss_fn is None else
+                                plan_loss(loss_fn, target, reduction, count))
+        except (TypeError, ValueError):
+            # A last rank without a loss function fails the step on every
+            # rank before any cell runs, as a rank 0 without input does:
+            # raising the mistake only here would leave the other ranks
+            # waiting out the timeout.
+            try:
+                self._pipeline.step(first_input, None, None, "mean",
+                                    training=self.training)
+            except ValueError:  # "step needs a loss function on the last rank"
+                pass
+            raise
+        return self._pipeline.step(first_input, target, loss_fn, reduction,
+                                   count=count, training=self.training)
 
     def forward(self, input: Optional[Tensors] = None) -> Tensors:  # noqa: A002
         """Module style, every rank calls it; rank 0 passes the input.
@@ -234,9 +321,11 @@ class DistributedGPipe(nn.Module):
         autograd: the last rank calls ``backward`` on its loss and every
         other rank on the placeholder (or :meth:`backward`), which runs that
         rank's drain. Every rank must run the backward of a forward before
-        its next forward (use ``torch.no_grad()`` for evaluation).
+        its next forward (use ``torch.no_grad()`` for evaluation). In eval
+        mode nothing is checkpointed.
         """
-        return self._pipeline.forward(input if self.is_first else None)
+        return self._pipeline.forward(input if self.is_first else None,
+                                      training=self.training)
 
     def backward(self, loss: Optional[Tensor] = None) -> None:
         """Runs this rank's drain of the last forward: ``loss.backward()``
@@ -262,5 +351,6 @@ class DistributedGPipe(nn.Module):
         return self._pipeline.last_events
 
     def extra_repr(self) -> str:
-        return (f"rank={self.rank}/{self.world_size}, balance={self.balance}, "
-                f"chunks={self.chunks}, checkpoint={self.checkpoint!r}")
+        return (f"rank={self._rank}/{self._world_size}, "
+                f"balance={self._balance}, chunks={self._chunks}, "
+                f"checkpoint={self._checkpoint!r}")

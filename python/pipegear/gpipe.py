@@ -6,6 +6,7 @@ caller waits, so stages overlap wherever ATen kernels run.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from pipegear import _C
+from pipegear.loss import Count, plan_loss
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 Device = Union[torch.device, str, int]
@@ -82,39 +84,81 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _device_count(kind: str) -> int:
+    """How many devices of type `kind` (``'cuda'``, ``'mps'``, ...) this
+    process can use: 0 when torch has no such backend or it is unavailable."""
+    backend = getattr(torch, kind, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available) or not is_available():
+        return 0
+    return backend.device_count()
+
+
+def _parse_device(value: Any, where: str) -> torch.device:
+    """One device (an int is a CUDA index); `where` names it in messages
+    (``devices[1]``, ``device``)."""
+    if not isinstance(value, (str, torch.device, int)) or isinstance(
+            value, bool):
+        raise TypeError("devices must hold torch.device, str or int, "
+                        f"got {type(value).__name__}")
+    try:
+        return (torch.device("cuda", value) if isinstance(value, int)
+                else torch.device(value))
+    except RuntimeError as e:  # torch's parser: a bad name or index
+        raise ValueError(f"{where} is not a device: {value!r} ({e})") from None
+
+
+def _check_available(device: torch.device, where: str) -> None:
+    """A partition can run on `device` here: the CPU, or an accelerator
+    this process has (not ``meta``, which holds no data)."""
+    if device.type == "cpu":
+        return
+    if device.type == "meta":
+        raise ValueError(f"{where} is meta: a partition runs on a device "
+                         "that holds data, and meta tensors hold none; use "
+                         "cpu or an accelerator")
+    count = _device_count(device.type)
+    kind = device.type.upper()
+    if count == 0:
+        raise ValueError(f"{where} is {device} but {kind} is not available")
+    if device.index is not None and device.index >= count:
+        raise IndexError(f"{where} is {device} but there are only {count} "
+                         f"{kind} devices")
+
+
 def _resolve_devices(devices: Optional[Iterable[Device]],
                      stages: int) -> list[torch.device]:
     if devices is None:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = _device_count("cuda")
         resolved = ([torch.device("cuda", i) for i in range(count)]
                     if count else [torch.device("cpu")] * stages)
     else:
-        resolved = []
-        for i, d in enumerate(devices):
-            if not isinstance(d, (str, torch.device, int)) or isinstance(
-                    d, bool):
-                raise TypeError("devices must hold torch.device, str or int, "
-                                f"got {type(d).__name__}")
-            try:
-                resolved.append(torch.device("cuda", d) if isinstance(d, int)
-                                else torch.device(d))
-            except RuntimeError as e:  # torch's parser: a bad name or index
-                raise ValueError(f"devices[{i}] is not a device: {d!r} "
-                                 f"({e})") from None
+        if isinstance(devices, (str, bytes, torch.device, int)) or \
+                not isinstance(devices, Iterable):
+            raise TypeError("devices must be a sequence of devices, one per "
+                            "partition (e.g. ['cpu', 'cpu']), got "
+                            f"{type(devices).__name__}")
+        resolved = [_parse_device(d, f"devices[{i}]")
+                    for i, d in enumerate(devices)]
     if len(resolved) < stages:
         raise IndexError(f"too few devices: {stages} stages need {stages} "
                          f"devices, got {len(resolved)} ({resolved})")
     resolved = resolved[:stages]
     for i, d in enumerate(resolved):
-        if d.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                raise ValueError(f"devices[{i}] is {d} but CUDA is not "
-                                 "available")
-            if d.index is not None and d.index >= count:
-                raise IndexError(f"devices[{i}] is {d} but there are only "
-                                 f"{count} CUDA devices")
+        _check_available(d, f"devices[{i}]")
     return resolved
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a tensor moved to `a` lands on `b` (an accelerator without
+    an index means the current device of its type)."""
+    if a.type != b.type:
+        return False
+    if a.type == "cpu" or a.index == b.index:
+        return True
+    current = torch.empty(0, device=torch.device(a.type)).device.index
+    return (a.index if a.index is not None else current) == (
+        b.index if b.index is not None else current)
 
 
 def _prepare_batch_norm(module: nn.Module, chunks: int, checkpoint: str,
@@ -149,7 +193,87 @@ def _check_input(name: str, value: Any) -> None:
                     f"got {type(value).__name__}")
 
 
-class GPipe(nn.Module):
+class _Placed(nn.Module):
+    """A module whose layers a pipeline placed on its devices.
+
+    Casts of the floating-point dtype (``.double()``, ``.half()``,
+    ``.to(torch.float16)``) work as on any module; moving the layers to
+    another device (``.to(device)``, ``.cuda()``, ``.cpu()``,
+    ``.to_empty(device=...)``) is a ``TypeError``: the stage workers run
+    each partition where it was placed. A move to the device every
+    partition already sits on changes nothing.
+    """
+
+    def _placement(self) -> tuple[list[torch.device], str]:
+        """The devices the layers sit on, and how to use other ones."""
+        raise NotImplementedError
+
+    def _check_stays(self, device: Device, call: str) -> None:
+        """Raises TypeError unless tensors moved to `device` stay on the
+        devices of every partition; `call` is the call, for the message."""
+        placed, remedy = self._placement()
+        target = torch.device(device)
+        if not all(_same_device(target, d) for d in placed):
+            raise TypeError(
+                f"{call} would move the layers of this "
+                f"{type(self).__name__} off the devices its partitions are "
+                f"placed on ({', '.join(str(d) for d in placed)}); {remedy}. "
+                "Casts of the dtype (.double(), .to(torch.float16)) work")
+
+    def to(self, *args: Any, **kwargs: Any) -> "_Placed":
+        """``nn.Module.to``: casts the dtype; a device other than the
+        partitions' is a TypeError."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self._check_stays(device, f".to({str(device)!r})")
+        return super().to(*args, **kwargs)
+
+    def to_empty(self, *, device: Optional[Device],
+                 recurse: bool = True) -> "_Placed":
+        """``nn.Module.to_empty`` on the partitions' devices only."""
+        if device is not None:
+            self._check_stays(device, f".to_empty(device={str(device)!r})")
+        return super().to_empty(device=device, recurse=recurse)
+
+    def cpu(self) -> "_Placed":
+        """Nothing to do when every partition is on the CPU, else a
+        TypeError."""
+        self._check_stays("cpu", ".cpu()")
+        return self
+
+    def _accelerator(self, kind: str,
+                     device: Optional[Union[int, torch.device]]) -> "_Placed":
+        """``.cuda()``, ``.xpu()``, ...: nothing to do when every partition
+        is on that device, else a TypeError."""
+        target = (torch.device(kind) if device is None
+                  else torch.device(kind, device) if isinstance(device, int)
+                  else torch.device(device))
+        shown = "" if device is None else device
+        self._check_stays(target, f".{kind}({shown})")
+        return self
+
+    def cuda(self, device: Optional[Union[int, torch.device]] = None
+             ) -> "_Placed":
+        """See :meth:`_accelerator`."""
+        return self._accelerator("cuda", device)
+
+    def xpu(self, device: Optional[Union[int, torch.device]] = None
+            ) -> "_Placed":
+        """See :meth:`_accelerator`."""
+        return self._accelerator("xpu", device)
+
+    def mtia(self, device: Optional[Union[int, torch.device]] = None
+             ) -> "_Placed":
+        """See :meth:`_accelerator`."""
+        return self._accelerator("mtia", device)
+
+    def ipu(self, device: Optional[Union[int, torch.device]] = None
+            ) -> "_Placed":
+        """See :meth:`_accelerator`."""
+        return self._accelerator("ipu", device)
+
+
+class GPipe(_Placed):
     """GPipe pipeline parallelism (Huang et al. 2019, arXiv 1811.06965).
 
     Splits ``module`` into ``len(balance)`` contiguous partitions, places
@@ -161,11 +285,12 @@ class GPipe(nn.Module):
             tuple of tensors.
         balance: layers per partition, summing to ``len(module)``; see
             :func:`pipegear.balance_by_time`.
-        devices: device of each partition. ``None``: every CUDA device, or
-            ``cpu`` for every partition when there is none. Partitions may
-            share a device.
+        devices: device of each partition, a list (``['cpu', 'cuda:0']``).
+            ``None``: every CUDA device, or ``cpu`` for every partition when
+            there is none. Partitions may share a device.
         chunks: micro-batches per mini-batch (M).
         checkpoint: ``'always'``, ``'except_last'`` (default) or ``'never'``.
+            In eval mode (``pipe.eval()``) nothing is checkpointed.
         deferred_batch_norm: replace BatchNorm layers by
             :class:`pipegear.DeferredBatchNorm` (mini-batch running stats).
         schedule: ``'gpipe'`` (fill/drain, both faces) or ``'1f1b'``
@@ -173,9 +298,20 @@ class GPipe(nn.Module):
         worker_threads: intra-op threads per CPU stage worker; 0 splits
             ``torch.get_num_threads()`` between the CPU stages.
 
-    The pipeline's ``state_dict`` keys are those of ``module``, so a state
-    saved from either loads into the other. Do not move the pipeline with
-    ``.to()``: its partitions are placed.
+    The layers are the pipeline's children under their names in ``module``,
+    so the pipeline's ``state_dict`` keys are ``module``'s and a state saved
+    from either loads into the other. A layer may be named like an
+    attribute of the pipeline (``checkpoint``, ``step``, ...): the
+    configuration (``balance``, ``devices``, ``chunks``, ``checkpoint``,
+    ``schedule``, ``partitions``) and the methods keep their meaning, the
+    layer is ``pipe[i]`` / ``pipe._modules[name]``. The pipeline starts in
+    ``module``'s mode (``training``).
+
+    The partitions stay on ``devices``: ``.to(device)``, ``.cuda()``,
+    ``.cpu()`` to another device raise ``TypeError`` (build a new
+    ``GPipe(..., devices=[...])``); dtype casts (``.double()``) work.
+    ``copy.deepcopy``, ``pickle`` and ``torch.save`` make a new pipeline of
+    copies of the layers with the same configuration.
 
     Example::
 
@@ -241,11 +377,16 @@ class GPipe(nn.Module):
             offset += size
         devices = _resolve_devices(devices, len(balance))
 
+        # Everything is checked before the module is converted or moved.
         module = _prepare_batch_norm(module, chunks, checkpoint,
                                      deferred_batch_norm)
-        named = list(module._modules.items())
+        self._build(list(module._modules.items()), balance, devices, chunks,
+                    checkpoint, schedule, worker_threads, module.training)
 
-        # Everything is checked before the module is converted or moved.
+    def _build(self, named: list[tuple[str, nn.Module]], balance: list[int],
+               devices: list[torch.device], chunks: int, checkpoint: str,
+               schedule: str, worker_threads: int, training: bool) -> None:
+        """Places the checked layers and starts the engine."""
         partitions = []
         offset = 0
         for size in balance:
@@ -254,21 +395,29 @@ class GPipe(nn.Module):
             offset += size
         for part, device in zip(partitions, devices):
             part.to(device)
-        # The layers are this module's children under their original names
-        # (state_dict keys as the plain model's); `partitions` is a view.
-        for name, layer in named:
-            self.add_module(name, layer)
-        object.__setattr__(self, "partitions", nn.ModuleList(partitions))
-        self.balance: list[int] = balance
-        self.devices: list[torch.device] = devices
-        self.chunks: int = chunks
-        self.checkpoint: str = checkpoint
-        self.schedule: str = schedule
-
         stages = [(part, str(device), self._hooks(part))
                   for part, device in zip(partitions, devices)]
+        # The configuration lives in private fields behind read-only
+        # properties, set before the layers join `_modules`, so that a layer
+        # named like a property or method of GPipe does not displace it.
+        self._balance = balance
+        self._devices = devices
+        self._chunks = chunks
+        self._checkpoint = checkpoint
+        self._schedule = schedule
+        self._worker_threads = worker_threads
+        # Not a child: the layers are this module's children, under their
+        # names in the module (state_dict keys as the plain model's).
+        object.__setattr__(self, "_partitions", nn.ModuleList(partitions))
         self._pipeline = _C._Pipeline(stages, chunks, checkpoint, schedule,
                                       worker_threads)
+        for name, layer in named:
+            # add_module() refuses a name that is an attribute of GPipe.
+            self._modules[name] = layer
+        self.training = training
+        self._partitions.training = training
+        for part in partitions:
+            part.training = training
 
     @staticmethod
     def _hooks(part: nn.Module) -> Optional[Callable[[str], None]]:
@@ -289,44 +438,126 @@ class GPipe(nn.Module):
 
         return hook
 
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """``pickle``, ``copy.deepcopy`` and ``torch.save``: a copy is a new
+        pipeline of (copies of) the layers with this one's configuration.
+        The engine itself is not copied; DeferredBatchNorm layers are copied
+        as they are."""
+        config = dict(balance=self._balance, devices=self._devices,
+                      chunks=self._chunks, checkpoint=self._checkpoint,
+                      schedule=self._schedule,
+                      worker_threads=self._worker_threads)
+        return (_restore, (type(self), list(self._modules.items()), config,
+                           self.training))
+
+    # -- configuration (read-only) ---------------------------------------
+    @property
+    def balance(self) -> list[int]:
+        """Layers per partition."""
+        return list(self._balance)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The device of each partition."""
+        return list(self._devices)
+
+    @property
+    def chunks(self) -> int:
+        """Micro-batches per mini-batch."""
+        return self._chunks
+
+    @property
+    def checkpoint(self) -> str:
+        """``'always'``, ``'except_last'`` or ``'never'``."""
+        return self._checkpoint
+
+    @property
+    def schedule(self) -> str:
+        """``'gpipe'`` or ``'1f1b'``."""
+        return self._schedule
+
+    @property
+    def partitions(self) -> nn.ModuleList:
+        """One ``nn.Sequential`` per partition, holding its layers (a view:
+        the layers are the pipeline's children)."""
+        return self._partitions
+
+    def _placement(self) -> tuple[list[torch.device], str]:
+        return self._devices, ("build a new GPipe(module, balance, "
+                               "devices=[...]) to use other devices")
+
     def train(self, mode: bool = True) -> "GPipe":
         super().train(mode)
-        self.partitions.train(mode)  # the containers too, not only layers
+        self._partitions.train(mode)  # the containers too, not only layers
         return self
 
     # -- the Sequential face ---------------------------------------------
     def __len__(self) -> int:
-        return sum(self.balance)
+        return len(self._modules)
 
     def __iter__(self) -> Iterator[nn.Module]:
-        for part in self.partitions:
-            yield from part
+        return iter(self._modules.values())
 
-    def __getitem__(self, index: int) -> nn.Module:
-        layers = list(self)
-        if not -len(layers) <= index < len(layers):
+    def __getitem__(self, index: Union[int, slice]) -> nn.Module:
+        """Layer ``index``; a slice gives an ``nn.Sequential`` of those
+        layers under their names, as ``nn.Sequential`` does (the layers stay
+        where they are placed)."""
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict(
+                list(self._modules.items())[index]))
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError("layer index must be an int or a slice, got "
+                            f"{type(index).__name__}") from None
+        layers = list(self._modules.values())
+        if not -len(layers) <= i < len(layers):
             raise IndexError(f"layer index {index} out of range for "
                              f"{len(layers)} layers")
-        return layers[index]
+        return layers[i]
 
     # -- running ------------------------------------------------------------
     def forward(self, input: Tensors) -> Tensors:  # noqa: A002
         """Module style: the output of the last partition, on its device.
 
         ``loss(pipe(x)).backward()`` runs the drain on the engine's workers.
+        In eval mode nothing is checkpointed.
         """
         _check_input("input", input)
-        return self._pipeline.forward(input)
+        return self._pipeline.forward(input, training=self.training)
 
     def step(self, input: Tensors, target: Optional[Tensors],
              loss_fn: Callable[..., torch.Tensor], *,
-             reduction: str = "mean") -> torch.Tensor:
+             reduction: Optional[str] = None,
+             count: Optional[Count] = None) -> torch.Tensor:
         """Step style: forward and backward of the whole schedule.
 
         ``loss_fn(output, target)`` runs per micro-batch on the last
-        partition; ``reduction`` says how it reduces (``'mean'`` or
-        ``'sum'``) so that the returned loss and the accumulated gradients
-        equal ``loss_fn(module(input), target)`` on the whole batch.
+        partition; the returned loss and the accumulated gradients equal
+        those of ``loss_fn(module(input), target)`` on the whole batch.
+
+        Args:
+            input: the mini-batch (a tensor or a tuple of tensors).
+            target: its target, split like the input; None only for a loss
+                that takes none.
+            loss_fn: ``loss_fn(output, target) -> scalar tensor``.
+            reduction: how ``loss_fn`` reduces, ``'mean'`` or ``'sum'``.
+                None (default): read from the loss (``reduction`` of a
+                ``torch.nn`` loss module or of a ``functools.partial``;
+                ``'batchmean'`` is a mean over rows), else ``'mean'``. A
+                value the loss contradicts, or a loss reducing with
+                ``'none'``, is a ``ValueError``.
+            count: for a mean, a callable giving one micro-batch's target
+                the number (an int, float or 0-dim tensor) of terms its
+                mean averages over; micro-batch j weighs
+                ``count_j / sum(count)``. None: the rows, except for
+                ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` and
+                ``F.cross_entropy`` / ``F.nll_loss`` with class-index
+                targets, whose targets equal to ``ignore_index`` do not
+                count and the others count their class ``weight``. Pass it
+                for other losses whose mean skips terms, e.g. a lambda over
+                ``F.cross_entropy(..., ignore_index=-100)`` with
+                ``count=lambda t: (t != -100).sum()``.
         """
         _check_input("input", input)
         if target is not None:
@@ -346,10 +577,9 @@ class GPipe(nn.Module):
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable, got "
                             f"{type(loss_fn).__name__}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError("reduction must be 'mean' or 'sum', got "
-                             f"{reduction!r}")
-        return self._pipeline.step(input, target, loss_fn, reduction)
+        reduction, count = plan_loss(loss_fn, target, reduction, count)
+        return self._pipeline.step(input, target, loss_fn, reduction,
+                                   count=count, training=self.training)
 
     @property
     def last_trace(self) -> Trace:
@@ -358,10 +588,27 @@ class GPipe(nn.Module):
 
     def schedule_table(self, micro_batches: Optional[int] = None) -> str:
         """The engine's schedule as an ASCII clock table."""
-        m = self.chunks if micro_batches is None else _check_int(
+        m = self._chunks if micro_batches is None else _check_int(
             "micro_batches", micro_batches, 1)
         return self._pipeline.schedule_table(m)
 
     def extra_repr(self) -> str:
-        return (f"balance={self.balance}, devices={[str(d) for d in self.devices]}, "
-                f"chunks={self.chunks}, checkpoint={self.checkpoint!r}")
+        return (f"balance={self._balance}, "
+                f"devices={[str(d) for d in self._devices]}, "
+                f"chunks={self._chunks}, checkpoint={self._checkpoint!r}")
+
+
+def _restore(cls: type, named: list[tuple[str, nn.Module]],
+             config: dict[str, Any], training: bool) -> GPipe:
+    """Unpickles a :class:`GPipe` (see ``GPipe.__reduce_ex__``): a new
+    pipeline over `named` with the configuration it was saved with. The
+    devices are checked again (the process may be another); BatchNorm layers
+    are taken as they are (converted, or warned about, when first built)."""
+    pipe = cls.__new__(cls)
+    nn.Module.__init__(pipe)
+    balance = config["balance"]
+    pipe._build(named, balance, _resolve_devices(config["devices"],
+                                                 len(balance)),
+                config["chunks"], config["checkpoint"], config["schedule"],
+                config["worker_threads"], training)
+    return pipe

@@ -2,7 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <mutex>
+#include <cmath>
+#include <exception>
 #include <optional>
 #include <string>
 
@@ -11,6 +12,11 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+
+#include <c10/util/Type.h>
+
+#include <pipegear/errors.h>
+#include <pipegear/random.h>
 
 namespace pipegear::detail {
 namespace {
@@ -33,38 +39,6 @@ bool can_require_grad(const torch::Tensor& t) {
 
 namespace {
 
-at::Generator device_generator(c10::Device device) {
-  return at::globalContext().defaultGenerator(device);
-}
-
-RngState save_rng(c10::Device device) {
-  RngState state;
-  {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  state.cpu = gen.get_state();
-}
-  if (!device.is_cpu()) {
-    auto gen = device_generator(device);
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    state.device = gen.get_state();
-  }
-  return state;
-}
-
-void restore_rng(c10::Device device, const RngState& state) {
-  {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state.cpu);
-}
-  if (!device.is_cpu()) {
-    auto gen = device_generator(device);
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(state.device);
-  }
-}
-
 // Identity whose output is not a leaf: a stage's first layer may then work
 // in place on its input (nn.ReLU(inplace=True)), which autograd forbids on
 // the leaf itself.
@@ -81,6 +55,7 @@ struct Alias : torch::autograd::Function<Alias> {
 
 Batch alias_leaves(const Batch& leaves) {
   Batch out;
+  out.tuple = leaves.tuple;
   out.reserve(leaves.size());
   for (const auto& t : leaves) {
     out.push_back(t.defined() && t.requires_grad() ? Alias::apply(t) : t);
@@ -88,20 +63,13 @@ Batch alias_leaves(const Batch& leaves) {
   return out;
 }
 
-// Serialises generator rewinds (see backward_cell).
-std::mutex& replay_mutex() {
-  static std::mutex mutex;
-  return mutex;
-}
-
-
-
 } // namespace
 
 namespace {
 
 struct StepCapsule : torch::CustomClassHolder {
   c10::intrusive_ptr<PendingStep> step;
+  bool tuple = false;  // the fill's output is a tuple (also of one tensor)
 };
 
 struct PipelineNode : torch::autograd::Function<PipelineNode> {
@@ -110,6 +78,7 @@ struct PipelineNode : torch::autograd::Function<PipelineNode> {
       c10::intrusive_ptr<StepCapsule> capsule, torch::Tensor /*phony*/,
       at::TensorList /*inputs: the step holds their micro-batches*/) {
     Batch out = capsule->step->fill();
+    capsule->tuple = out.tuple;
     std::vector<torch::Tensor> non_diff;
     for (auto& t : out) {
       if (!can_require_grad(t)) {
@@ -155,7 +124,9 @@ Batch apply_pipeline_node(c10::intrusive_ptr<PendingStep> step,
   static const torch::Tensor phony = torch::zeros({}).requires_grad_(true);
   auto capsule = c10::make_intrusive<StepCapsule>();
   capsule->step = std::move(step);
-  return PipelineNode::apply(capsule, phony, at::TensorList(inputs));
+  Batch out = PipelineNode::apply(capsule, phony, at::TensorList(inputs));
+  out.tuple = capsule->tuple;
+  return out;
 }
 
 Batch gather_input_grads(const StepRun& run) {
@@ -192,7 +163,9 @@ void backward_into_input(const Batch& input, const StepRun& run) {
 torch::Tensor weighted_loss(const StepRun& run) {
   torch::Tensor loss = torch::zeros({}, run.losses.front().options());
   for (int64_t j = 0; j < run.micro_batches; ++j) {
-    loss = loss + run.losses[j] * run.loss_weights[j];
+    if (run.loss_weights[j] != 0.0) {  // a micro-batch with nothing to count
+      loss = loss + run.losses[j] * run.loss_weights[j];
+    }
   }
   return loss;
 }
@@ -230,6 +203,56 @@ void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
   run.outputs.resize(m);
   run.input_grads.resize(m);
   run.events.resize(stages);
+  run.rng_seed = draw_step_seed();
+}
+
+void prepare_loss(StepRun& run, const Batch& target, const LossFn& loss_fn,
+                  const StepOptions& options) {
+  const int64_t m = run.micro_batches;
+  int64_t total = 0;
+  for (auto n : run.sizes) {
+    total += n;
+  }
+  run.targets.assign(m, Batch{});
+  if (!target.empty()) {
+    const auto nt = batch_size(target);
+    TORCH_CHECK_VALUE(nt == total, "the target's batch size must equal the "
+                      "input's: input has ", total, ", target has ", nt);
+    for (const auto& t : target) {
+      auto parts = t.split_with_sizes(run.sizes, 0);
+      for (int64_t j = 0; j < m; ++j) {
+        run.targets[j].push_back(parts[j]);
+      }
+    }
+    for (auto& t : run.targets) {
+      t.tuple = target.tuple;
+    }
+  }
+  run.loss_fn = &loss_fn;
+  run.losses.assign(m, torch::Tensor());
+  run.loss_weights.assign(m, 1.0);
+  if (options.reduction() == LossReduction::kSum) {
+    TORCH_CHECK_VALUE(!options.count(), "a count of what the loss averages "
+                      "over applies to reduction 'mean' only; a 'sum' loss "
+                      "adds the micro-batch losses");
+    return;
+  }
+  std::vector<double> counts(m);
+  double sum = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    counts[j] = options.count() ? options.count()(run.targets[j])
+                                : static_cast<double>(run.sizes[j]);
+    TORCH_CHECK_VALUE(std::isfinite(counts[j]) && counts[j] >= 0,
+                      "count must give a finite number >= 0 for every "
+                      "micro-batch, got ", counts[j], " for micro-batch ", j);
+    sum += counts[j];
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    // Nothing counted in the whole batch: the loss on the whole batch is
+    // 0/0 (NaN); weighing by rows gives NaN the same way.
+    run.loss_weights[j] = sum > 0 ? counts[j] / sum
+                                  : static_cast<double>(run.sizes[j]) / total;
+  }
 }
 
 namespace {
@@ -252,9 +275,12 @@ void in_context(Stage& stage, int64_t index, const std::string& where, F f) {
   } catch (const Aborted&) {
     throw;
   } catch (...) {
-    stage.annotate_error("pipegear: in stage " + std::to_string(index) + ", " +
-                         where);
-    throw;
+    const std::string context =
+        "pipegear: in stage " + std::to_string(index) + ", " + where;
+    if (stage.annotate_error(context)) {
+      throw;  // the stage's own error (a Python one), now with the context
+    }
+    rethrow_in_context(context);
   }
 }
 
@@ -290,8 +316,32 @@ void CellRunner::end_forward() {
              [&] { stage_->end_forward(); });
 }
 
+int64_t CellRunner::stream_key() const {
+  const int64_t first = stage_->first_layer();
+  return first >= 0 ? first : stream_key_of_stage(index_);
+}
+
+namespace {
+
+// What a zero-weight micro-batch (nothing in it counts, say every target
+// ignored) hands its backward: zero gradients for the outputs, even where
+// its loss is NaN (0/0).
+torch::Tensor zero_loss(const Batch& y) {
+  torch::Tensor out;
+  for (const auto& t : y) {
+    if (can_require_grad(t)) {
+      auto z = (t * 0).sum();
+      out = out.defined() ? out + z : z;
+    }
+  }
+  return out;
+}
+
+} // namespace
+
 // Runs the stage on x; on the last stage of a step-style run, also applies
 // the loss and returns {weight * loss} (what its backward differentiates).
+// Call inside the cell's CellRandomness.
 Batch CellRunner::apply(StepRun& run, int64_t j, const Batch& x) {
   const int64_t s = index_;
   Batch y = stage_->forward(x);
@@ -300,13 +350,87 @@ Batch CellRunner::apply(StepRun& run, int64_t j, const Batch& x) {
     TORCH_CHECK_VALUE(y[i].defined(), "stage ", s,
                       " returned an undefined tensor at position ", i);
   }
-  if (is_last(run) && run.loss_fn != nullptr) {
-    auto loss = (*run.loss_fn)(y, run.targets[j]);
-    TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1,
-                      "loss_fn must return a scalar tensor, got ",
-                      loss.defined() ? loss.sizes() : c10::IntArrayRef{});
-    run.losses[j] = loss.detach().reshape({});
-    return {loss.reshape({}) * run.loss_weights[j]};
+  if (!is_last(run)) {
+    return y;
+  }
+  // The outputs are gathered (module style) or matched with the target
+  // rows (step style) by micro-batch: they must keep its batch size.
+  const int64_t n = run.sizes[j];
+  for (size_t i = 0; i < y.size(); ++i) {
+    TORCH_CHECK_VALUE(
+        y[i].dim() >= 1 && y[i].size(0) == n, "stage ", s,
+        " (the last) returned ",
+        y[i].dim() == 0 ? std::string("a 0-dimensional tensor")
+                        : "a tensor of batch size " + std::to_string(y[i].size(0)),
+        y.size() > 1 ? " at position " + std::to_string(i) : std::string(),
+        " for micro-batch ", j, " of ", n,
+        " rows; the pipeline's output must keep the batch size (dim 0) of "
+        "its input, since micro-batches are gathered along it");
+  }
+  if (run.loss_fn == nullptr) {
+    return y;
+  }
+  set_random_layer(kLossLayer - stream_key());
+  auto loss = (*run.loss_fn)(y, run.targets[j]);
+  TORCH_CHECK_VALUE(loss.defined() && loss.numel() == 1,
+                    "loss_fn must return a scalar tensor, got ",
+                    loss.defined() ? loss.sizes() : c10::IntArrayRef{});
+  run.losses[j] = loss.detach().reshape({});
+  if (run.grad && c10::GradMode::is_enabled()) {
+    TORCH_CHECK(loss.requires_grad(),
+                "loss_fn returned a loss that does not require grad (it has "
+                "no grad_fn), while the model's parameters or input do: the "
+                "loss must be computed from the output without detaching it");
+  }
+  if (run.loss_weights[j] == 0.0) {
+    auto zero = zero_loss(y);
+    return {zero.defined() ? zero : loss.reshape({}) * 0.0};
+  }
+  return {loss.reshape({}) * run.loss_weights[j]};
+}
+
+// A checkpointed forward: no graph, and an input the recomputation can
+// start from again. Layers that modify the stage input in place (x.mul_(2),
+// ReLU(inplace=True) first) would change what the recomputation sees, so
+// the first checkpointed forward of a stage runs on a copy and tells
+// whether later ones need one; a stage that starts modifying its input
+// later is caught by the version counter.
+Batch CellRunner::apply_checkpointed(StepRun& run, int64_t j, const Batch& x) {
+  torch::NoGradGuard no_grad;
+  CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kCheckpointing);
+  const bool probe = !probed_input_;
+  if (probe || copy_input_) {
+    Batch copy = x;
+    for (auto& t : copy) {
+      if (t.defined()) {
+        t = t.clone();
+      }
+    }
+    Batch y = apply(run, j, copy);
+    if (probe) {
+      probed_input_ = true;
+      for (size_t i = 0; i < copy.size(); ++i) {
+        copy_input_ = copy_input_ ||
+            (copy[i].defined() && copy[i]._version() != 0);
+      }
+    }
+    return y;
+  }
+  std::vector<int64_t> versions;
+  for (const auto& t : x) {
+    versions.push_back(t.defined() ? static_cast<int64_t>(t._version()) : 0);
+  }
+  Batch y = apply(run, j, x);
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (x[i].defined() && static_cast<int64_t>(x[i]._version()) != versions[i]) {
+      copy_input_ = true;  // from the next step on
+      TORCH_CHECK_VALUE(false, "stage ", index_, " modified its input (tensor ",
+                        i, ") in place during the checkpointed forward of "
+                        "micro-batch ", j, ", which its earlier checkpointed "
+                        "forwards did not; its recomputation would start "
+                        "from the modified input. The stage's input is "
+                        "copied from now on: run the step again");
+    }
   }
   return y;
 }
@@ -314,6 +438,7 @@ Batch CellRunner::apply(StepRun& run, int64_t j, const Batch& x) {
 // Moves a received message onto `device`, making the stage's leaves.
 Batch CellRunner::receive(Message m, c10::Device device, bool as_leaves) {
   Batch out;
+  out.tuple = m.tensors.tuple;
   out.reserve(m.tensors.size());
   for (auto& t : m.tensors) {
     if (!t.defined()) {
@@ -400,14 +525,10 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
   auto& cell = run.cells[s][j];
   Batch y;
   bool y_requires_grad = false;
+  CellRandomness randomness(run.rng_seed, stream_key(), j);
   if (run.checkpointed[j]) {
     cell.checkpointed = true;
-    cell.rng = save_rng(device);
-    {
-      torch::NoGradGuard no_grad;
-      CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kCheckpointing);
-      y = apply(run, j, x);
-    }
+    y = apply_checkpointed(run, j, x);
     y_requires_grad = stage_->requires_grad() ||
         std::any_of(x.begin(), x.end(),
                     [](const auto& t) { return t.requires_grad(); });
@@ -428,6 +549,7 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
     }
   } else {
     Batch send;
+    send.tuple = y.tuple;
     send.reserve(y.size());
     for (const auto& t : y) {
       const bool grad = run.grad && can_require_grad(t) &&
@@ -445,20 +567,11 @@ void CellRunner::backward(StepRun& run, Transport& transport, int64_t j) {
   auto& cell = run.cells[s][j];
   if (cell.checkpointed) {
     const int64_t recompute_start = now_ns();
-    // Recompute first: it needs no gradient, so it overlaps the wait.
-    // Every recomputation rewinds the (shared) CPU generator, so two of
-    // them must not overlap, or one would rewind the other's draws.
-    std::lock_guard<std::mutex> replay(replay_mutex());
-    const RngState current = save_rng(device);
-    restore_rng(device, cell.rng);
-    try {
-      CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
-      cell.outputs = apply(run, j, alias_leaves(cell.leaves));
-    } catch (...) {
-      restore_rng(device, current);
-      throw;
-    }
-    restore_rng(device, current);
+    // Recompute first: it needs no gradient, so it overlaps the wait. The
+    // cell's own random streams draw what its forward drew.
+    CellRandomness randomness(run.rng_seed, stream_key(), j);
+    CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
+    cell.outputs = apply(run, j, alias_leaves(cell.leaves));
     run.events[s].push_back(
         {s, j, Phase::kBackward, true, recompute_start, now_ns()});
   }

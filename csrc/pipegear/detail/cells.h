@@ -30,19 +30,11 @@ struct Message {
   std::shared_ptr<c10::Event> ready;
 };
 
-// Generator states saved before a checkpointed forward, replayed by its
-// recomputation.
-struct RngState {
-  torch::Tensor cpu;
-  torch::Tensor device;
-};
-
 // The autograd-relevant state of one (stage, micro-batch).
 struct CellState {
   Batch leaves;   // the stage input, as leaves (kept alone when checkpointed)
   Batch outputs;  // outputs with their graph (absent while checkpointed)
   bool checkpointed = false;
-  RngState rng;
 };
 
 // Everything one step (one mini-batch) needs across its passes. Module style
@@ -52,6 +44,7 @@ struct StepRun {
   int64_t micro_batches = 0;
   std::vector<int64_t> sizes;
   bool grad = false;  // graphs are kept for a backward
+  uint64_t rng_seed = 0;  // the step's seed (random.h)
   at::ThreadLocalState tls;
   std::vector<uint8_t> checkpointed;  // per micro-batch
 
@@ -109,10 +102,23 @@ void backward_into_input(const Batch& input, const StepRun& run);
 /// Step style: the mini-batch loss, sum over micro-batches of loss x weight.
 torch::Tensor weighted_loss(const StepRun& run);
 
-/// Sizes the per-step state for `sizes.size()` micro-batches of K stages and
-/// decides which micro-batches are checkpointed (only when `grad`).
+/// Sizes the per-step state for `sizes.size()` micro-batches of K stages,
+/// decides which micro-batches are checkpointed (only when `grad`) and
+/// draws the step's random seed from the calling thread's generator.
 void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
                  bool grad, CheckpointMode mode, const at::ThreadLocalState& tls);
+
+/// The checkpoint mode of a call: `mode`, or kNever for an eval-mode module.
+inline CheckpointMode call_checkpoint(CheckpointMode mode, bool training) {
+  return training ? mode : CheckpointMode::kNever;
+}
+
+/// Step style, on the rank or thread holding the target: splits `target`
+/// like the input (its batch size must equal the input's) and weighs the
+/// micro-batch losses as `options` say (StepOptions). ValueError for a
+/// count with kSum, a count that is negative or not finite.
+void prepare_loss(StepRun& run, const Batch& target, const LossFn& loss_fn,
+                  const StepOptions& options);
 
 /// Where the cells of stage s get their inputs and send their outputs.
 /// recv_* block until the message arrives (or throw Aborted / a timeout).
@@ -167,10 +173,17 @@ class CellRunner {
  private:
   bool is_last(const StepRun& run) const { return index_ + 1 == run.stages; }
   Batch apply(StepRun& run, int64_t j, const Batch& x);
+  Batch apply_checkpointed(StepRun& run, int64_t j, const Batch& x);
   Batch receive(Message m, c10::Device device, bool as_leaves);
+  int64_t stream_key() const;
 
   std::shared_ptr<Stage> stage_;
   int64_t index_;
+  // Whether a checkpointed forward must run on a copy of its input (the
+  // stage's layers modify it in place); learnt from the stage's first
+  // checkpointed forward, which always runs on a copy.
+  bool probed_input_ = false;
+  bool copy_input_ = false;
   std::unordered_map<c10::Device, c10::Stream> copy_streams_;
 };
 

@@ -21,6 +21,7 @@
 #include <pipegear/gpipe.h>
 #include <pipegear/microbatch.h>
 #include <pipegear/nn/deferred_batch_norm.h>
+#include <pipegear/random.h>
 #include <pipegear/schedule.h>
 
 namespace pipegear {
@@ -31,6 +32,8 @@ namespace {
 constexpr int64_t kPacked = 1;
 constexpr int64_t kSpill = 2;
 constexpr int64_t kPoison = -1;
+// Added to a message's tensor count for a tuple of one tensor.
+constexpr int64_t kOneTuple = int64_t{1} << 32;
 // The largest message header; the fixed message size with NCCL.
 constexpr int64_t kHeaderBytes = 8192;
 // The initial capacity of a Gloo link (see C10dTransport).
@@ -130,8 +133,8 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
                   DistributedOptions options);
 
   torch::Tensor step(const Batch& input, const Batch& target,
-                     const LossFn& loss_fn, LossReduction reduction);
-  Batch forward(const Batch& input);
+                     const LossFn& loss_fn, const StepOptions& options);
+  Batch forward(const Batch& input, bool training);
   void backward();
   // Module style, the drain pass of `state` (from the autograd node).
   Batch drain(StepState& state, const Batch& grads);
@@ -183,7 +186,7 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   // step or grad mode) or that failed before the step keeps the error in
   // the state's pre_error and fails the step (fail_early). Returns the
   // state of the step.
-  std::shared_ptr<StepState> begin(Face face, const Batch& input,
+  std::shared_ptr<StepState> begin(Face face, bool training, const Batch& input,
                                    std::exception_ptr local_error);
   // A rank that failed before its first cell fails the first pass of the
   // step the way rank 0 runs it, then raises.
@@ -262,7 +265,8 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
 //   w[0] kind: kPacked (payload follows in this buffer), kSpill (payload in
 //        a second message of exactly w[3] bytes), kPoison (a peer failed)
 //   w[1] step   w[2] header words H   w[3] payload bytes
-//   w[4] tensors, then per tensor: defined [dtype, requires_grad, ndim,
+//   w[4] tensors (+ kOneTuple for a tuple of one tensor), then per tensor:
+//        defined [dtype, requires_grad, ndim,
 //        sizes..., offset, bytes]
 //   poison: w[3] text bytes (after the header), w[4] origin, w[5] broken
 //
@@ -485,7 +489,8 @@ class C10dTransport final : public Transport {
         " of micro-batch " + std::to_string(j);
     core_.prune_pending();
     std::vector<int64_t> w{kPacked, seq_, 0, 0,
-                           static_cast<int64_t>(tensors.size())};
+                           static_cast<int64_t>(tensors.size()) +
+                               (tensors.size() == 1 && tensors.tuple ? kOneTuple : 0)};
     std::vector<std::pair<torch::Tensor, int64_t>> parts;  // tensor, offset
     int64_t payload = 0;
     for (const auto& t : tensors) {
@@ -633,7 +638,9 @@ class C10dTransport final : public Transport {
       }
       return w[p++];
     };
-    const int64_t count = w[4];
+    const bool one_tuple = w[4] == 1 + kOneTuple;
+    const int64_t count = one_tuple ? 1 : w[4];
+    m.tensors.tuple = one_tuple;
     for (int64_t i = 0; i < count; ++i) {
       if (next() == 0) {
         m.tensors.emplace_back();
@@ -758,7 +765,13 @@ std::shared_ptr<Stage> make_stage(torch::nn::Sequential& part,
   }
   const auto device = options.device() ? *options.device() : default_device(group);
   part->to(device);
-  return std::make_shared<SequentialStage>(part, device);
+  const auto& balance = options.balance();
+  int64_t first_layer = balance.empty() ? -1 : 0;
+  for (int64_t r = 0; r < group.getRank() && r < static_cast<int64_t>(balance.size());
+       ++r) {
+    first_layer += balance[r];
+  }
+  return std::make_shared<SequentialStage>(part, device, first_layer);
 }
 
 } // namespace
@@ -775,6 +788,7 @@ DistributedCore::DistributedCore(c10::intrusive_ptr<c10d::ProcessGroup> group,
       runner_(stage_, group_ ? group_->getRank() : 0) {
   TORCH_CHECK_VALUE(group_, "DistributedPipeline needs a process group, got null");
   TORCH_CHECK_VALUE(stage_, "DistributedPipeline needs a stage, got null");
+  register_random_kernels();
   TORCH_CHECK_VALUE(options_.chunks() >= 1, "chunks must be at least 1, got ",
                     options_.chunks());
   TORCH_CHECK_VALUE(options_.timeout().count() > 0,
@@ -908,7 +922,8 @@ void DistributedCore::check_not_broken() {
               broken_reason_, "); destroy the group and start again");
 }
 
-std::shared_ptr<StepState> DistributedCore::begin(Face face, const Batch& input,
+std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
+                                                  const Batch& input,
                                                   std::exception_ptr local_error) {
   check_not_broken();
   // Sends of an earlier step (a failed one) should all be through by now.
@@ -1004,7 +1019,8 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, const Batch& input,
   // stage needs one is not known on every rank without another exchange.
   const bool grad = rank_ == 0 ? grad_mode : leader_grad;
   state->seq = seq;
-  prepare_run(state->run, world_, sizes, grad, options_.checkpoint(),
+  prepare_run(state->run, world_, sizes, grad,
+              call_checkpoint(options_.checkpoint(), training),
               at::ThreadLocalState());
   state->schedule = make_schedule(options_.schedule(), world_,
                                   static_cast<int64_t>(sizes.size()));
@@ -1253,7 +1269,8 @@ void DistributedCore::raise_capacities(const StepState& state, bool forward,
 
 // ---------------------------------------------------------------------------
 torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
-                                    const LossFn& loss_fn, LossReduction reduction) {
+                                    const LossFn& loss_fn,
+                                    const StepOptions& options) {
   std::lock_guard<std::mutex> call(call_mutex_);
   const bool first = rank_ == 0;
   const bool last = rank_ + 1 == world_;
@@ -1266,41 +1283,18 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
       local_error = std::current_exception();
     }
   }
-  auto state = begin(Face::kStep, input, local_error);
+  auto state = begin(Face::kStep, options.training(), input, local_error);
   if (state->pre_error) {
     fail_early(*state);
   }
   auto& run = state->run;
-  const int64_t m = run.micro_batches;
-  int64_t total = 0;
-  for (auto s : run.sizes) {
-    total += s;
-  }
   // Everything after the header that may fail is a failure of the step: the
   // failure protocol tells the peers.
   std::exception_ptr error;
   torch::Tensor loss;
   try {
     if (last) {
-      run.targets.assign(m, Batch{});
-      if (!target.empty()) {
-        const auto nt = batch_size(target);
-        TORCH_CHECK_VALUE(nt == total, "the target's batch size must equal the "
-                          "input's: input has ", total, ", target has ", nt);
-        for (const auto& t : target) {
-          auto parts = t.split_with_sizes(run.sizes, 0);
-          for (int64_t j = 0; j < m; ++j) {
-            run.targets[j].push_back(parts[j]);
-          }
-        }
-      }
-      run.loss_fn = &loss_fn;
-      run.losses.resize(m);
-      for (int64_t j = 0; j < m; ++j) {
-        run.loss_weights.push_back(reduction == LossReduction::kMean
-                                       ? static_cast<double>(run.sizes[j]) / total
-                                       : 1.0);
-      }
+      prepare_loss(run, target, loss_fn, options);
     }
   } catch (...) {
     error = std::current_exception();
@@ -1352,7 +1346,7 @@ struct RankStep : PendingStep {
 
 } // namespace
 
-Batch DistributedCore::forward(const Batch& input) {
+Batch DistributedCore::forward(const Batch& input, bool training) {
   std::shared_ptr<StepState> state;
   Batch out;
   {
@@ -1367,7 +1361,7 @@ Batch DistributedCore::forward(const Batch& input) {
                   "the next forward (use no_grad for forwards without backward)");
     }
     placeholder_ = torch::Tensor();
-    state = begin(Face::kModule, input, nullptr);
+    state = begin(Face::kModule, training, input, nullptr);
     if (state->pre_error) {
       fail_early(*state);
     }
@@ -1518,12 +1512,12 @@ DistributedPipeline::~DistributedPipeline() = default;
 
 torch::Tensor DistributedPipeline::step(const Batch& input, const Batch& target,
                                         const LossFn& loss_fn,
-                                        LossReduction reduction) {
-  return core_->step(input, target, loss_fn, reduction);
+                                        const StepOptions& options) {
+  return core_->step(input, target, loss_fn, options);
 }
 
-Batch DistributedPipeline::forward(const Batch& input) {
-  return core_->forward(input);
+Batch DistributedPipeline::forward(const Batch& input, bool training) {
+  return core_->forward(input, training);
 }
 
 void DistributedPipeline::backward() { core_->backward(); }

@@ -109,8 +109,11 @@ class DistributedPipeline {
   /// the mini-batch loss (detached) on every rank. Batch size, shapes and
   /// dtypes may change from one step to the next.
   torch::Tensor step(const Batch& input, const Batch& target,
-                     const LossFn& loss_fn,
-                     LossReduction reduction = LossReduction::kMean);
+                     const LossFn& loss_fn, const StepOptions& options = {});
+  torch::Tensor step(const Batch& input, const Batch& target,
+                     const LossFn& loss_fn, LossReduction reduction) {
+    return step(input, target, loss_fn, StepOptions().reduction(reduction));
+  }
 
   /// Module style, fill pass: every rank calls it, `input` is used on rank
   /// 0. The last rank gets the gathered output; the other ranks get one
@@ -118,7 +121,8 @@ class DistributedPipeline {
   /// autograd node whose backward runs this rank's drain pass: the last rank
   /// calls backward on its loss, the others on the placeholder (or call
   /// backward()). Every rank must run the drain before the next forward.
-  Batch forward(const Batch& input);
+  /// `training` false (eval mode) checkpoints nothing on this rank.
+  Batch forward(const Batch& input, bool training = true);
 
   /// Runs the drain of the last forward on a rank other than the last
   /// (backward on the placeholder it returned). Throws on the last rank.

@@ -1,0 +1,39 @@
+#pragma once
+// The exceptions a pipeline adds to the ones its layers throw.
+
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <typeinfo>
+
+#include <c10/util/Type.h>
+
+namespace pipegear {
+
+/// A C++ exception other than c10::Error thrown by a layer or a loss (say a
+/// std::runtime_error), as the caller of the pipeline receives it: what()
+/// reads "pipegear: in stage s, micro-batch j, forward: <type>: <what>", and
+/// the original exception is nested in it (std::rethrow_if_nested). A
+/// c10::Error keeps its type and gets the same context added instead.
+class StageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+
+/// Inside a handler: rethrows the current exception as a StageError with
+/// `context`, the original nested, when it is a std::exception; anything
+/// else unchanged.
+[[noreturn]] inline void rethrow_in_context(const std::string& context) {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    std::throw_with_nested(StageError(context + ": " +
+                                      c10::demangle(typeid(e).name()) + ": " +
+                                      e.what()));
+  }
+}
+
+} // namespace detail
+} // namespace pipegear

@@ -1,0 +1,67 @@
+#pragma once
+// Random numbers of a pipeline: every cell draws from streams of its own.
+//
+// A cell (one stage, one micro-batch) runs inside a CellRandomness scope.
+// While it is active, every random operator called on that thread without an
+// explicit generator (dropout, torch.rand, bernoulli_, ...) draws from a
+// generator that belongs to the cell: one per (layer, device), seeded from
+// (the step's seed, the layer's global index, the micro-batch). The
+// recomputation of a checkpointed cell opens the same scope again, so it
+// draws exactly what its forward drew, whatever other stages do meanwhile;
+// two runs from the same seed draw the same numbers whatever the timing,
+// the checkpoint mode or (when layers are keyed by their global index) the
+// balance. docs/engine.md, "Randomness", and docs/design.md, decision 13.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+namespace pipegear {
+
+/// Inside a cell: the random draws from here on belong to layer `layer` of
+/// the stage (its index within the stage). Stages call it before each
+/// layer; a Stage implementation that does not gets one stream per cell.
+void set_random_layer(int64_t layer);
+
+namespace detail {
+
+/// The step's seed: one 64-bit draw from the calling thread's default CPU
+/// generator (torch.manual_seed seeds it). Every step draws exactly one, so
+/// the caller's random stream after a step does not depend on the
+/// schedule, the checkpoint mode or the timing.
+uint64_t draw_step_seed();
+
+/// Registers the interception of random operators (idempotent; the first
+/// call scans the dispatcher's operators, ~10 ms).
+void register_random_kernels();
+
+/// The random streams of one cell on the calling thread. `first_layer` is
+/// the global index of the stage's first layer when the stage knows it
+/// (streams then do not depend on the balance); else pass a key unique to
+/// the stage (stream_key_of_stage).
+class CellRandomness {
+ public:
+  CellRandomness(uint64_t step_seed, int64_t first_layer, int64_t micro_batch);
+  ~CellRandomness();
+  CellRandomness(const CellRandomness&) = delete;
+  CellRandomness& operator=(const CellRandomness&) = delete;
+
+  struct Streams;
+
+ private:
+  std::unique_ptr<Streams> streams_;
+  Streams* previous_;
+  std::optional<c10::impl::IncludeDispatchKeyGuard> include_;
+};
+
+/// The key of stage `index`'s streams when its layers' global indices are
+/// unknown: far from any layer index.
+int64_t stream_key_of_stage(int64_t index);
+
+/// The layer key of the loss of a step-style last stage.
+constexpr int64_t kLossLayer = int64_t{1} << 40;
+
+} // namespace detail
+} // namespace pipegear

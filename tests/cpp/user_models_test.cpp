@@ -1,0 +1,287 @@
+// Models the transparency tests do not build, as users write them: every
+// one equals the plain model or gets a clear error (never a silent wrong
+// number). docs/errors.md lists the errors.
+#include "testing.h"
+
+#include <stdexcept>
+
+#include <pipegear/pipegear.h>
+
+using pipegear::CheckpointMode;
+using pipegear::GPipe;
+using pipegear::GPipeOptions;
+using pipegear::ScheduleKind;
+
+namespace {
+
+GPipeOptions cpu_options(std::vector<int64_t> balance, int64_t chunks,
+                         CheckpointMode mode = CheckpointMode::kExceptLast,
+                         ScheduleKind schedule = ScheduleKind::kGPipe) {
+  std::vector<c10::Device> devices(balance.size(), torch::kCPU);
+  return GPipeOptions(std::move(balance))
+      .devices(devices)
+      .chunks(chunks)
+      .checkpoint(mode)
+      .schedule(schedule);
+}
+
+torch::nn::Sequential classifier(int64_t classes) {
+  torch::manual_seed(3);
+  torch::nn::Sequential m(torch::nn::Linear(6, 16), torch::nn::Tanh(),
+                          torch::nn::Linear(16, classes));
+  m->to(torch::kFloat64);
+  return m;
+}
+
+// Loss and parameter gradients of the plain model and of a pipe over a
+// deep copy of it, for `loss` (a torch::nn loss module).
+template <typename Loss>
+void expect_transparent(Loss loss, const torch::Tensor& x,
+                        const torch::Tensor& t, int64_t classes) {
+  for (auto mode : {CheckpointMode::kNever, CheckpointMode::kExceptLast,
+                    CheckpointMode::kAlways}) {
+    for (auto schedule : {ScheduleKind::kGPipe, ScheduleKind::k1F1B}) {
+      for (int64_t chunks : {3, 4}) {
+        auto plain = classifier(classes);
+        auto ref = loss->forward(plain->forward(x), t);
+        ref.backward();
+        auto model = classifier(classes);
+        auto pipe = GPipe(model, cpu_options({2, 1}, chunks, mode, schedule));
+        auto got = pipe->step(x, t, loss);
+        INFO("mode " << pipegear::to_string(mode) << ", chunks " << chunks);
+        require_close(got, ref, 1e-12);
+        auto a = plain->parameters();
+        auto b = pipe->parameters();
+        for (size_t i = 0; i < a.size(); ++i) {
+          require_close(b[i].grad(), a[i].grad(), 1e-12);
+        }
+      }
+    }
+  }
+}
+
+} // namespace
+
+TEST_CASE("user models: a sum loss module is summed, not averaged",
+          "[user]") {
+  auto x = torch::randn({10, 6}, torch::kFloat64);
+  auto t = torch::randint(0, 5, {10});
+  expect_transparent(
+      torch::nn::CrossEntropyLoss(
+          torch::nn::CrossEntropyLossOptions().reduction(torch::kSum)),
+      x, t, 5);
+  expect_transparent(
+      torch::nn::MSELoss(torch::nn::MSELossOptions().reduction(torch::kSum)), x,
+      torch::randn({10, 5}, torch::kFloat64), 5);
+  expect_transparent(torch::nn::MSELoss(), x,
+                     torch::randn({10, 5}, torch::kFloat64), 5);
+}
+
+TEST_CASE("user models: a mean over ignored targets counts the rest",
+          "[user]") {
+  auto x = torch::randn({10, 6}, torch::kFloat64);
+  // The first micro-batches are mostly padding.
+  auto t = torch::tensor({-100, -100, -100, 2, -100, -100, 1, 0, 3, 4, },
+                         torch::kLong);
+  expect_transparent(torch::nn::CrossEntropyLoss(), x, t, 5);
+  auto weight = torch::tensor({1.0, 2.0, 0.5, 3.0, 1.5}, torch::kFloat64);
+  expect_transparent(
+      torch::nn::CrossEntropyLoss(
+          torch::nn::CrossEntropyLossOptions().weight(weight).ignore_index(3)),
+      x, torch::tensor({3, 3, 3, 3, 0, 1, 2, 4, 0, 1}, torch::kLong), 5);
+  // A micro-batch with nothing to count (all ignored) adds nothing.
+  expect_transparent(torch::nn::NLLLoss(), x,
+                     torch::tensor({-100, -100, -100, 2, 1, 0, 1, 0, 3, 4},
+                                   torch::kLong),
+                     5);
+  CHECK_THROWS_AS(
+      pipegear::loss_step_options(*torch::nn::MSELoss(
+          torch::nn::MSELossOptions().reduction(torch::kNone))),
+      c10::ValueError);
+}
+
+TEST_CASE("user models: a loss that needs no gradient is an error", "[user]") {
+  auto model = classifier(5);
+  auto pipe = GPipe(model, cpu_options({2, 1}, 4, CheckpointMode::kNever));
+  auto x = torch::randn({8, 6}, torch::kFloat64);
+  auto t = torch::randint(0, 5, {8});
+  CHECK_THROWS_WITH(
+      pipe->step(x, t, [](auto o, auto tt) {
+        return torch::nn::functional::cross_entropy(o.detach(), tt);
+      }),
+      Catch::Contains("does not require grad"));
+}
+
+namespace {
+
+struct ScaleInPlaceImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor x) { return x.mul_(2); }
+};
+TORCH_MODULE(ScaleInPlace);
+
+} // namespace
+
+TEST_CASE("user models: in-place first layers of checkpointed stages are exact",
+          "[user]") {
+  auto build = [] {
+    torch::manual_seed(4);
+    torch::nn::Sequential m(torch::nn::Linear(6, 8), ScaleInPlace(),
+                            torch::nn::Linear(8, 8),
+                            torch::nn::ReLU(torch::nn::ReLUOptions(true)),
+                            torch::nn::Linear(8, 2));
+    m->to(torch::kFloat64);
+    return m;
+  };
+  auto x = torch::randn({8, 6}, torch::kFloat64);
+  auto t = torch::randn({8, 2}, torch::kFloat64);
+  auto plain = build();
+  auto ref = torch::mse_loss(plain->forward(x), t);
+  ref.backward();
+  for (auto mode : {CheckpointMode::kExceptLast, CheckpointMode::kAlways}) {
+    for (const auto& balance :
+         std::vector<std::vector<int64_t>>{{1, 2, 2}, {1, 1, 1, 2}}) {
+      auto model = build();
+      auto pipe = GPipe(model, cpu_options(balance, 4, mode));
+      for (int step = 0; step < 2; ++step) {  // the probe, then the rule
+        pipe->zero_grad();
+        auto got = pipe->step(x, t, torch::nn::MSELoss());
+        require_close(got, ref, 1e-12);
+        auto a = plain->parameters();
+        auto b = pipe->parameters();
+        for (size_t i = 0; i < a.size(); ++i) {
+          require_close(b[i].grad(), a[i].grad(), 1e-12);
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+struct DropRowImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor x) { return x.slice(0, 0, -1); }
+};
+TORCH_MODULE(DropRow);
+
+struct DoubleRowsImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor x) { return torch::cat({x, x}); }
+};
+TORCH_MODULE(DoubleRows);
+
+struct ToScalarImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor x) { return x.sum(); }
+};
+TORCH_MODULE(ToScalar);
+
+} // namespace
+
+TEST_CASE("user models: a stage that changes the batch size is an error",
+          "[user]") {
+  auto x = torch::randn({6, 4});
+  {
+    torch::nn::Sequential m(torch::nn::Linear(4, 4), DropRow());
+    auto pipe = GPipe(m, cpu_options({1, 1}, 2));
+    CHECK_THROWS_WITH(pipe->forward(x),
+                      Catch::Contains("stage 1") &&
+                          Catch::Contains("batch size 2") &&
+                          Catch::Contains("micro-batch 0 of 3 rows"));
+  }
+  {
+    torch::nn::Sequential m(torch::nn::Linear(4, 4), DoubleRows());
+    auto pipe = GPipe(m, cpu_options({1, 1}, 2));
+    CHECK_THROWS_AS(pipe->forward(x), c10::ValueError);
+  }
+  {
+    torch::nn::Sequential m(torch::nn::Linear(4, 4), ToScalar());
+    auto pipe = GPipe(m, cpu_options({1, 1}, 2));
+    CHECK_THROWS_WITH(pipe->forward(x), Catch::Contains("0-dimensional"));
+  }
+}
+
+namespace {
+
+// A 1-tuple between layers: (x * 2,), then unpacked by the next layer.
+struct WrapImpl : torch::nn::Module {
+  std::vector<torch::Tensor> forward(torch::Tensor x) { return {x * 2}; }
+};
+TORCH_MODULE(Wrap);
+
+struct UnwrapImpl : torch::nn::Module {
+  torch::Tensor forward(std::vector<torch::Tensor> x) {
+    TORCH_CHECK(x.size() == 1, "expected a 1-tuple");
+    return x.front() + 1;
+  }
+};
+TORCH_MODULE(Unwrap);
+
+} // namespace
+
+TEST_CASE("user models: a 1-tuple stays a tuple across stages", "[user]") {
+  auto x = torch::randn({4, 3});
+  for (const auto& balance :
+       std::vector<std::vector<int64_t>>{{2}, {1, 1}}) {
+    torch::nn::Sequential m(Wrap{}, Unwrap{});
+    auto pipe = GPipe(m, cpu_options(balance, 2));
+    require_close(pipe->forward(x), x * 2 + 1);
+  }
+  // A tuple output of the last stage stays a tuple too.
+  torch::nn::Sequential m(torch::nn::Linear(3, 3), Wrap());
+  auto pipe = GPipe(m, cpu_options({1, 1}, 2));
+  auto out = pipe->forward_batch({x});
+  CHECK(out.is_tuple());
+  CHECK(out.size() == 1);
+}
+
+TEST_CASE("user models: eval() never checkpoints", "[user]") {
+  auto model = classifier(3);
+  auto pipe = GPipe(model, cpu_options({2, 1}, 4, CheckpointMode::kAlways));
+  pipe->eval();
+  auto y = pipe->forward(torch::randn({8, 6}, torch::kFloat64));
+  y.sum().backward();
+  for (const auto& e : pipe->last_trace().events()) {
+    CHECK_FALSE(e.recompute);
+  }
+  pipe->train();
+  pipe->forward(torch::randn({8, 6}, torch::kFloat64)).sum().backward();
+  bool recomputed = false;
+  for (const auto& e : pipe->last_trace().events()) {
+    recomputed = recomputed || e.recompute;
+  }
+  CHECK(recomputed);
+}
+
+namespace {
+
+struct ThrowsImpl : torch::nn::Module {
+  torch::Tensor forward(torch::Tensor x) {
+    if (x.size(0) > 0) {
+      throw std::invalid_argument("bad row");
+    }
+    return x;
+  }
+};
+TORCH_MODULE(Throws);
+
+} // namespace
+
+TEST_CASE("user models: a std exception names its stage and micro-batch",
+          "[user]") {
+  torch::nn::Sequential m(torch::nn::Linear(3, 3), Throws());
+  auto pipe = GPipe(m, cpu_options({1, 1}, 2));
+  try {
+    pipe->forward(torch::randn({4, 3}));
+    FAIL("no exception");
+  } catch (const pipegear::StageError& e) {
+    const std::string what = e.what();
+    CHECK_THAT(what, Catch::Contains("pipegear: in stage 1, micro-batch 0, "
+                                     "forward") &&
+                         Catch::Contains("std::invalid_argument: bad row"));
+    bool nested = false;
+    try {
+      std::rethrow_if_nested(e);
+    } catch (const std::invalid_argument&) {
+      nested = true;
+    }
+    CHECK(nested);
+  }
+}
