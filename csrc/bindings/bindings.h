@@ -29,8 +29,9 @@ Batch from_python(const py::handle& value, const char* what);
 /// A stage calling the nn.Module `module` under the GIL on `device`;
 /// `hooks` (None or a callable taking "begin" / "end") around a step's
 /// forward cells (DeferredBatchNorm). Python errors get a PEP 678 note
-/// naming stage `index`. An nn.Sequential runs layer by layer, layer i
-/// drawing from the random stream of layer first_layer + i (random.h).
+/// naming stage `index`. `first_layer`: the index of the module's first
+/// layer in the whole model; the module calls set_random_layer(i) before
+/// its layer i (random.h), or draws from one stream.
 std::shared_ptr<Stage> make_py_stage(py::object module, c10::Device device,
                                      py::object hooks, int64_t index,
                                      int64_t first_layer);

@@ -53,22 +53,12 @@ class PyStage final : public Stage {
         hooks_(std::move(hooks)),
         device_(device),
         index_(index),
-        first_layer_(first_layer) {
-    // An nn.Sequential runs layer by layer here, so that each layer draws
-    // from its own random stream (random.h); anything else is one layer.
-    auto sequential = py::module_::import("torch.nn").attr("Sequential");
-    if (py::isinstance(module_, sequential)) {
-      for (const auto& layer : module_) {
-        layers_.push_back(py::reinterpret_borrow<py::object>(layer));
-      }
-    }
-  }
+        first_layer_(first_layer) {}
 
   ~PyStage() override {
     py::gil_scoped_acquire gil;
     module_ = py::object();
     hooks_ = py::object();
-    layers_.clear();
   }
 
   Batch forward(const Batch& input) override {
@@ -77,16 +67,10 @@ class PyStage final : public Stage {
       gil.inc_ref();  // kept until end_pass()
       kept_thread_state = true;
     }
-    py::object out = to_python(input);
-    if (layers_.empty()) {
-      set_random_layer(0);
-      out = module_(out);
-    } else {
-      for (size_t i = 0; i < layers_.size(); ++i) {
-        set_random_layer(static_cast<int64_t>(i));
-        out = layers_[i](out);
-      }
-    }
+    // pipegear's partitions (gpipe.py, _Partition) call set_random_layer
+    // before each of their layers; anything else is one layer.
+    set_random_layer(0);
+    py::object out = module_(to_python(input));
     return from_python(out, ("the output of stage " + std::to_string(index_))
                                 .c_str());
   }
@@ -166,7 +150,6 @@ class PyStage final : public Stage {
 
   py::object module_;
   py::object hooks_;
-  std::vector<py::object> layers_;
   c10::Device device_;
   int64_t index_;
   int64_t first_layer_;
@@ -254,6 +237,9 @@ void init_engine(py::module_& m) {
         "True inside a checkpointed forward (the pass that keeps no graph).");
   m.def("is_recomputing", &pipegear::is_recomputing,
         "True while a checkpointed forward is recomputed before its backward.");
+  m.def("set_random_layer", &pipegear::set_random_layer, py::arg("layer"),
+        "Inside a cell: the draws from here on belong to the stage's layer "
+        "`layer` (its own random stream); nothing outside a cell.");
 
   m.def(
       "render_schedule",

@@ -197,7 +197,9 @@ def convert_deferred_batch_norm(module: M, chunks: int = 1) -> M:
     """Replaces, recursively and in place, every ``nn.BatchNorm1d/2d/3d``
     that tracks running statistics by a :class:`DeferredBatchNorm` with the
     same parameters, buffers, eps, momentum, device, dtype and mode; returns
-    the module (the new DeferredBatchNorm when ``module`` is a BatchNorm).
+    the module (the new DeferredBatchNorm when ``module`` is a BatchNorm). A
+    DeferredBatchNorm of other ``chunks`` is replaced the same way (one of
+    the same ``chunks`` is kept).
 
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     >>> model = convert_deferred_batch_norm(model, chunks=4)
@@ -209,6 +211,10 @@ def convert_deferred_batch_norm(module: M, chunks: int = 1) -> M:
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if isinstance(module, _BATCH_NORMS) and module.track_running_stats:
+        return _from_batch_norm(module, chunks)  # type: ignore[return-value]
+    if isinstance(module, DeferredBatchNorm):
+        if module.chunks == chunks:
+            return module
         return _from_batch_norm(module, chunks)  # type: ignore[return-value]
     for name, child in module.named_children():
         converted = convert_deferred_batch_norm(child, chunks)

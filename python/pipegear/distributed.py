@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipegear import _C
-from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe,
+from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe, _Partition,
                             _check_available, _check_int, _parse_device,
                             _Placed, _prepare_batch_norm)
 from pipegear.loss import Count, plan_loss
@@ -167,7 +167,7 @@ class DistributedGPipe(_Placed):
                     raise TypeError(f"the factory of layer {name} returned "
                                     f"{type(layer).__name__}, not an nn.Module")
             mine.append((name, layer))
-        partition = nn.Sequential(OrderedDict(mine))
+        partition = _Partition(OrderedDict(mine))
         partition = _prepare_batch_norm(partition, chunks, checkpoint,
                                         deferred_batch_norm, f"rank {rank}: ")
         if device is None:

@@ -193,6 +193,20 @@ def _check_input(name: str, value: Any) -> None:
                     f"got {type(value).__name__}")
 
 
+class _Partition(nn.Sequential):
+    """One stage's layers. Inside a cell, each layer draws its random
+    numbers from a stream of its own (keyed by its index in the whole
+    model, docs/engine.md "Randomness"), so the same seed gives the same
+    masks whatever the balance; outside a pipeline it is an nn.Sequential.
+    Hooks registered on it run as on any module."""
+
+    def forward(self, input):  # noqa: A002
+        for i, module in enumerate(self):
+            _C.set_random_layer(i)
+            input = module(input)
+        return input
+
+
 class _Placed(nn.Module):
     """A module whose layers a pipeline placed on its devices.
 
@@ -390,7 +404,7 @@ class GPipe(_Placed):
         partitions = []
         offset = 0
         for size in balance:
-            part = nn.Sequential(OrderedDict(named[offset:offset + size]))
+            part = _Partition(OrderedDict(named[offset:offset + size]))
             partitions.append(part)
             offset += size
         for part, device in zip(partitions, devices):

@@ -299,3 +299,15 @@ def test_bad_inputs_and_arguments():
         convert_deferred_batch_norm(nn.BatchNorm1d(3), chunks=2.0)
     with pytest.raises(TypeError):
         convert_deferred_batch_norm("model")
+
+
+def test_converting_a_deferred_batch_norm_of_other_chunks_replaces_it():
+    dbn = DeferredBatchNorm(3, chunks=4)
+    with torch.no_grad():
+        dbn.running_mean.fill_(2.0)
+        dbn.weight.fill_(3.0)
+    assert convert_deferred_batch_norm(dbn, chunks=4) is dbn
+    again = convert_deferred_batch_norm(dbn, chunks=5)
+    assert again is not dbn and again.chunks == 5
+    assert torch.equal(again.running_mean, dbn.running_mean)
+    assert torch.equal(again.weight, dbn.weight)

@@ -377,7 +377,7 @@ Batch CellRunner::apply(StepRun& run, int64_t j, const Batch& x) {
                     loss.defined() ? loss.sizes() : c10::IntArrayRef{});
   run.losses[j] = loss.detach().reshape({});
   if (run.grad && c10::GradMode::is_enabled()) {
-    TORCH_CHECK(loss.requires_grad(),
+    TORCH_CHECK_VALUE(loss.requires_grad(),
                 "loss_fn returned a loss that does not require grad (it has "
                 "no grad_fn), while the model's parameters or input do: the "
                 "loss must be computed from the output without detaching it");
