@@ -1,57 +1,25 @@
-// The executor. One persistent worker thread per stage runs that stage's
-// cells of a schedule in order; cells hand activations forward and gradients
-// backward through per-step mailboxes. Backward is explicit: a backward cell
-// calls torch::autograd::backward on its own outputs with the gradients the
-// next stage sent, so stages drain in parallel on CPU too.
-//
-// Cross-device hand-offs use the device-generic c10 API (streams, events,
-// record_stream): the receiver copies on a copy stream that waits for the
-// sender's event, and its compute stream waits for the copy. On CPU-only
-// builds every tensor is on `cpu` and none of that runs, but it compiles.
+// The in-process executor: one persistent worker per stage (workers.h) runs
+// that stage's cells of a schedule in order (cells.h); cells hand
+// activations forward and gradients backward through the step's mailboxes
+// (mailbox.h). A pass is one round of the workers; a step is one pass (step
+// style) or two (module style: the fill in the forward of one autograd node,
+// the drain in its backward, pipeline_node.h).
 #include <pipegear/engine.h>
 
 #include <algorithm>
-#include <chrono>
-#include <condition_variable>
-#include <exception>
 #include <mutex>
-#include <optional>
-#include <thread>
+#include <tuple>
 
 #include <ATen/Parallel.h>
-#include <ATen/core/ivalue.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 #include <pipegear/detail/cells.h>
+#include <pipegear/detail/mailbox.h>
+#include <pipegear/detail/pipeline_node.h>
+#include <pipegear/detail/workers.h>
 #include <pipegear/random.h>
 
 namespace pipegear {
-
-LossReduction parse_loss_reduction(const std::string& name) {
-  if (name == "mean") {
-    return LossReduction::kMean;
-  }
-  TORCH_CHECK_VALUE(name == "sum", "reduction must be 'mean' or 'sum', got '",
-                    name, "'");
-  return LossReduction::kSum;
-}
-
-ScheduleKind parse_schedule_kind(const std::string& name) {
-  if (name == "gpipe") {
-    return ScheduleKind::kGPipe;
-  }
-  TORCH_CHECK_VALUE(name == "1f1b", "schedule must be 'gpipe' or '1f1b', got '",
-                    name, "'");
-  return ScheduleKind::k1F1B;
-}
-
-Schedule make_schedule(ScheduleKind kind, int64_t stages,
-                       int64_t micro_batches) {
-  return kind == ScheduleKind::kGPipe
-      ? gpipe_schedule(stages, micro_batches)
-      : one_f_one_b_schedule(stages, micro_batches);
-}
 
 namespace {
 
@@ -78,97 +46,18 @@ void set_interrupt_check(std::function<void()> check) {
 }
 
 namespace detail {
-// A step of the in-process engine: the shared StepRun plus the mailboxes
-// between the worker threads and the first failure.
-struct LocalRun : StepRun {
-  // Mailboxes, guarded by `mutex`: forward input of (s, j), backward input
-  // (gradient of the outputs) of (s, j).
-  std::mutex mutex;
-  std::condition_variable cv;
-  std::vector<std::vector<std::optional<Message>>> forward_box;
-  std::vector<std::vector<std::optional<Message>>> backward_box;
-  bool aborted = false;
-  std::exception_ptr error;
-
-
-  void post(std::vector<std::vector<std::optional<Message>>>& box, int64_t s,
-            int64_t j, Message m) {
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      box[s][j] = std::move(m);
-    }
-    cv.notify_all();
-  }
-
-  Message take(std::vector<std::vector<std::optional<Message>>>& box,
-               int64_t s, int64_t j) {
-    std::unique_lock<std::mutex> lock(mutex);
-    cv.wait(lock, [&] { return aborted || box[s][j].has_value(); });
-    if (aborted) {
-      throw Aborted{};
-    }
-    Message m = std::move(*box[s][j]);
-    box[s][j].reset();
-    return m;
-  }
-
-  void fail(std::exception_ptr e) {
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      if (!error) {
-        error = std::move(e);
-      }
-      aborted = true;
-    }
-    cv.notify_all();
-  }
-};
-
-namespace {
-
-// Hands messages between the workers of one process through the run's
-// mailboxes.
-struct MailboxTransport final : Transport {
-  explicit MailboxTransport(LocalRun& run) : run(run) {}
-  Message recv_forward(int64_t s, int64_t j) override {
-    return run.take(run.forward_box, s, j);
-  }
-  void send_forward(int64_t s, int64_t j, Message m) override {
-    run.post(run.forward_box, s + 1, j, std::move(m));
-  }
-  Message recv_backward(int64_t s, int64_t j) override {
-    return run.take(run.backward_box, s, j);
-  }
-  void send_backward(int64_t s, int64_t j, Message m) override {
-    run.post(run.backward_box, s - 1, j, std::move(m));
-  }
-  LocalRun& run;
-};
-
-} // namespace
-
-namespace {
-
-struct PassJob {
-  std::shared_ptr<LocalRun> run;
-  // Which cells of each stage's list this pass runs.
-  bool forward = true;
-  bool backward = true;
-};
-
-} // namespace
 
 class EngineCore : public std::enable_shared_from_this<EngineCore> {
  public:
   EngineCore(std::vector<std::shared_ptr<Stage>> stages, EngineOptions options)
       : options_(options) {
     TORCH_CHECK_VALUE(!stages.empty(), "a pipeline needs at least 1 stage");
-    register_random_kernels();
     TORCH_CHECK_VALUE(options_.chunks() >= 1, "chunks must be at least 1, got ",
                       options_.chunks());
     TORCH_CHECK_VALUE(options_.worker_threads() >= 0,
                       "worker_threads must be >= 0, got ",
                       options_.worker_threads());
+    register_random_kernels();
     int64_t cpu_stages = 0;
     for (size_t s = 0; s < stages.size(); ++s) {
       TORCH_CHECK_VALUE(stages[s] != nullptr, "stage ", s, " is null");
@@ -176,31 +65,27 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
       runners_.push_back(std::make_unique<CellRunner>(
           stages[s], static_cast<int64_t>(s)));
     }
-    threads_per_worker_ = options_.worker_threads() > 0
-        ? options_.worker_threads()
-        : std::max<int64_t>(1, at::get_num_threads() /
-                                   std::max<int64_t>(1, cpu_stages));
-    workers_.reserve(runners_.size());
-    for (size_t s = 0; s < runners_.size(); ++s) {
-      workers_.emplace_back(std::make_unique<Worker>());
-    }
-    for (size_t s = 0; s < runners_.size(); ++s) {
-      workers_[s]->thread = std::thread([this, s] { worker_main(s); });
-    }
-  }
-
-  ~EngineCore() {
-    for (auto& w : workers_) {
-      {
-        std::lock_guard<std::mutex> lock(w->mutex);
-        w->shutdown = true;
+    const int caller_threads = at::get_num_threads();
+    const int per_worker = static_cast<int>(
+        options_.worker_threads() > 0
+            ? options_.worker_threads()
+            : std::max<int64_t>(1, caller_threads /
+                                       std::max<int64_t>(1, cpu_stages)));
+    workers_ = std::make_unique<WorkerPool>(runners_.size(), [&](size_t s) {
+      if (runners_[s]->stage().device().is_cpu()) {
+        // get_num_threads() runs this thread's lazy initialisation first
+        // (which applies the process-wide count); without it, the first
+        // parallel op of the worker would replace our count by that one.
+        (void)at::get_num_threads();
+        at::set_num_threads(per_worker);
       }
-      w->cv.notify_all();
-    }
-    for (auto& w : workers_) {
-      if (w->thread.joinable()) {
-        w->thread.join();
-      }
+    });
+    if (cpu_stages > 0) {
+      // at::set_num_threads also sets the count that threads created later
+      // start with (process-wide); the workers' own counts are per thread.
+      // Give the process its count back: a library leaves the caller's
+      // settings as it found them.
+      at::set_num_threads(caller_threads);
     }
   }
 
@@ -232,42 +117,47 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     }
     prepare_run(*run, num_stages(), std::move(sizes), grad_mode && needs,
                 call_checkpoint(options_.checkpoint(), training), tls);
-    const auto k = num_stages();
-    const auto m = run->micro_batches;
-    run->forward_box.assign(k, std::vector<std::optional<Message>>(m));
-    run->backward_box.assign(k, std::vector<std::optional<Message>>(m));
+    run->size_boxes();
     return run;
   }
 
   // Runs one pass of `run` on the workers and waits; rethrows the first
   // failure with its stage and micro-batch. Stages in `inline_stages` run on
-  // the calling thread instead, in clock order (see drain()).
+  // the calling thread instead, in clock order (see drain()). While it
+  // waits, the interrupt check runs every 50 ms; when it throws, the pass
+  // fails with its exception.
   void run_pass(const std::shared_ptr<LocalRun>& run, bool forward,
                 bool backward, const std::vector<bool>& inline_stages = {}) {
     std::lock_guard<std::mutex> pass_lock(pass_mutex_);
     const auto sched = schedule(run->micro_batches);
-    {
-      std::lock_guard<std::mutex> lock(done_mutex_);
-      pending_ = 0;
-      for (int64_t s = 0; s < num_stages(); ++s) {
-        pending_ += !is_inline(inline_stages, s);
-      }
-    }
-    for (int64_t s = 0; s < num_stages(); ++s) {
-      if (is_inline(inline_stages, s)) {
-        continue;
-      }
-      auto& w = *workers_[s];
-      {
-        std::lock_guard<std::mutex> lock(w.mutex);
-        w.job = PassJob{run, forward, backward};
-      }
-      w.cv.notify_all();
-    }
+    workers_->start(
+        [&, run](size_t s) {
+          {
+            at::ThreadLocalStateGuard tls(run->tls);
+            const auto& cells = sched[s];
+            for (size_t i = 0; i < cells.size(); ++i) {
+              if (!run_cell(*run, static_cast<int64_t>(s), cells, i, forward,
+                            backward)) {
+                break;
+              }
+            }
+          }
+          runners_[s]->stage().end_pass();
+        },
+        inline_stages);
     if (!inline_stages.empty()) {
       run_inline(run, sched, forward, backward, inline_stages);
     }
-    wait_pass(*run);
+    const auto check = interrupt_check();
+    workers_->wait([&] {
+      if (check) {
+        try {
+          check();
+        } catch (...) {
+          run->fail(std::current_exception());
+        }
+      }
+    });
     if (run->error) {
       std::rethrow_exception(run->error);
     }
@@ -293,20 +183,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // which the autograd engine runs in place).
   Batch drain(const std::shared_ptr<LocalRun>& run, const Batch& grads) {
     TORCH_CHECK(run->grad, "pipegear: backward of a step that kept no graph");
-    std::vector<int64_t> sizes = run->sizes;
-    run->output_grads.assign(run->micro_batches, Batch{});
-    for (const auto& g : grads) {
-      if (!g.defined()) {
-        for (auto& b : run->output_grads) {
-          b.emplace_back();
-        }
-        continue;
-      }
-      auto parts = g.split_with_sizes(sizes, 0);
-      for (int64_t j = 0; j < run->micro_batches; ++j) {
-        run->output_grads[j].push_back(parts[j]);
-      }
-    }
+    split_output_grads(*run, grads);
     std::vector<bool> inline_stages;
     for (const auto& g : grads) {
       if (g.defined() && !g.device().is_cpu()) {
@@ -322,27 +199,6 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     return gather_input_grads(*run);
   }
 
-  // Waits for the workers of the pass. Every 50 ms the interrupt check
-  // runs (Python: pending signals, Ctrl-C); when it throws, the pass is
-  // aborted (workers stop at their next cell) and the error is the pass's.
-  void wait_pass(LocalRun& run) {
-    const auto check = interrupt_check();
-    std::unique_lock<std::mutex> lock(done_mutex_);
-    while (!done_cv_.wait_for(lock, std::chrono::milliseconds(50),
-                              [&] { return pending_ == 0; })) {
-      if (!check) {
-        continue;
-      }
-      lock.unlock();
-      try {
-        check();
-      } catch (...) {
-        run.fail(std::current_exception());
-      }
-      lock.lock();
-    }
-  }
-
   void publish_trace(const LocalRun& run) {
     std::vector<TraceEvent> all;
     for (const auto& e : run.events) {
@@ -356,60 +212,6 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   }
 
  private:
-  struct Worker {
-    std::thread thread;
-    std::mutex mutex;
-    std::condition_variable cv;
-    std::optional<PassJob> job;
-    bool shutdown = false;
-  };
-
-  static bool is_inline(const std::vector<bool>& inline_stages, int64_t s) {
-    return !inline_stages.empty() && inline_stages[s];
-  }
-
-  void worker_main(size_t s) {
-    auto& w = *workers_[s];
-    const auto device = runners_[s]->stage().device();
-    if (device.is_cpu()) {
-      // get_num_threads() runs this thread's lazy initialisation first
-      // (which applies the process-wide count); without it, the first
-      // parallel op of the worker would replace our count by that one.
-      (void)at::get_num_threads();
-      at::set_num_threads(static_cast<int>(threads_per_worker_));
-    }
-    while (true) {
-      PassJob job;
-      {
-        std::unique_lock<std::mutex> lock(w.mutex);
-        w.cv.wait(lock, [&] { return w.shutdown || w.job.has_value(); });
-        if (w.shutdown) {
-          return;
-        }
-        job = std::move(*w.job);
-        w.job.reset();
-      }
-      {
-        at::ThreadLocalStateGuard tls(job.run->tls);
-        const auto sched = schedule(job.run->micro_batches);
-        const auto& cells = sched[s];
-        for (size_t i = 0; i < cells.size(); ++i) {
-          if (!run_cell(*job.run, static_cast<int64_t>(s), cells, i,
-                        job.forward, job.backward)) {
-            break;
-          }
-        }
-      }
-      runners_[s]->stage().end_pass();
-      job.run.reset();
-      {
-        std::lock_guard<std::mutex> lock(done_mutex_);
-        --pending_;
-      }
-      done_cv_.notify_all();
-    }
-  }
-
   void run_inline(const std::shared_ptr<LocalRun>& run, const Schedule& sched,
                   bool forward, bool backward,
                   const std::vector<bool>& inline_stages) {
@@ -458,13 +260,8 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
 
   std::vector<std::unique_ptr<CellRunner>> runners_;
   EngineOptions options_;
-  int64_t threads_per_worker_ = 1;
-  std::vector<std::unique_ptr<Worker>> workers_;
-
+  std::unique_ptr<WorkerPool> workers_;  // after runners_: joined first
   std::mutex pass_mutex_;  // one pass at a time
-  std::mutex done_mutex_;
-  std::condition_variable done_cv_;
-  int64_t pending_ = 0;
 
   mutable std::mutex trace_mutex_;
   Trace last_trace_;

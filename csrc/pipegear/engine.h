@@ -9,55 +9,13 @@
 #include <torch/types.h>
 
 #include <pipegear/checkpoint.h>
+#include <pipegear/loss.h>
 #include <pipegear/microbatch.h>
 #include <pipegear/schedule.h>
 #include <pipegear/stage.h>
 #include <pipegear/trace.h>
 
 namespace pipegear {
-
-/// How the micro-batch losses of `step` combine into the mini-batch loss:
-/// kMean weighs micro-batch j by n_j / N (the loss_fn reduces by mean), kSum
-/// adds them (the loss_fn reduces by sum). Either way the gradients equal
-/// those of loss_fn on the whole batch.
-enum class LossReduction : uint8_t { kMean, kSum };
-
-/// "mean" or "sum"; ValueError otherwise.
-LossReduction parse_loss_reduction(const std::string& name);
-
-/// Which schedule generator the engine runs.
-enum class ScheduleKind : uint8_t { kGPipe, k1F1B };
-
-/// "gpipe" or "1f1b"; ValueError otherwise.
-ScheduleKind parse_schedule_kind(const std::string& name);
-
-/// The schedule of `kind` for `stages` stages and `micro_batches`.
-Schedule make_schedule(ScheduleKind kind, int64_t stages,
-                       int64_t micro_batches);
-
-/// loss_fn(output, target) -> scalar, called per micro-batch on the last
-/// stage's worker.
-using LossFn = std::function<torch::Tensor(const Batch& output,
-                                           const Batch& target)>;
-
-/// count(target of one micro-batch) -> how many terms a mean loss averages
-/// over for it: the targets that are not ignored (ignore_index), or the sum
-/// of their class weights. Called on the calling thread before the step.
-using LossCount = std::function<double(const Batch& target)>;
-
-/// How `step` combines the micro-batch losses, so that the loss and the
-/// gradients equal those of the loss on the whole batch.
-struct StepOptions {
-  /// kMean: micro-batch j weighs count_j / sum(count) (count_j: its rows,
-  /// or `count` of its target); kSum: the losses add up.
-  TORCH_ARG(LossReduction, reduction) = LossReduction::kMean;
-  /// What a mean loss averages over; empty: the rows of the micro-batch.
-  /// Needed when that differs from the rows (ignored targets, class
-  /// weights); not allowed with kSum.
-  TORCH_ARG(LossCount, count) = {};
-  /// False (an eval-mode module): no micro-batch is checkpointed.
-  TORCH_ARG(bool, training) = true;
-};
 
 /// A function the thread that waits for a pass (the caller of forward,
 /// step or of the backward) runs every 50 ms: the Python bindings check

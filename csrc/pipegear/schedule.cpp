@@ -194,4 +194,20 @@ std::string render_schedule(const Schedule& schedule, int64_t micro_batches) {
   return out.str();
 }
 
+ScheduleKind parse_schedule_kind(const std::string& name) {
+  if (name == "gpipe") {
+    return ScheduleKind::kGPipe;
+  }
+  TORCH_CHECK_VALUE(name == "1f1b", "schedule must be 'gpipe' or '1f1b', got '",
+                    name, "'");
+  return ScheduleKind::k1F1B;
+}
+
+Schedule make_schedule(ScheduleKind kind, int64_t stages,
+                       int64_t micro_batches) {
+  return kind == ScheduleKind::kGPipe
+      ? gpipe_schedule(stages, micro_batches)
+      : one_f_one_b_schedule(stages, micro_batches);
+}
+
 } // namespace pipegear

@@ -43,6 +43,16 @@ Schedule gpipe_schedule(int64_t stages, int64_t micro_batches);
 /// forward before any backward).
 Schedule one_f_one_b_schedule(int64_t stages, int64_t micro_batches);
 
+/// The schedule generators a pipeline can run.
+enum class ScheduleKind : uint8_t { kGPipe, k1F1B };
+
+/// "gpipe" or "1f1b"; ValueError otherwise.
+ScheduleKind parse_schedule_kind(const std::string& name);
+
+/// The schedule of `kind` for `stages` stages and `micro_batches`.
+Schedule make_schedule(ScheduleKind kind, int64_t stages,
+                       int64_t micro_batches);
+
 /// True when every stage runs all its forwards before its first backward,
 /// so the schedule splits into a fill pass and a drain pass (module style).
 bool is_fill_drain(const Schedule& schedule);

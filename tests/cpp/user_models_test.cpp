@@ -4,6 +4,9 @@
 #include "testing.h"
 
 #include <stdexcept>
+#include <thread>
+
+#include <ATen/Parallel.h>
 
 #include <pipegear/pipegear.h>
 
@@ -284,4 +287,25 @@ TEST_CASE("user models: a std exception names its stage and micro-batch",
     }
     CHECK(nested);
   }
+}
+
+TEST_CASE("a pipeline leaves the caller's thread counts as it found them",
+          "[user]") {
+  auto in_new_thread = [] {
+    int n = 0;
+    std::thread([&] { n = at::get_num_threads(); }).join();
+    return n;
+  };
+  const int caller = at::get_num_threads();
+  const int fresh = in_new_thread();
+  {
+    auto model = classifier(3);
+    auto pipe = GPipe(model, cpu_options({1, 1, 1}, 4).worker_threads(1));
+    pipe->step(torch::randn({8, 6}, torch::kFloat64), torch::randint(0, 3, {8}),
+               torch::nn::CrossEntropyLoss());
+    CHECK(at::get_num_threads() == caller);
+    CHECK(in_new_thread() == fresh);
+  }
+  CHECK(at::get_num_threads() == caller);
+  CHECK(in_new_thread() == fresh);
 }

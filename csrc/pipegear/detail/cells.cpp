@@ -8,12 +8,8 @@
 #include <string>
 
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/StreamGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
-
-#include <c10/util/Type.h>
 
 #include <pipegear/errors.h>
 #include <pipegear/random.h>
@@ -31,10 +27,6 @@ int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              Clock::now().time_since_epoch())
       .count();
-}
-
-bool can_require_grad(const torch::Tensor& t) {
-  return t.defined() && (t.is_floating_point() || t.is_complex());
 }
 
 namespace {
@@ -64,196 +56,6 @@ Batch alias_leaves(const Batch& leaves) {
 }
 
 } // namespace
-
-namespace {
-
-struct StepCapsule : torch::CustomClassHolder {
-  c10::intrusive_ptr<PendingStep> step;
-  bool tuple = false;  // the fill's output is a tuple (also of one tensor)
-};
-
-struct PipelineNode : torch::autograd::Function<PipelineNode> {
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx,
-      c10::intrusive_ptr<StepCapsule> capsule, torch::Tensor /*phony*/,
-      at::TensorList /*inputs: the step holds their micro-batches*/) {
-    Batch out = capsule->step->fill();
-    capsule->tuple = out.tuple;
-    std::vector<torch::Tensor> non_diff;
-    for (auto& t : out) {
-      if (!can_require_grad(t)) {
-        non_diff.push_back(t);
-      }
-    }
-    if (!non_diff.empty()) {
-      ctx->mark_non_differentiable(non_diff);
-    }
-    ctx->saved_data["step"] = c10::IValue::make_capsule(
-        c10::static_intrusive_pointer_cast<torch::CustomClassHolder>(capsule));
-    return out;
-  }
-
-  static torch::autograd::variable_list backward(
-      torch::autograd::AutogradContext* ctx,
-      torch::autograd::variable_list grads) {
-    auto it = ctx->saved_data.find("step");
-    TORCH_CHECK(it != ctx->saved_data.end(),
-                "pipegear: backward through the pipeline's output ran a second "
-                "time; a step's graph is freed by its first backward "
-                "(retain_graph is not supported: run the forward again)");
-    auto capsule = c10::static_intrusive_pointer_cast<StepCapsule>(
-        it->second.toCapsule());
-    ctx->saved_data.erase(it);
-    auto step = std::move(capsule->step);
-    Batch input_grads = step->drain(grads);
-    torch::autograd::variable_list result;
-    result.reserve(input_grads.size() + 2);
-    result.emplace_back();  // capsule
-    result.emplace_back();  // phony
-    for (auto& g : input_grads) {
-      result.push_back(std::move(g));
-    }
-    return result;
-  }
-};
-
-} // namespace
-
-Batch apply_pipeline_node(c10::intrusive_ptr<PendingStep> step,
-                          const Batch& inputs) {
-  static const torch::Tensor phony = torch::zeros({}).requires_grad_(true);
-  auto capsule = c10::make_intrusive<StepCapsule>();
-  capsule->step = std::move(step);
-  Batch out = PipelineNode::apply(capsule, phony, at::TensorList(inputs));
-  out.tuple = capsule->tuple;
-  return out;
-}
-
-Batch gather_input_grads(const StepRun& run) {
-  const size_t width = run.inputs.empty() ? 0 : run.inputs.front().size();
-  Batch out(width);
-  for (size_t i = 0; i < width; ++i) {
-    std::vector<torch::Tensor> parts;
-    for (const auto& g : run.input_grads) {
-      if (i < g.size() && g[i].defined()) {
-        parts.push_back(g[i]);
-      }
-    }
-    if (!parts.empty() && parts.size() == run.input_grads.size()) {
-      out[i] = parts.size() == 1 ? parts.front() : at::cat(parts, 0);
-    }
-  }
-  return out;
-}
-
-void backward_into_input(const Batch& input, const StepRun& run) {
-  const Batch grads = gather_input_grads(run);
-  std::vector<torch::Tensor> outs, gs;
-  for (size_t i = 0; i < input.size() && i < grads.size(); ++i) {
-    if (input[i].defined() && input[i].requires_grad() && grads[i].defined()) {
-      outs.push_back(input[i]);
-      gs.push_back(grads[i]);
-    }
-  }
-  if (!outs.empty()) {
-    torch::autograd::backward(outs, gs);
-  }
-}
-
-torch::Tensor weighted_loss(const StepRun& run) {
-  torch::Tensor loss = torch::zeros({}, run.losses.front().options());
-  for (int64_t j = 0; j < run.micro_batches; ++j) {
-    if (run.loss_weights[j] != 0.0) {  // a micro-batch with nothing to count
-      loss = loss + run.losses[j] * run.loss_weights[j];
-    }
-  }
-  return loss;
-}
-
-std::vector<int64_t> scatter_input(StepRun& run, const Batch& input,
-                                   int64_t chunks) {
-  run.inputs = scatter(input, chunks);
-  run.input_ready.reset();
-  for (const auto& t : input) {
-    if (t.defined() && !t.device().is_cpu()) {
-      run.input_ready = CellRunner::record_ready(t.device());
-      break;
-    }
-  }
-  std::vector<int64_t> sizes;
-  for (const auto& b : run.inputs) {
-    sizes.push_back(b.front().size(0));
-  }
-  return sizes;
-}
-
-void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
-                 bool grad, CheckpointMode mode, const at::ThreadLocalState& tls) {
-  const auto m = static_cast<int64_t>(sizes.size());
-  run.stages = stages;
-  run.micro_batches = m;
-  run.sizes = std::move(sizes);
-  run.grad = grad;
-  run.tls = tls;
-  run.checkpointed.resize(m);
-  for (int64_t j = 0; j < m; ++j) {
-    run.checkpointed[j] = grad && is_checkpointed(mode, j, m);
-  }
-  run.cells.assign(stages, std::vector<CellState>(m));
-  run.outputs.resize(m);
-  run.input_grads.resize(m);
-  run.events.resize(stages);
-  run.rng_seed = draw_step_seed();
-}
-
-void prepare_loss(StepRun& run, const Batch& target, const LossFn& loss_fn,
-                  const StepOptions& options) {
-  const int64_t m = run.micro_batches;
-  int64_t total = 0;
-  for (auto n : run.sizes) {
-    total += n;
-  }
-  run.targets.assign(m, Batch{});
-  if (!target.empty()) {
-    const auto nt = batch_size(target);
-    TORCH_CHECK_VALUE(nt == total, "the target's batch size must equal the "
-                      "input's: input has ", total, ", target has ", nt);
-    for (const auto& t : target) {
-      auto parts = t.split_with_sizes(run.sizes, 0);
-      for (int64_t j = 0; j < m; ++j) {
-        run.targets[j].push_back(parts[j]);
-      }
-    }
-    for (auto& t : run.targets) {
-      t.tuple = target.tuple;
-    }
-  }
-  run.loss_fn = &loss_fn;
-  run.losses.assign(m, torch::Tensor());
-  run.loss_weights.assign(m, 1.0);
-  if (options.reduction() == LossReduction::kSum) {
-    TORCH_CHECK_VALUE(!options.count(), "a count of what the loss averages "
-                      "over applies to reduction 'mean' only; a 'sum' loss "
-                      "adds the micro-batch losses");
-    return;
-  }
-  std::vector<double> counts(m);
-  double sum = 0;
-  for (int64_t j = 0; j < m; ++j) {
-    counts[j] = options.count() ? options.count()(run.targets[j])
-                                : static_cast<double>(run.sizes[j]);
-    TORCH_CHECK_VALUE(std::isfinite(counts[j]) && counts[j] >= 0,
-                      "count must give a finite number >= 0 for every "
-                      "micro-batch, got ", counts[j], " for micro-batch ", j);
-    sum += counts[j];
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    // Nothing counted in the whole batch: the loss on the whole batch is
-    // 0/0 (NaN); weighing by rows gives NaN the same way.
-    run.loss_weights[j] = sum > 0 ? counts[j] / sum
-                                  : static_cast<double>(run.sizes[j]) / total;
-  }
-}
 
 namespace {
 
@@ -435,93 +237,13 @@ Batch CellRunner::apply_checkpointed(StepRun& run, int64_t j, const Batch& x) {
   return y;
 }
 
-// Moves a received message onto `device`, making the stage's leaves.
-Batch CellRunner::receive(Message m, c10::Device device, bool as_leaves) {
-  Batch out;
-  out.tuple = m.tensors.tuple;
-  out.reserve(m.tensors.size());
-  for (auto& t : m.tensors) {
-    if (!t.defined()) {
-      out.emplace_back();
-      continue;
-    }
-    const bool grad = as_leaves && t.requires_grad();
-    torch::Tensor r;
-    if (t.device() == device) {
-      r = t.detach();
-      if (m.ready && !device.is_cpu()) {
-        // Same device, maybe another stream (the caller's): wait for it.
-        c10::impl::VirtualGuardImpl impl(device.type());
-        m.ready->block(impl.getStream(device));
-        r.record_stream(impl.getStream(device));
-      }
-    } else {
-      r = copy_to(t.detach(), device, m.ready);
-    }
-    out.push_back(grad ? r.requires_grad_(true) : r);
-  }
-  return out;
-}
-
-torch::Tensor CellRunner::copy_to(const torch::Tensor& t, c10::Device dst,
-                                  const std::shared_ptr<c10::Event>& ready) {
-  const c10::Device src = t.device();
-  if (src.is_cpu() && dst.is_cpu()) {
-    return t;
-  }
-  // The copy runs on a copy stream of the accelerator side.
-  const c10::Device side = dst.is_cpu() ? src : dst;
-  c10::impl::VirtualGuardImpl impl(side.type());
-  auto& streams = copy_streams_;
-  auto it = streams.find(side);
-  if (it == streams.end()) {
-    it = streams.emplace(side, impl.getStreamFromGlobalPool(side)).first;
-  }
-  const c10::Stream copy_stream = it->second;
-  if (ready) {
-    ready->block(copy_stream);
-  }
-  torch::Tensor r;
-  {
-    c10::StreamGuard guard(copy_stream);
-    r = t.to(dst, /*non_blocking=*/true);
-  }
-  if (!src.is_cpu()) {
-    t.record_stream(copy_stream);  // not reused before the copy is done
-  }
-  c10::Event copied(side.type());
-  copied.record(copy_stream);
-  if (dst.is_cpu()) {
-    copied.synchronize();
-  } else {
-    const auto compute = impl.getStream(dst);
-    copied.block(compute);
-    r.record_stream(compute);
-  }
-  return r;
-}
-
-std::shared_ptr<c10::Event> CellRunner::record_ready(c10::Device device) {
-  if (device.is_cpu()) {
-    return nullptr;
-  }
-  c10::impl::VirtualGuardImpl impl(device.type());
-  auto ready = std::make_shared<c10::Event>(device.type());
-  ready->record(impl.getStream(device));
-  return ready;
-}
-
-Message CellRunner::make_message(Batch tensors, c10::Device device) {
-  return Message{std::move(tensors), record_ready(device)};
-}
-
 void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
   const int64_t s = index_;
   const auto device = stage_->device();
   Message in = s == 0 ? Message{run.inputs[j], run.input_ready}
                       : transport.recv_forward(s, j);
   const int64_t start = now_ns();  // the trace shows work, not waiting
-  Batch x = receive(std::move(in), device, true);
+  Batch x = copier_.receive(std::move(in), device, true);
   auto& cell = run.cells[s][j];
   Batch y;
   bool y_requires_grad = false;
@@ -580,14 +302,14 @@ void CellRunner::backward(StepRun& run, Transport& transport, int64_t j) {
   if (!is_last(run)) {
     Message m = transport.recv_backward(s, j);
     start = now_ns();
-    grads = receive(std::move(m), device, false);
+    grads = copier_.receive(std::move(m), device, false);
   } else if (run.loss_fn != nullptr) {
     grads = {torch::ones_like(cell.outputs.front())};
   } else {
     grads = run.output_grads[j];
     for (auto& g : grads) {
       if (g.defined() && g.device() != device) {
-        g = copy_to(g, device, nullptr);
+        g = copier_.copy_to(g, device, nullptr);
       }
     }
   }

@@ -18,6 +18,7 @@
 #include <torch/cuda.h>
 
 #include <pipegear/detail/cells.h>
+#include <pipegear/detail/pipeline_node.h>
 #include <pipegear/gpipe.h>
 #include <pipegear/microbatch.h>
 #include <pipegear/nn/deferred_batch_norm.h>
