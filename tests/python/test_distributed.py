@@ -8,6 +8,7 @@ is bounded in time; the whole file takes about a minute on 2 cores.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -194,6 +195,58 @@ def worker_crash(rank, world, port, out):
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     os._exit(0)  # no teardown against a dead peer
+
+
+class _Slow(nn.Module):
+    """A Linear whose forward sleeps `delay` seconds once while armed."""
+    delay = 0.0
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(H, O)
+
+    def forward(self, x):
+        if _Slow.delay:
+            time.sleep(_Slow.delay)
+            _Slow.delay = 0.0
+        return self.linear(x)
+
+
+def _attempt(fn):
+    """(error or None, seconds) of a call."""
+    start = time.monotonic()
+    try:
+        fn()
+        error = None
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}"
+    return error, time.monotonic() - start
+
+
+def worker_late(rank, world, port, out):
+    """Rank 1 is late for step 1 by 2.5 s, inside it (PIPEGEAR_TEST_MODE
+    'in-step': its layer sleeps) or before it ('between-steps'), so rank 0
+    gives up on it after 1 s; then every rank tries step 2."""
+    import pipegear
+    _init(rank, world, port)
+    pipe = pipegear.DistributedGPipe([lambda: nn.Linear(D, H), _Slow], [1, 1],
+                                     chunks=2, timeout=1.0)
+    x, t = torch.randn(4, D), torch.randn(4, O)
+
+    def step():
+        pipe.step(x if rank == 0 else None, t if rank == 1 else None, mse)
+    report = {"step0": _attempt(step)}
+    if rank == 1:
+        if os.environ["PIPEGEAR_TEST_MODE"] == "in-step":
+            _Slow.delay = 2.5
+        else:
+            time.sleep(2.5)
+    report["step1"] = _attempt(step)
+    report["broken"] = pipe.broken
+    report["step2"] = _attempt(step)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    os._exit(0)  # no teardown on a broken group
 
 
 class _Boom(nn.Module):
@@ -474,6 +527,38 @@ def test_dead_peer_fails_within_timeout(tmp_path, world, dying, mode):
     assert time.monotonic() - t0 < 45
 
 
+@pytest.mark.parametrize("mode", ["in-step", "between-steps"])
+def test_a_rank_late_after_its_peer_gave_up_gets_pipegear_context(tmp_path,
+                                                                   mode):
+    """Rank 1 comes 2.5 s late for step 1, after rank 0 gave up on it (1 s)
+    and Gloo closed their link, so rank 1's next c10d call fails. It raises
+    that with pipegear's context (this rank, the step, what it was doing),
+    not Gloo's bare "Connection closed by peer", and both ranks are broken:
+    the next step raises at once."""
+    codes, logs = _launch("late", 2, str(tmp_path), {"PIPEGEAR_TEST_MODE": mode},
+                          timeout=30)
+    assert codes == [0, 0], "\n".join(logs)
+    rank0, rank1 = [json.loads((tmp_path / f"rank{r}.json").read_text())
+                    for r in range(2)]
+    assert rank0["step0"][0] is None and rank1["step0"][0] is None
+    error, elapsed = rank0["step1"]
+    assert error.startswith("RuntimeError: pipegear: rank 0: "), error
+    assert "step 1 timed out after 1 s" in error, error
+    assert elapsed < 1.0 + 2.0, rank0
+    error, elapsed = rank1["step1"]
+    assert error.startswith("RuntimeError: pipegear: rank 1: "), error
+    assert re.search(r"step [12]\b", error), error
+    assert "(did rank 0 die, or give up waiting for this rank?)" in error, error
+    # at once once back (a sleep inside the step counts, one before not)
+    assert elapsed < (2.5 if mode == "in-step" else 0) + 1.5, rank1
+    for r, report in enumerate((rank0, rank1)):
+        assert report["broken"], report
+        error, elapsed = report["step2"]
+        assert error.startswith(f"RuntimeError: pipegear: rank {r}: an earlier "
+                                "step failed"), error
+        assert elapsed < 0.5, report
+
+
 def test_exception_in_a_layer_fails_every_rank_and_the_next_step_works(tmp_path):
     """A Python exception in rank 1's layer (forward or backward, both faces,
     gpipe and 1f1b): rank 1 raises it, every other rank raises an error
@@ -600,5 +685,5 @@ def test_needs_a_process_group():
 if __name__ == "__main__":
     kind, rank, world, port, out = sys.argv[1:6]
     fn = {"compare": worker_compare, "crash": worker_crash,
-          "raise": worker_raise}[kind]
+          "raise": worker_raise, "late": worker_late}[kind]
     fn(int(rank), int(world), int(port), out)

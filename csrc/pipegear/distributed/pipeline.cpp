@@ -211,18 +211,34 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   // Module style: agree, then raise the capacities and wait for the sends.
   void finish_pass(StepState& state, const std::exception_ptr& error,
                    const char* pass);
-  c10::intrusive_ptr<c10d::Work> p2p_recv(const torch::Tensor& t, int64_t src, int tag);
+  // Every c10d call of the core goes through these: an error of the backend
+  // (Gloo: "Connection closed by peer" on a link a peer gave up on) is raised
+  // with this rank and `what` it was about ("the header of step 3"),
+  // and marks the pipeline broken, since the link is then in an unknown
+  // state.
+  c10::intrusive_ptr<c10d::Work> p2p_recv(const torch::Tensor& t, int64_t src, int tag,
+                                          const std::string& what);
   void p2p_send(const torch::Tensor& t, int64_t dst, int tag, const std::string& what);
+  [[noreturn]] void comm_error(const std::string& doing, int64_t peer);
   void post_header_recv();
   void mark_broken(const std::string& why);
+  std::string broken_reason() const {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    return broken_reason_;
+  }
   void check_not_broken();
   void agree_on_configuration();
   // A sum over the ranks, bounded by the timeout inside the backend too (a
   // collective stuck on a dead peer would block the group's worker).
-  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& v) {
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& v,
+                                           const std::string& what) {
     c10d::AllreduceOptions o;
     o.timeout = options_.timeout();
-    return group_->allreduce(v, o);
+    try {
+      return group_->allreduce(v, o);
+    } catch (const std::exception&) {
+      comm_error(what, -1);
+    }
   }
 
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
@@ -349,11 +365,12 @@ class C10dTransport final : public Transport {
   }
 
   // The failure protocol's two halves.
-  void send_poison(int64_t dst, int64_t j, bool backward, int64_t origin,
+  // False when the peer is unreachable (then it is marked bad).
+  bool send_poison(int64_t dst, int64_t j, bool backward, int64_t origin,
                    bool broken, const std::string& text) {
     sent_.insert({backward, j});
     if (is_bad(dst)) {
-      return;
+      return false;
     }
     try {
       const int64_t cap = core_.capacity(backward, /*send=*/true);
@@ -367,8 +384,10 @@ class C10dTransport final : public Transport {
       std::memcpy(buffer.data_ptr<uint8_t>(), w.data(), 8 * w.size());
       std::memcpy(buffer.data_ptr<uint8_t>() + base, msg.data(), msg.size());
       post(buffer.to(device()), dst, core_.tag_of(j, backward), "a failure notice");
+      return true;
     } catch (const std::exception&) {
       bad_peers_.insert(dst);  // the peer is gone: nothing to tell it
+      return false;
     }
   }
 
@@ -420,13 +439,21 @@ class C10dTransport final : public Transport {
     auto buffer = torch::empty({core_.capacity(backward, /*send=*/false)},
                                torch::TensorOptions().dtype(torch::kUInt8).device(device()));
     posted_[{backward, j}] = {buffer, post_recv(buffer, src, core_.tag_of(j, backward),
-                                                describe_msg(backward, j, src))};
+                                                "receiving " + describe_msg(backward, j, src))};
   }
 
   static std::string describe_msg(bool backward, int64_t j, int64_t peer) {
     return std::string(backward ? "the gradients" : "the activations") +
         " of micro-batch " + std::to_string(j) + " from rank " +
         std::to_string(peer);
+  }
+
+  // " in step N", for the messages of a failure of the transport.
+  std::string in_step() const { return " in step " + std::to_string(seq_); }
+  // Why a link fails at once (see DistributedCore::comm_error).
+  static std::string gave_up(int64_t peer) {
+    return " (did rank " + std::to_string(peer) +
+        " die, or give up waiting for this rank?)";
   }
 
   [[noreturn]] void comm_failure(int64_t peer, const std::string& msg) {
@@ -444,7 +471,7 @@ class C10dTransport final : public Transport {
     const std::string& error = r.error;
     if (r.timed_out()) {
       comm_failure(peer, "pipegear: rank " + std::to_string(core_.rank()) +
-                             ": " + what + " timed out after " +
+                             ": " + what + in_step() + " timed out after " +
                              seconds(timeout) + " (did rank " +
                              std::to_string(peer) +
                              " die, hang or skip the call?)" +
@@ -452,7 +479,8 @@ class C10dTransport final : public Transport {
     }
     if (!error.empty()) {
       comm_failure(peer, "pipegear: rank " + std::to_string(core_.rank()) +
-                             ": " + what + " failed: " + error);
+                             ": " + what + in_step() + " failed" + gave_up(peer) +
+                             ": " + error);
     }
   }
 
@@ -461,12 +489,14 @@ class C10dTransport final : public Transport {
     c10::intrusive_ptr<c10d::Work> work;
     try {
       work = core_.group().send(v, static_cast<int>(dst), tag);
-    } catch (const std::exception& e) {
+    } catch (const std::exception&) {
       comm_failure(dst, "pipegear: rank " + std::to_string(core_.rank()) +
                             ": sending " + what + " to rank " +
-                            std::to_string(dst) + " failed: " + e.what());
+                            std::to_string(dst) + in_step() + " failed" +
+                            gave_up(dst) + ": " + describe(std::current_exception()));
     }
-    core_.add_pending({std::move(work), dst, what + " to rank " + std::to_string(dst)});
+    core_.add_pending({std::move(work), dst,
+                       what + " to rank " + std::to_string(dst) + in_step()});
   }
 
   c10::intrusive_ptr<c10d::Work> post_recv(torch::Tensor t, int64_t src, int tag,
@@ -474,9 +504,10 @@ class C10dTransport final : public Transport {
     std::vector<at::Tensor> v{std::move(t)};
     try {
       return core_.group().recv(v, static_cast<int>(src), tag);
-    } catch (const std::exception& e) {
-      comm_failure(src, "pipegear: rank " + std::to_string(core_.rank()) +
-                            ": receiving " + what + " failed: " + e.what());
+    } catch (const std::exception&) {
+      comm_failure(src, "pipegear: rank " + std::to_string(core_.rank()) + ": " +
+                            what + in_step() + " failed" + gave_up(src) + ": " +
+                            describe(std::current_exception()));
     }
   }
 
@@ -702,8 +733,14 @@ struct StepState {
   bool drained = false;
   std::exception_ptr pre_error;  // this rank failed before its first cell
   // The receives of the agreement of the current pass: rank 0, the status
-  // of ranks 1..K-1; the others, rank 0's outcome.
-  std::vector<std::pair<torch::Tensor, c10::intrusive_ptr<c10d::Work>>> agreement;
+  // of ranks 1..K-1; the others, rank 0's outcome. A receive that could not
+  // be posted has no work and the backend's error instead.
+  struct Report {
+    torch::Tensor buffer;
+    c10::intrusive_ptr<c10d::Work> work;
+    std::string error;
+  };
+  std::vector<Report> agreement;
 };
 
 namespace {
@@ -815,16 +852,40 @@ DistributedCore::DistributedCore(c10::intrusive_ptr<c10d::ProcessGroup> group,
 }
 
 c10::intrusive_ptr<c10d::Work> DistributedCore::p2p_recv(const torch::Tensor& t,
-                                                         int64_t src, int tag) {
+                                                         int64_t src, int tag,
+                                                         const std::string& what) {
   std::vector<at::Tensor> v{t};
-  return group_->recv(v, static_cast<int>(src), tag);
+  try {
+    return group_->recv(v, static_cast<int>(src), tag);
+  } catch (const std::exception&) {
+    comm_error("posting the receive of " + what + " from rank " + std::to_string(src),
+               src);
+  }
 }
 
 void DistributedCore::p2p_send(const torch::Tensor& t, int64_t dst, int tag,
                                const std::string& what) {
   std::vector<at::Tensor> v{t};
-  add_pending({group_->send(v, static_cast<int>(dst), tag), dst,
-               what + " to rank " + std::to_string(dst)});
+  c10::intrusive_ptr<c10d::Work> work;
+  try {
+    work = group_->send(v, static_cast<int>(dst), tag);
+  } catch (const std::exception&) {
+    comm_error("sending " + what + " to rank " + std::to_string(dst), dst);
+  }
+  add_pending({std::move(work), dst, what + " to rank " + std::to_string(dst)});
+}
+
+// Called from a catch block: the backend's error, with what this rank was
+// doing. A link fails at once when the peer closed it: it died, or gave up
+// on this rank (Gloo closes a link on which a receive timed out).
+void DistributedCore::comm_error(const std::string& doing, int64_t peer) {
+  const std::string error = describe(std::current_exception());
+  mark_broken(doing + " failed: " + error);
+  TORCH_CHECK(false, "pipegear: rank ", rank_, ": ", doing, " failed",
+              peer < 0 ? std::string()
+                       : " (did rank " + std::to_string(peer) +
+                           " die, or give up waiting for this rank?)",
+              ": ", error);
 }
 
 // Ranks > 0 post the receive of the next step header as soon as the last one
@@ -838,7 +899,8 @@ void DistributedCore::post_header_recv() {
   }
   next_header_ = torch::empty({6 + options_.chunks()},
                               torch::TensorOptions().dtype(torch::kInt64).device(comm_device_));
-  next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader));
+  next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader),
+                               "the header of step " + std::to_string(seq_));
 }
 
 // Every rank must run the same K, chunks, checkpoint mode, schedule and
@@ -857,8 +919,8 @@ void DistributedCore::agree_on_configuration() {
   auto all = torch::zeros({world_ * width}, torch::kInt64);
   std::copy(mine.begin(), mine.end(), all.data_ptr<int64_t>() + rank_ * width);
   std::vector<at::Tensor> v{all.to(comm_device_)};
-  wait_collective(allreduce(v), rank_, options_.timeout(),
-                  "checking that every rank has the same options");
+  const std::string what = "checking that every rank has the same options";
+  wait_collective(allreduce(v, what), rank_, options_.timeout(), what);
   auto got = v[0].cpu();
   const int64_t* p = got.data_ptr<int64_t>();
   static const char* names[] = {"the number of pipelines built on the group "
@@ -953,12 +1015,7 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
     std::copy(sizes.begin(), sizes.end(), h + F);
     const auto sent = header.to(comm_device_);
     for (int64_t r = 1; r < world_; ++r) {
-      try {
-        p2p_send(sent, r, tag(kTagHeader), "the step header");
-      } catch (...) {
-        mark_broken("sending the step header failed");
-        throw;
-      }
+      p2p_send(sent, r, tag(kTagHeader), "the header of step " + std::to_string(seq));
     }
     if (local_error) {
       std::rethrow_exception(local_error);
@@ -968,7 +1025,8 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
     if (!next_header_work_) {
       next_header_ = torch::empty({F + options_.chunks()},
                                   torch::TensorOptions().dtype(torch::kInt64).device(comm_device_));
-      next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader));
+      next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader),
+                                   "the header of step " + std::to_string(seq));
     }
     auto got = next_header_;
     auto work = next_header_work_;
@@ -1091,8 +1149,9 @@ void DistributedCore::fail(StepState& state, const std::exception_ptr& error,
     }
     const bool bwd = c.phase == Phase::kBackward;
     const int64_t dst = bwd ? rank_ - 1 : rank_ + 1;
-    if ((bwd ? rank_ > 0 : !last) && !t.was_sent(bwd, c.micro_batch)) {
-      t.send_poison(dst, c.micro_batch, bwd, origin, broken, text);
+    if ((bwd ? rank_ > 0 : !last) && !t.was_sent(bwd, c.micro_batch) &&
+        !t.send_poison(dst, c.micro_batch, bwd, origin, broken, text)) {
+      broken = true;
     }
   }
   // 2. Take what we are still owed, so that no send stays unmatched.
@@ -1123,10 +1182,15 @@ void DistributedCore::post_agreement(StepState& state) {
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble).device(comm_device_);
   for (int64_t r = rank_ == 0 ? 1 : 0; r < (rank_ == 0 ? world_ : 1); ++r) {
     auto t = torch::empty({4}, f64);
+    const std::string what = rank_ == 0
+        ? "the status of rank " + std::to_string(r) + " at the end of step " +
+            std::to_string(state.seq)
+        : "the outcome of step " + std::to_string(state.seq);
     try {
-      state.agreement.emplace_back(t, p2p_recv(t, r, tag(rank_ == 0 ? kTagStatus : kTagOutcome)));
-    } catch (...) {
-      state.agreement.emplace_back(t, nullptr);  // reported by agree()
+      state.agreement.push_back(
+          {t, p2p_recv(t, r, tag(rank_ == 0 ? kTagStatus : kTagOutcome), what), ""});
+    } catch (const std::exception&) {  // raised by agree()
+      state.agreement.push_back({t, nullptr, describe(std::current_exception())});
     }
   }
 }
@@ -1169,27 +1233,37 @@ std::pair<double, int64_t> DistributedCore::agree(StepState& state,
     if (error) {
       std::rethrow_exception(error);
     }
-    check_not_broken();
+    TORCH_CHECK(false, "pipegear: rank ", rank_, ": ", what, ": ", broken_reason(),
+                "; the process group is in an unknown state: destroy it and "
+                "start again");
   }
-  auto wait_one = [&](size_t i) -> const double* {
-    auto& [t, work] = state.agreement[i];
-    if (!work || !wait_work(work, options_.timeout()).ok()) {
-      mark_broken(what + " did not complete");
-      return nullptr;
+  std::string comm_error;  // what went wrong with the agreement itself
+  // The report (status or outcome) of agreement receive i, from `peer`;
+  // null, with comm_error set, when it did not come.
+  auto wait_one = [&](size_t i, int64_t peer) -> const double* {
+    auto& report = state.agreement[i];
+    std::string why = report.error;
+    if (report.work) {
+      const WaitResult r = wait_work(report.work, options_.timeout());
+      if (r.ok()) {
+        report.buffer = report.buffer.cpu();
+        return report.buffer.data_ptr<double>();
+      }
+      why = r.timed_out() ? "nothing came within " + seconds(options_.timeout()) +
+              " (did rank " + std::to_string(peer) + " die or hang?)"
+                          : "receiving it failed: " + r.error;
     }
-    t = t.cpu();
-    return t.data_ptr<double>();
+    mark_broken(what + ": rank " + std::to_string(peer) + " did not report");
+    comm_error = "pipegear: rank " + std::to_string(rank_) + ": " + what +
+        ": rank " + std::to_string(peer) + " did not report: " + why;
+    return nullptr;
   };
   double outcome[4] = {st[0], 0, st[2], st[3]};
-  std::string comm_error;
   if (rank_ == 0) {
     // The rank that failed by itself first, else any failed one.
     for (int64_t r = 1; r < world_; ++r) {
-      const double* v = wait_one(static_cast<size_t>(r - 1));
+      const double* v = wait_one(static_cast<size_t>(r - 1), r);
       if (v == nullptr) {
-        comm_error = "pipegear: rank 0: " + what + ": rank " + std::to_string(r) +
-            " did not report within " + seconds(options_.timeout()) +
-            " (did it die or hang?)";
         outcome[1] = 1;
         if (outcome[0] == 0) {
           outcome[0] = static_cast<double>(r + 1);
@@ -1209,21 +1283,26 @@ std::pair<double, int64_t> DistributedCore::agree(StepState& state,
                                 torch::kDouble).to(comm_device_);
     for (int64_t r = 1; r < world_; ++r) {
       try {
-        p2p_send(result, r, tag(kTagOutcome), what);
-      } catch (...) {
-        mark_broken(what + ": the outcome could not be sent");
+        p2p_send(result, r, tag(kTagOutcome), "the outcome at " + what);
+      } catch (const std::exception&) {  // marked broken by p2p_send
+        if (comm_error.empty()) {
+          comm_error = describe(std::current_exception());
+        }
       }
     }
   } else {
-    p2p_send(status.to(comm_device_), 0, tag(kTagStatus), what);
-    if (state.agreement.empty()) {
-      post_agreement(state);
+    const double* v = nullptr;
+    try {
+      p2p_send(status.to(comm_device_), 0, tag(kTagStatus),
+               "this rank's status at " + what);
+      if (state.agreement.empty()) {
+        post_agreement(state);
+      }
+      v = wait_one(0, 0);
+    } catch (const std::exception&) {  // marked broken by p2p_send
+      comm_error = describe(std::current_exception());
     }
-    const double* v = wait_one(0);
     if (v == nullptr) {
-      comm_error = "pipegear: rank " + std::to_string(rank_) + ": " + what +
-          ": rank 0 did not report within " + seconds(options_.timeout()) +
-          " (did it die or hang?)";
       outcome[1] = 1;
     } else {
       std::copy(v, v + 4, outcome);
