@@ -249,6 +249,30 @@ def worker_late(rank, world, port, out):
     os._exit(0)  # no teardown on a broken group
 
 
+def worker_chunks(rank, world, port, out):
+    """Pipelines with different chunks, one after another on one group, one
+    step each; the losses go to rank{rank}.json."""
+    import pipegear
+    dist = _init(rank, world, port)
+    losses = []
+    for chunks in CHUNKS_IN_TURN:
+        pipe = pipegear.DistributedGPipe(layer_factories(False), [4, 3],
+                                         chunks=chunks, timeout=10.0)
+        x, t = batch(CONFIGS[2][0], 0)
+        loss = pipe.step(x if rank == 0 else None, t if rank == 1 else None, mse)
+        losses.append(float(loss))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(losses, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# The header receive posted early by the first pipeline (chunks 5) had the
+# tag of the third pipeline's first activations when a pipeline's tags were
+# its number times a stride of its own chunks.
+CHUNKS_IN_TURN = [5, 1, 1, 3]
+
+
 class _Boom(nn.Module):
     """Raises ValueError in its forward or backward while armed."""
     armed = None  # None, "forward" or "backward"
@@ -624,6 +648,19 @@ def test_exception_in_a_layer_fails_every_rank_and_the_next_step_works(tmp_path)
     assert mismatches[0]["after"] > 0
 
 
+def test_pipelines_with_different_chunks_on_one_group_keep_their_tags_apart(
+        tmp_path):
+    codes, logs = _launch("chunks", 2, str(tmp_path), timeout=30)
+    assert codes == [0, 0], "\n".join(logs)
+    model = nn.Sequential(*[f() for f in layer_factories(False)])
+    x, t = batch(CONFIGS[2][0], 0)
+    expected = mse(model(x), t).item()
+    for r in range(2):
+        losses = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert losses == pytest.approx([expected] * len(CHUNKS_IN_TURN),
+                                       rel=1e-5), r
+
+
 def test_world_size_must_match_balance():
     import pipegear
 
@@ -685,5 +722,6 @@ def test_needs_a_process_group():
 if __name__ == "__main__":
     kind, rank, world, port, out = sys.argv[1:6]
     fn = {"compare": worker_compare, "crash": worker_crash,
-          "raise": worker_raise, "late": worker_late}[kind]
+          "raise": worker_raise, "late": worker_late,
+          "chunks": worker_chunks}[kind]
     fn(int(rank), int(world), int(port), out)

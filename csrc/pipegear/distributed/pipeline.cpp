@@ -47,14 +47,36 @@ constexpr int64_t kMinCapacity = 64 * 1024;
 // messages.
 enum TagKind : int64_t { kTagHeader = 0, kTagStatus = 1, kTagOutcome = 2 };
 
-// Pipelines built so far on each group, in this process. Every rank builds
-// its pipelines on a group in the same order (construction is collective),
-// so the numbers agree; agree_on_configuration checks it.
-int64_t next_instance(const void* group) {
+// Tags in use: [0, kTags).
+constexpr int64_t kTags = int64_t{1} << 30;
+
+// The tag ranges of the pipelines built on a group in this process lie one
+// after another (wrapping around at kTags): each range is as long as its
+// pipeline's chunks make it, so a multiple of a fixed stride would let a
+// pipeline with fewer chunks reach into an earlier one's range (and a stale
+// early receive of the earlier one take its messages). Every rank builds
+// the same pipelines on a group in the same order (construction is
+// collective; agree_on_configuration compares the first tags), so the
+// ranges agree; a construction that fails the comparison takes none.
+std::mutex& tag_mutex() {
   static std::mutex mutex;
-  static std::map<const void*, int64_t> counts;
-  std::lock_guard<std::mutex> lock(mutex);
-  return counts[group]++;
+  return mutex;
+}
+std::map<const void*, int64_t>& next_tags() {
+  static std::map<const void*, int64_t> next;
+  return next;
+}
+
+// The first tag of a new range of `length` tags on `group`.
+int64_t free_tags(const void* group, int64_t length) {
+  std::lock_guard<std::mutex> lock(tag_mutex());
+  const int64_t base = next_tags()[group];
+  return base + length > kTags ? 0 : base;
+}
+
+void take_tags(const void* group, int64_t base, int64_t length) {
+  std::lock_guard<std::mutex> lock(tag_mutex());
+  next_tags()[group] = base + length;
 }
 
 std::string describe(const std::exception_ptr& e) {
@@ -248,7 +270,6 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   int64_t rank_ = 0;
   int64_t world_ = 1;
   bool nccl_ = false;
-  int64_t instance_ = 0;   // pipelines built on the group before this one
   int64_t tag_base_ = 0;
   c10::Device comm_device_{c10::kCPU};
   CellRunner runner_;
@@ -842,12 +863,11 @@ DistributedCore::DistributedCore(c10::intrusive_ptr<c10d::ProcessGroup> group,
     comm_device_ = stage_->device();
   }
   const int64_t stride = 2 * options_.chunks() + 3;
-  constexpr int64_t kTags = int64_t{1} << 30;
   TORCH_CHECK_VALUE(stride < kTags, "chunks must be below ", kTags / 2,
                     ", got ", options_.chunks());
-  instance_ = next_instance(group_.get());
-  tag_base_ = (instance_ % (kTags / stride)) * stride;
+  tag_base_ = free_tags(group_.get(), stride);
   agree_on_configuration();
+  take_tags(group_.get(), tag_base_, stride);
   post_header_recv();
 }
 
@@ -907,7 +927,7 @@ void DistributedCore::post_header_recv() {
 // balance: a mismatch would make ranks wait for messages that never come.
 void DistributedCore::agree_on_configuration() {
   const int64_t width = 6 + world_;
-  std::vector<int64_t> mine{instance_, world_, options_.chunks(),
+  std::vector<int64_t> mine{tag_base_, world_, options_.chunks(),
                             static_cast<int64_t>(options_.checkpoint()),
                             static_cast<int64_t>(options_.schedule()),
                             static_cast<int64_t>(options_.balance().size())};
@@ -923,8 +943,9 @@ void DistributedCore::agree_on_configuration() {
   wait_collective(allreduce(v, what), rank_, options_.timeout(), what);
   auto got = v[0].cpu();
   const int64_t* p = got.data_ptr<int64_t>();
-  static const char* names[] = {"the number of pipelines built on the group "
-                                "before this one", "world size", "chunks",
+  static const char* names[] = {"the first tag (after those of the pipelines "
+                                "built on the group before this one)",
+                                "world size", "chunks",
                                 "checkpoint", "schedule", "balance length"};
   for (int64_t r = 0; r < world_; ++r) {
     for (int64_t f = 0; f < width; ++f) {
