@@ -22,10 +22,12 @@ void init_distributed(py::module_& m) {
                        const py::object& hooks, int64_t chunks,
                        const std::string& checkpoint,
                        const std::string& schedule, double timeout,
-                       std::vector<int64_t> balance) {
+                       double idle_timeout, std::vector<int64_t> balance) {
              TORCH_CHECK_VALUE(group, "process_group is None");
              TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
                                timeout);
+             TORCH_CHECK_VALUE(idle_timeout > 0,
+                               "idle_timeout must be positive, got ", idle_timeout);
              const int64_t rank = group->getRank();
              int64_t first_layer = balance.empty() ? -1 : 0;
              for (int64_t r = 0; r < rank && r < static_cast<int64_t>(balance.size());
@@ -40,7 +42,9 @@ void init_distributed(py::module_& m) {
                                 .checkpoint(parse_checkpoint_mode(checkpoint))
                                 .schedule(parse_schedule_kind(schedule))
                                 .timeout(std::chrono::milliseconds(
-                                    static_cast<int64_t>(timeout * 1000.0)));
+                                    static_cast<int64_t>(timeout * 1000.0)))
+                                .idle_timeout(std::chrono::milliseconds(
+                                    static_cast<int64_t>(idle_timeout * 1000.0)));
              // The constructor agrees on the options with the other ranks
              // (a collective): no GIL while it waits.
              py::gil_scoped_release no_gil;
@@ -49,7 +53,8 @@ void init_distributed(py::module_& m) {
            }),
            py::arg("group"), py::arg("module"), py::arg("device"),
            py::arg("hooks"), py::arg("chunks"), py::arg("checkpoint"),
-           py::arg("schedule"), py::arg("timeout"), py::arg("balance"))
+           py::arg("schedule"), py::arg("timeout"), py::arg("idle_timeout"),
+           py::arg("balance"))
       .def(
           "step",
           [](DistributedPipeline& p, const py::object& input,

@@ -85,7 +85,12 @@ class DistributedGPipe(_Placed):
         chunks: micro-batches per mini-batch.
         checkpoint: ``'always'``, ``'except_last'`` or ``'never'``.
         deferred_batch_norm: replace BatchNorm layers by DeferredBatchNorm.
-        timeout: seconds any wait for a peer may take before the call raises.
+        timeout: seconds any wait for a peer within a step may take before
+            the call raises.
+        idle_timeout: seconds a rank waits for the others to start the next
+            step (default 1800, torch's default process-group timeout):
+            between steps a rank may be busy for long (a checkpoint, an
+            evaluation) while the others wait.
         device: where this rank's partition runs (default: CPU for Gloo, the
             current CUDA device for NCCL). The partition stays there: a move
             to another device (``.to(device)``, ``.cuda()``) is a
@@ -115,7 +120,8 @@ class DistributedGPipe(_Placed):
                  process_group=None, chunks: int = 1,
                  checkpoint: str = "except_last",
                  deferred_batch_norm: bool = False, timeout: float = 30.0,
-                 device=None, schedule: str = "gpipe") -> None:
+                 device=None, schedule: str = "gpipe",
+                 idle_timeout: float = 1800.0) -> None:
         super().__init__()
         if process_group is None:
             if not dist.is_available() or not dist.is_initialized():
@@ -146,10 +152,11 @@ class DistributedGPipe(_Placed):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or not math.isfinite(timeout) or timeout < 0.001):
-            raise ValueError("timeout must be a finite number of seconds, at "
-                             f"least 0.001, got {timeout!r}")
+        for name, value in (("timeout", timeout), ("idle_timeout", idle_timeout)):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0.001):
+                raise ValueError(f"{name} must be a finite number of seconds, "
+                                 f"at least 0.001, got {value!r}")
         if device is not None:
             # GPipe's checks: TypeError / ValueError / IndexError naming it.
             device = _parse_device(device, "device")
@@ -186,12 +193,14 @@ class DistributedGPipe(_Placed):
         self._checkpoint = checkpoint
         self._schedule = schedule
         self._timeout = float(timeout)
+        self._idle_timeout = float(idle_timeout)
         self._device = device
         self._process_group = process_group
         object.__setattr__(self, "_partition", partition)
         self._pipeline = _C._DistributedPipeline(
             process_group, partition, str(device), GPipe._hooks(partition),
-            chunks, checkpoint, schedule, float(timeout), balance)
+            chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
+            balance)
         # This rank's layers, under their original names (state_dict keys as
         # the plain model's, for this slice); add_module() would refuse a
         # name that is an attribute of DistributedGPipe.
@@ -231,8 +240,13 @@ class DistributedGPipe(_Placed):
 
     @property
     def timeout(self) -> float:
-        """Seconds any wait for a peer may take."""
+        """Seconds any wait for a peer within a step may take."""
         return self._timeout
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds a rank waits for the others to start the next step."""
+        return self._idle_timeout
 
     @property
     def device(self) -> torch.device:

@@ -226,11 +226,12 @@ def _attempt(fn):
 def worker_late(rank, world, port, out):
     """Rank 1 is late for step 1 by 2.5 s, inside it (PIPEGEAR_TEST_MODE
     'in-step': its layer sleeps) or before it ('between-steps'), so rank 0
-    gives up on it after 1 s; then every rank tries step 2."""
+    gives up on it after 1 s (`timeout`, `idle_timeout`); then every rank
+    tries step 2."""
     import pipegear
     _init(rank, world, port)
     pipe = pipegear.DistributedGPipe([lambda: nn.Linear(D, H), _Slow], [1, 1],
-                                     chunks=2, timeout=1.0)
+                                     chunks=2, timeout=1.0, idle_timeout=1.0)
     x, t = torch.randn(4, D), torch.randn(4, O)
 
     def step():
@@ -247,6 +248,61 @@ def worker_late(rank, world, port, out):
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     os._exit(0)  # no teardown on a broken group
+
+
+def worker_pause(rank, world, port, out):
+    """Between steps, rank 0 is busy for 3 s, then the last rank for 2 s
+    (module style), with timeout=1 s: the steps after the pauses work."""
+    import datetime
+
+    import pipegear
+    dist = _init(rank, world, port)
+    # The group's own timeout does not bound pipegear's waits either: each
+    # wait passes its own bound to the backend.
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=1))
+    pipe = pipegear.DistributedGPipe(layer_factories(False), [4, 3], chunks=2,
+                                     timeout=1.0)
+    c = CONFIGS[2][0]
+    first, last = rank == 0, rank == world - 1
+    report = {"idle_timeout": pipe.idle_timeout}
+    for step, (pause_rank, pause, face) in enumerate(
+            [(None, 0, "step"), (0, 3.0, "step"), (world - 1, 2.0, "module")]):
+        if rank == pause_rank:
+            time.sleep(pause)
+        x, t = batch(c, 0)
+        error, elapsed = _attempt(
+            lambda: report.__setitem__(f"loss{step}", _run_step(
+                pipe, dict(c, face=face), x, t, rank, world)))
+        report[f"step{step}"] = [error, elapsed]
+        pipe.zero_grad()
+    report["loss1"] = float(report["loss1"])
+    report["loss2"] = None if report["loss2"] is None else float(report["loss2"])
+    report["loss0"] = float(report["loss0"])
+    report["broken"] = pipe.broken
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    os._exit(0)
+
+
+def worker_absent(rank, world, port, out):
+    """Rank PIPEGEAR_TEST_DYING never comes to step 1 (the test kills it);
+    idle_timeout=2 s, timeout=1 s."""
+    import pipegear
+    _init(rank, world, port)
+    pipe = pipegear.DistributedGPipe(layer_factories(False), [3, 2, 2], chunks=2,
+                                     timeout=1.0, idle_timeout=2.0)
+    x, t = batch(CONFIGS[2][0], 0)
+
+    def step():
+        pipe.step(x if rank == 0 else None, t if rank == world - 1 else None, mse)
+    report = {"step0": _attempt(step)}
+    if rank == int(os.environ["PIPEGEAR_TEST_DYING"]):
+        time.sleep(60)
+    report["step1"] = _attempt(step)
+    report["broken"] = pipe.broken
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    os._exit(0)
 
 
 def worker_chunks(rank, world, port, out):
@@ -554,8 +610,9 @@ def test_dead_peer_fails_within_timeout(tmp_path, world, dying, mode):
 @pytest.mark.parametrize("mode", ["in-step", "between-steps"])
 def test_a_rank_late_after_its_peer_gave_up_gets_pipegear_context(tmp_path,
                                                                    mode):
-    """Rank 1 comes 2.5 s late for step 1, after rank 0 gave up on it (1 s)
-    and Gloo closed their link, so rank 1's next c10d call fails. It raises
+    """Rank 1 comes 2.5 s late for step 1, after rank 0 gave up on it (after
+    1 s: `timeout` inside the step, `idle_timeout` before it) and Gloo
+    closed their link, so rank 1's next c10d call fails. It raises
     that with pipegear's context (this rank, the step, what it was doing),
     not Gloo's bare "Connection closed by peer", and both ranks are broken:
     the next step raises at once."""
@@ -572,7 +629,7 @@ def test_a_rank_late_after_its_peer_gave_up_gets_pipegear_context(tmp_path,
     error, elapsed = rank1["step1"]
     assert error.startswith("RuntimeError: pipegear: rank 1: "), error
     assert re.search(r"step [12]\b", error), error
-    assert "(did rank 0 die, or give up waiting for this rank?)" in error, error
+    assert "(did rank 0 die, or time out waiting for a rank?)" in error, error
     # at once once back (a sleep inside the step counts, one before not)
     assert elapsed < (2.5 if mode == "in-step" else 0) + 1.5, rank1
     for r, report in enumerate((rank0, rank1)):
@@ -648,6 +705,64 @@ def test_exception_in_a_layer_fails_every_rank_and_the_next_step_works(tmp_path)
     assert mismatches[0]["after"] > 0
 
 
+def test_a_rank_busy_between_steps_longer_than_timeout_is_waited_for(tmp_path):
+    """Saving a checkpoint or evaluating on one rank between steps takes
+    longer than `timeout` (1 s): rank 0 pauses 3 s, then the last rank 2 s
+    (before a module-style forward). The others wait for them up to
+    `idle_timeout` (default 1800 s) and the steps work on every rank."""
+    codes, logs = _launch("pause", 2, str(tmp_path), timeout=30)
+    assert codes == [0, 0], "\n".join(logs)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text())
+               for r in range(2)]
+    for r, report in enumerate(reports):
+        assert report["idle_timeout"] == 1800.0
+        for step in range(3):
+            assert report[f"step{step}"][0] is None, (r, report)
+        assert not report["broken"], report
+    assert reports[0]["loss1"] == reports[1]["loss1"] == reports[0]["loss0"]
+    # the waiting rank waited out the pause (more than `timeout`)
+    assert reports[1]["step1"][1] > 2.5, reports
+    assert reports[0]["step2"][1] > 1.5, reports
+
+
+@pytest.mark.parametrize("absent", [0, 1], ids=["rank0", "rank1"])
+def test_a_rank_that_never_comes_fails_the_others_after_idle_timeout(tmp_path,
+                                                                     absent):
+    """3 ranks, idle_timeout 2 s, timeout 1 s: a rank that does not come to
+    step 1 makes the others raise after idle_timeout (not timeout), broken.
+    Rank 0 waits idle_timeout for every rank to come; the others wait for
+    rank 0 idle_timeout + timeout, so that when rank 1 is absent rank 0 is
+    the one that times out and names it (its timeout closes its links, so
+    rank 2 raises at the same time)."""
+    survivors = [r for r in range(3) if r != absent]
+    codes, logs = _launch("absent", 3, str(tmp_path),
+                          {"PIPEGEAR_TEST_DYING": str(absent)}, timeout=30,
+                          wait_for=survivors)
+    for r in survivors:
+        report = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert report["step0"][0] is None, report
+        error, elapsed = report["step1"]
+        assert error is not None and report["broken"], report
+        if absent == 0:
+            assert error == (
+                f"RuntimeError: pipegear: rank {r}: waiting for rank 0 to "
+                "start step 1 timed out after 3 s (idle_timeout + timeout; "
+                "did rank 0 die, hang or skip the call?)"), error
+            assert 2.9 < elapsed < 3.0 + 2.0, report
+            continue
+        if r == 0:
+            assert error == (
+                "RuntimeError: pipegear: rank 0: waiting for rank 1 to start "
+                "step 1 timed out after 2 s (idle_timeout; did rank 1 die, hang "
+                "or skip the call?)"), error
+        else:  # the timeout closed rank 0's links (Gloo): at once, too
+            assert error.startswith(
+                "RuntimeError: pipegear: rank 2: waiting for rank 0 to start "
+                "step 1 failed (did rank 0 die, or time out waiting for a "
+                "rank?): "), error
+        assert 1.9 < elapsed < 2.0 + 2.0, report
+
+
 def test_pipelines_with_different_chunks_on_one_group_keep_their_tags_apart(
         tmp_path):
     codes, logs = _launch("chunks", 2, str(tmp_path), timeout=30)
@@ -695,6 +810,10 @@ class _TwoRanks:
     (dict(schedule="zigzag"), ValueError, "schedule must be one of .*'zigzag'"),
     (dict(timeout=0.0), ValueError, "timeout must be .* got 0.0"),
     (dict(timeout=float("inf")), ValueError, "timeout must be .* got inf"),
+    (dict(idle_timeout=0.0), ValueError,
+     "idle_timeout must be a finite number of seconds, at least 0.001, got 0.0"),
+    (dict(idle_timeout=float("nan")), ValueError, "idle_timeout must be .* got nan"),
+    (dict(idle_timeout="1h"), ValueError, "idle_timeout must be .* got '1h'"),
     (dict(device="bogus"), ValueError, "is not a device: 'bogus'"),
     (dict(device=1.5), TypeError, "devices must hold torch.device, str or int"),
 ])
@@ -723,5 +842,6 @@ if __name__ == "__main__":
     kind, rank, world, port, out = sys.argv[1:6]
     fn = {"compare": worker_compare, "crash": worker_crash,
           "raise": worker_raise, "late": worker_late,
-          "chunks": worker_chunks}[kind]
+          "chunks": worker_chunks, "pause": worker_pause,
+          "absent": worker_absent}[kind]
     fn(int(rank), int(world), int(port), out)

@@ -40,12 +40,46 @@ constexpr int64_t kHeaderBytes = 8192;
 constexpr int64_t kMinCapacity = 64 * 1024;
 // Tags. Every pipeline built on a group gets its own range (see
 // DistributedCore::tag): micro-batch j sends 2j (activations) and 2j + 1
-// (gradients); then the step header (rank 0 to every rank) and the
-// agreement at the end of a pass (every rank to rank 0, rank 0 to every
-// rank). A receive posted early by a pipeline that is then destroyed stays
-// posted in Gloo; with its own tags it cannot swallow a later pipeline's
-// messages.
-enum TagKind : int64_t { kTagHeader = 0, kTagStatus = 1, kTagOutcome = 2 };
+// (gradients); then the step header (rank 0 to every rank), the agreement
+// at the end of a pass (every rank to rank 0, rank 0 to every rank) and the
+// arrival at a step (every rank to rank 0). A receive posted early by a
+// pipeline that is then destroyed stays posted in Gloo; with its own tags
+// it cannot swallow a later pipeline's messages.
+enum TagKind : int64_t {
+  kTagHeader = 0,
+  kTagStatus = 1,
+  kTagOutcome = 2,
+  kTagArrival = 3,
+  kTagKinds = 4
+};
+
+// The step header (rank 0 to every rank), int64 words: kHeadWords fixed
+// ones (see DistributedCore::begin), the M micro-batch sizes (room for
+// `chunks`), then the text of a failure before the step, if any.
+constexpr int64_t kHeadWords = 6;
+// An arrival (every rank > 0 to rank 0): whether the rank failed before the
+// step, the length of its error's text, then the text.
+constexpr int64_t kArrivalWords = 2;
+// The longest text of a failure in a header, an arrival or a poison message.
+constexpr int64_t kNoteBytes = 4000;
+constexpr int64_t kNoteWords = (kNoteBytes + 7) / 8;
+
+// Writes `text`, cut to kNoteBytes, at `at`; returns the bytes written.
+int64_t put_note(int64_t* at, const std::string& text) {
+  const auto n = std::min<size_t>(text.size(), kNoteBytes);
+  std::memcpy(at, text.data(), n);
+  return static_cast<int64_t>(n);
+}
+
+std::string get_note(const int64_t* at, int64_t bytes) {
+  return std::string(reinterpret_cast<const char*>(at),
+                     static_cast<size_t>(std::clamp<int64_t>(bytes, 0, kNoteBytes)));
+}
+
+// Words to send of a buffer whose note (at word `note_at`) holds `bytes`.
+int64_t words_with_note(int64_t note_at, int64_t bytes) {
+  return note_at + (bytes + 7) / 8;
+}
 
 // Tags in use: [0, kTags).
 constexpr int64_t kTags = int64_t{1} << 30;
@@ -92,6 +126,13 @@ std::string describe(const std::exception_ptr& e) {
   } catch (...) {
     return "an exception of unknown type";
   }
+}
+
+// Why a link to `peer` fails at once: Gloo closes every link of a process
+// when one of its waits times out (and all of them when it dies).
+std::string closed_by(int64_t peer) {
+  return " (did rank " + std::to_string(peer) +
+      " die, or time out waiting for a rank?)";
 }
 
 std::string seconds(std::chrono::milliseconds t) {
@@ -202,16 +243,19 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
  private:
   friend class C10dTransport;
 
-  // The step header, from rank 0 to every rank: the step, the call
-  // (step or forward), the grad mode, the micro-batch sizes, or that rank 0
-  // failed before the step. A rank whose own call disagrees (another call,
-  // step or grad mode) or that failed before the step keeps the error in
-  // the state's pre_error and fails the step (fail_early). Returns the
-  // state of the step.
+  // The start of a step: every rank > 0 sends rank 0 its arrival (with
+  // `local_error`, its failure before the step, if any); rank 0 waits for
+  // all of them (idle_timeout), then sends every rank the step header: the
+  // step, the call (step or forward), the grad mode, the micro-batch sizes,
+  // or that the step failed before it began (rank 0's `local_error` or bad
+  // input, or the first failed arrival, with its text), which every rank
+  // then raises. A rank whose own call disagrees with the header (another
+  // call, step or grad mode) keeps the error in the state's pre_error and
+  // fails the step (fail_early). Returns the state of the step.
   std::shared_ptr<StepState> begin(Face face, bool training, const Batch& input,
                                    std::exception_ptr local_error);
-  // A rank that failed before its first cell fails the first pass of the
-  // step the way rank 0 runs it, then raises.
+  // A rank whose call disagrees with the header fails the first pass of
+  // the step the way rank 0 runs it, then raises.
   [[noreturn]] void fail_early(StepState& state);
   // Runs this rank's cells of the pass; on failure runs the failure
   // protocol and returns the error.
@@ -243,6 +287,19 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   void p2p_send(const torch::Tensor& t, int64_t dst, int tag, const std::string& what);
   [[noreturn]] void comm_error(const std::string& doing, int64_t peer);
   void post_header_recv();
+  int64_t header_words() const { return kHeadWords + options_.chunks() + kNoteWords; }
+  // Rank 0: every other rank's arrival at a step (see begin).
+  struct Arrivals {
+    int64_t failed = -1;   // the first rank that failed before the step
+    std::string text;      // its error
+    int64_t missing = -1;  // the first rank that did not come (now broken)
+    std::string why;       // the error: idle_timeout passed, or the backend's
+  };
+  // Waits until every rank > 0 has sent its arrival at step `seq`, all
+  // within idle_timeout; stops at the first that does not come.
+  Arrivals await_arrivals(int64_t seq);
+  void post_arrival_recvs();
+  void post_arrival_recv(int64_t r, int64_t seq);
   void mark_broken(const std::string& why);
   std::string broken_reason() const {
     std::lock_guard<std::mutex> lock(state_mutex_);
@@ -280,6 +337,8 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   std::weak_ptr<StepState> undrained_;  // module style: fill done, drain not
   torch::Tensor next_header_;           // ranks > 0: the next step header's
   c10::intrusive_ptr<c10d::Work> next_header_work_;  // receive, posted early
+  std::vector<torch::Tensor> arrival_;  // rank 0: every rank's next arrival's
+  std::vector<c10::intrusive_ptr<c10d::Work>> arrival_work_;  // receive (by rank)
   torch::Tensor placeholder_;           // module style: for backward()
 
   // Link capacities (Gloo), raised after every pass all ranks completed.
@@ -399,7 +458,7 @@ class C10dTransport final : public Transport {
       const int64_t base = align64(8 * static_cast<int64_t>(w.size()));
       const std::string msg = text.substr(
           0, static_cast<size_t>(std::max<int64_t>(0, std::min<int64_t>(
-                                                         cap - base, 4000))));
+                                                         cap - base, kNoteBytes))));
       w[3] = static_cast<int64_t>(msg.size());
       auto buffer = torch::zeros({core_.nccl() ? cap : base + w[3]}, torch::kUInt8);
       std::memcpy(buffer.data_ptr<uint8_t>(), w.data(), 8 * w.size());
@@ -471,11 +530,6 @@ class C10dTransport final : public Transport {
 
   // " in step N", for the messages of a failure of the transport.
   std::string in_step() const { return " in step " + std::to_string(seq_); }
-  // Why a link fails at once (see DistributedCore::comm_error).
-  static std::string gave_up(int64_t peer) {
-    return " (did rank " + std::to_string(peer) +
-        " die, or give up waiting for this rank?)";
-  }
 
   [[noreturn]] void comm_failure(int64_t peer, const std::string& msg) {
     if (kind == FailKind::kNone) {
@@ -500,7 +554,7 @@ class C10dTransport final : public Transport {
     }
     if (!error.empty()) {
       comm_failure(peer, "pipegear: rank " + std::to_string(core_.rank()) +
-                             ": " + what + in_step() + " failed" + gave_up(peer) +
+                             ": " + what + in_step() + " failed" + closed_by(peer) +
                              ": " + error);
     }
   }
@@ -514,7 +568,7 @@ class C10dTransport final : public Transport {
       comm_failure(dst, "pipegear: rank " + std::to_string(core_.rank()) +
                             ": sending " + what + " to rank " +
                             std::to_string(dst) + in_step() + " failed" +
-                            gave_up(dst) + ": " + describe(std::current_exception()));
+                            closed_by(dst) + ": " + describe(std::current_exception()));
     }
     core_.add_pending({std::move(work), dst,
                        what + " to rank " + std::to_string(dst) + in_step()});
@@ -527,7 +581,7 @@ class C10dTransport final : public Transport {
       return core_.group().recv(v, static_cast<int>(src), tag);
     } catch (const std::exception&) {
       comm_failure(src, "pipegear: rank " + std::to_string(core_.rank()) + ": " +
-                            what + in_step() + " failed" + gave_up(src) + ": " +
+                            what + in_step() + " failed" + closed_by(src) + ": " +
                             describe(std::current_exception()));
     }
   }
@@ -752,7 +806,7 @@ struct StepState {
   bool failed = false;
   int64_t origin = -1;  // the rank whose failure failed this step
   bool drained = false;
-  std::exception_ptr pre_error;  // this rank failed before its first cell
+  std::exception_ptr pre_error;  // this rank's call disagrees with the header
   // The receives of the agreement of the current pass: rank 0, the status
   // of ranks 1..K-1; the others, rank 0's outcome. A receive that could not
   // be posted has no work and the backend's error instead.
@@ -852,6 +906,9 @@ DistributedCore::DistributedCore(c10::intrusive_ptr<c10d::ProcessGroup> group,
   TORCH_CHECK_VALUE(options_.timeout().count() > 0,
                     "timeout must be positive, got ", options_.timeout().count(),
                     " ms");
+  TORCH_CHECK_VALUE(options_.idle_timeout().count() > 0,
+                    "idle_timeout must be positive, got ",
+                    options_.idle_timeout().count(), " ms");
   rank_ = group_->getRank();
   world_ = group_->getSize();
   check_group(group_, options_);
@@ -862,13 +919,14 @@ DistributedCore::DistributedCore(c10::intrusive_ptr<c10d::ProcessGroup> group,
                       stage_->device());
     comm_device_ = stage_->device();
   }
-  const int64_t stride = 2 * options_.chunks() + 3;
+  const int64_t stride = 2 * options_.chunks() + kTagKinds;
   TORCH_CHECK_VALUE(stride < kTags, "chunks must be below ", kTags / 2,
                     ", got ", options_.chunks());
   tag_base_ = free_tags(group_.get(), stride);
   agree_on_configuration();
   take_tags(group_.get(), tag_base_, stride);
   post_header_recv();
+  post_arrival_recvs();
 }
 
 c10::intrusive_ptr<c10d::Work> DistributedCore::p2p_recv(const torch::Tensor& t,
@@ -896,16 +954,12 @@ void DistributedCore::p2p_send(const torch::Tensor& t, int64_t dst, int tag,
 }
 
 // Called from a catch block: the backend's error, with what this rank was
-// doing. A link fails at once when the peer closed it: it died, or gave up
-// on this rank (Gloo closes a link on which a receive timed out).
+// doing.
 void DistributedCore::comm_error(const std::string& doing, int64_t peer) {
   const std::string error = describe(std::current_exception());
   mark_broken(doing + " failed: " + error);
   TORCH_CHECK(false, "pipegear: rank ", rank_, ": ", doing, " failed",
-              peer < 0 ? std::string()
-                       : " (did rank " + std::to_string(peer) +
-                           " die, or give up waiting for this rank?)",
-              ": ", error);
+              peer < 0 ? std::string() : closed_by(peer), ": ", error);
 }
 
 // Ranks > 0 post the receive of the next step header as soon as the last one
@@ -917,10 +971,81 @@ void DistributedCore::post_header_recv() {
   if (rank_ == 0 || nccl_) {
     return;
   }
-  next_header_ = torch::empty({6 + options_.chunks()},
+  next_header_ = torch::empty({header_words()},
                               torch::TensorOptions().dtype(torch::kInt64).device(comm_device_));
   next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader),
                                "the header of step " + std::to_string(seq_));
+}
+
+// Rank 0 posts the receives of every rank's next arrival early, as the
+// other ranks do the header's (Gloo only, for the same reason). A receive
+// that cannot be posted is posted again, and its error raised with
+// context, by await_arrivals.
+void DistributedCore::post_arrival_recvs() {
+  arrival_.assign(static_cast<size_t>(world_), torch::Tensor());
+  arrival_work_.assign(static_cast<size_t>(world_), nullptr);
+  if (rank_ != 0 || nccl_) {
+    return;
+  }
+  for (int64_t r = 1; r < world_; ++r) {
+    try {
+      post_arrival_recv(r, seq_);
+    } catch (const std::exception&) {
+    }
+  }
+}
+
+void DistributedCore::post_arrival_recv(int64_t r, int64_t seq) {
+  arrival_[r] = torch::empty({kArrivalWords + kNoteWords},
+                             torch::TensorOptions().dtype(torch::kInt64).device(comm_device_));
+  arrival_work_[r] = nullptr;  // stays null if posting fails
+  arrival_work_[r] = p2p_recv(arrival_[r], r, tag(kTagArrival),
+                              "the arrival of rank " + std::to_string(r) + " at step " +
+                                  std::to_string(seq));
+}
+
+DistributedCore::Arrivals DistributedCore::await_arrivals(int64_t seq) {
+  using std::chrono::milliseconds;
+  Arrivals out;
+  const auto idle = options_.idle_timeout();
+  const auto deadline = std::chrono::steady_clock::now() + idle;
+  for (int64_t r = 1; r < world_; ++r) {
+    const std::string waiting = "pipegear: rank 0: waiting for rank " +
+        std::to_string(r) + " to start step " + std::to_string(seq);
+    std::string why;
+    try {
+      if (!arrival_work_[r]) {
+        post_arrival_recv(r, seq);
+      }
+      // The time left, at least 1 ms: c10d reads 0 as "the group's timeout".
+      const auto left = std::max(
+          milliseconds(1), std::chrono::duration_cast<milliseconds>(
+                               deadline - std::chrono::steady_clock::now()));
+      const WaitResult w = wait_work(arrival_work_[r], left);
+      if (w.timed_out()) {
+        why = waiting + " timed out after " + seconds(idle) + " (idle_timeout; did rank " +
+            std::to_string(r) + " die, hang or skip the call?)";
+      } else if (!w.ok()) {
+        why = waiting + " failed" + closed_by(r) + ": " + w.error;
+      }
+    } catch (const std::exception&) {  // posting it failed
+      why = describe(std::current_exception());
+    }
+    if (!why.empty()) {
+      mark_broken(why);
+      out.missing = r;
+      out.why = why;
+      return out;
+    }
+    const auto got = arrival_[r].cpu();
+    const int64_t* a = got.data_ptr<int64_t>();
+    if (a[0] != 0 && out.failed < 0) {
+      out.failed = r;
+      out.text = get_note(a + kArrivalWords, a[1]);
+    }
+    arrival_work_[r] = nullptr;
+  }
+  return out;
 }
 
 // Every rank must run the same K, chunks, checkpoint mode, schedule and
@@ -1013,12 +1138,14 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
   flush_pending();
   auto state = std::make_shared<StepState>();
   const bool grad_mode = c10::GradMode::is_enabled();
-  // [step, call, grad mode, M (0: rank 0 failed), -, -, sizes...]
-  constexpr int64_t F = 6;
+  // The header: [step, call, grad mode, M (0: the step failed before it
+  // began), the rank that failed before it + 1, bytes of its error's text,
+  // sizes..., text].
+  constexpr int64_t F = kHeadWords;
+  const int64_t note_at = F + options_.chunks();
   std::vector<int64_t> sizes;
-  auto header = torch::zeros({F + options_.chunks()}, torch::kInt64);
-  auto* h = header.data_ptr<int64_t>();
   const int64_t seq = seq_++;  // every rank counts the step, whatever happens
+  const std::string step_n = "step " + std::to_string(seq);
   bool leader_grad = grad_mode;  // rank 0's grad mode
   if (rank_ == 0) {
     if (!local_error) {
@@ -1029,49 +1156,95 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
         local_error = std::current_exception();
       }
     }
+    // Start only once every rank has: before that, a rank may be busy for
+    // long (a checkpoint, an evaluation) without any peer timing out.
+    const Arrivals arrivals = world_ > 1 ? await_arrivals(seq) : Arrivals{};
+    // A rank that did not come: nobody to tell, since a timeout closes
+    // every link of this process (Gloo), so the others fail at once.
+    TORCH_CHECK(arrivals.missing < 0, arrivals.why);
+    auto header = torch::zeros({header_words()}, torch::kInt64);
+    auto* h = header.data_ptr<int64_t>();
     h[0] = seq;
     h[1] = static_cast<int64_t>(face);
     h[2] = grad_mode ? 1 : 0;
-    h[3] = local_error ? 0 : static_cast<int64_t>(sizes.size());
+    int64_t origin = -1;
+    std::string text;
+    if (local_error) {
+      origin = 0;
+      text = describe(local_error);
+    } else if (arrivals.failed >= 0) {
+      origin = arrivals.failed;
+      text = arrivals.text;
+    }
+    h[3] = origin >= 0 ? 0 : static_cast<int64_t>(sizes.size());
+    h[4] = origin + 1;
+    h[5] = origin >= 0 ? put_note(h + note_at, text) : 0;
     std::copy(sizes.begin(), sizes.end(), h + F);
-    const auto sent = header.to(comm_device_);
+    // Gloo accepts a message shorter than its receive: only the words used.
+    const auto sent = (nccl_ ? header : header.narrow(0, 0, words_with_note(note_at, h[5])))
+                          .to(comm_device_);
     for (int64_t r = 1; r < world_; ++r) {
-      p2p_send(sent, r, tag(kTagHeader), "the header of step " + std::to_string(seq));
+      p2p_send(sent, r, tag(kTagHeader), "the header of " + step_n);
+    }
+    post_arrival_recvs();
+    if (origin >= 0) {
+      // The ranks must hear of the failure even if this process ends as
+      // soon as it raises (an exit closes the links with sends in flight).
+      try {
+        flush_pending();
+      } catch (const std::exception&) {  // marked broken: raised next time
+      }
     }
     if (local_error) {
       std::rethrow_exception(local_error);
     }
+    TORCH_CHECK(arrivals.failed < 0, "pipegear: rank 0: rank ", arrivals.failed,
+                " failed before ", step_n, " began: ", arrivals.text);
     state->face = face;
   } else {
+    // Tell rank 0 this rank has come (and whether it failed already).
+    auto arrival = torch::zeros({kArrivalWords + kNoteWords}, torch::kInt64);
+    auto* a = arrival.data_ptr<int64_t>();
+    a[0] = local_error ? 1 : 0;
+    a[1] = local_error ? put_note(a + kArrivalWords, describe(local_error)) : 0;
+    p2p_send((nccl_ ? arrival : arrival.narrow(0, 0, words_with_note(kArrivalWords, a[1])))
+                 .to(comm_device_),
+             0, tag(kTagArrival), "this rank's arrival at " + step_n);
     if (!next_header_work_) {
-      next_header_ = torch::empty({F + options_.chunks()},
+      next_header_ = torch::empty({header_words()},
                                   torch::TensorOptions().dtype(torch::kInt64).device(comm_device_));
-      next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader),
-                                   "the header of step " + std::to_string(seq));
+      next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader), "the header of " + step_n);
     }
     auto got = next_header_;
     auto work = next_header_work_;
-    const WaitResult r = wait_work(work, options_.timeout());
+    // Rank 0 may be busy between steps for long: idle_timeout, not timeout.
+    // Plus timeout: rank 0 waits idle_timeout for every rank to come; when
+    // one does not, rank 0 is the one to time out and say which (the
+    // others see their links to it close), not a rank that came early.
+    const auto bound = options_.idle_timeout() + options_.timeout();
+    const WaitResult r = wait_work(work, bound);
     if (!r.ok()) {
-      mark_broken("the header of step " + std::to_string(seq) + " did not arrive");
-      TORCH_CHECK(false, "pipegear: rank ", rank_, ": waiting for rank 0 to start "
-                  "step ", seq, r.timed_out()
-                      ? " timed out after " + seconds(options_.timeout()) +
-                          " (did rank 0 die, hang or skip the call?)"
-                      : " failed: " + r.error);
+      const std::string why = "waiting for rank 0 to start " + step_n +
+          (r.timed_out() ? " timed out after " + seconds(bound) +
+                   " (idle_timeout + timeout; did rank 0 die, hang or skip the call?)"
+                         : " failed" + closed_by(0) + ": " + r.error);
+      mark_broken(why);
+      TORCH_CHECK(false, "pipegear: rank ", rank_, ": ", why);
     }
     post_header_recv();
     auto hc = got.cpu();
     const int64_t* g = hc.data_ptr<int64_t>();
     if (g[3] == 0) {
+      const int64_t origin = g[4] - 1;
+      const std::string text = get_note(g + note_at, g[5]);
       if (local_error) {
         std::rethrow_exception(local_error);
       }
-      TORCH_CHECK(false, "pipegear: rank ", rank_, ": rank 0 failed before step ",
-                  seq, " began (see its error)");
+      TORCH_CHECK(false, "pipegear: rank ", rank_, ": rank ", origin,
+                  " failed before ", step_n, " began: ", text);
     }
     TORCH_CHECK(g[3] >= 1 && g[3] <= options_.chunks(), "pipegear: rank ", rank_,
-                ": bad micro-batch count ", g[3], " in the step header");
+                ": bad micro-batch count ", g[3], " in the header of ", step_n);
     sizes.assign(g + F, g + F + g[3]);
     state->face = static_cast<Face>(g[1]);
     leader_grad = g[2] != 0;

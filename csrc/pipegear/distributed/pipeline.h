@@ -42,11 +42,16 @@ struct DistributedOptions {
   /// Where this rank's slice runs (Sequential and factory constructors).
   /// Default: cpu for Gloo, the current CUDA device for NCCL.
   TORCH_ARG(std::optional<c10::Device>, device) = std::nullopt;
-  /// Bound of every wait for a peer (step header, activations, gradients,
-  /// the loss): a peer that died or hangs makes the call throw after at
-  /// most this long instead of blocking forever. It must exceed the longest
-  /// time between two ranks' calls (data loading included).
+  /// Bound of every wait for a peer within a step (activations, gradients,
+  /// the loss, the end of a pass): a peer that died or hangs makes the call
+  /// throw after at most this long instead of blocking forever.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::seconds(30);
+  /// Bound of the wait for the other ranks to start the next step: between
+  /// steps a rank may be busy for long (saving a checkpoint, evaluating,
+  /// loading data) while the others wait. The default is torch's default
+  /// timeout of a process group (30 min); a rank that does not come within
+  /// it is taken as lost, and the others throw.
+  TORCH_ARG(std::chrono::milliseconds, idle_timeout) = std::chrono::minutes(30);
 };
 
 namespace detail {
