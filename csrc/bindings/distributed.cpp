@@ -5,6 +5,8 @@
 #include <bindings/bindings.h>
 
 #include <chrono>
+#include <optional>
+#include <string>
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/utils/pybind.h>
@@ -60,7 +62,7 @@ void init_distributed(py::module_& m) {
           [](DistributedPipeline& p, const py::object& input,
              const py::object& target, const py::object& loss_fn,
              const std::string& reduction, const py::object& count,
-             bool training) {
+             bool training, const std::optional<std::string>& error) {
             Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
             Batch tgt = target.is_none() ? Batch{}
                                          : from_python(target, "the target");
@@ -70,11 +72,22 @@ void init_distributed(py::module_& m) {
             }
             const auto options = make_step_options(reduction, count, training);
             py::gil_scoped_release no_gil;
+            if (error) {
+              // A mistake the caller found before the step: every rank
+              // raises at once, this one ValueError(error).
+              std::exception_ptr mistake;
+              try {
+                TORCH_CHECK_VALUE(false, *error);
+              } catch (...) {
+                mistake = std::current_exception();
+              }
+              p.fail_step(mistake);
+            }
             return p.step(in, tgt, fn, options);
           },
           py::arg("input"), py::arg("target"), py::arg("loss_fn"),
           py::arg("reduction") = "mean", py::arg("count") = py::none(),
-          py::arg("training") = true)
+          py::arg("training") = true, py::arg("error") = py::none())
       .def(
           "forward",
           [](DistributedPipeline& p, const py::object& input, bool training) {

@@ -313,19 +313,22 @@ class DistributedGPipe(_Placed):
             # No loss_fn at all: the pipeline reports it, on every rank.
             reduction, count = (("mean", None) if loss_fn is None else
                                 plan_loss(loss_fn, target, reduction, count))
-        except (TypeError, ValueError):
-            # A last rank without a loss function fails the step on every
-            # rank before any cell runs, as a rank 0 without input does:
-            # raising the mistake only here would leave the other ranks
-            # waiting out the timeout.
-            try:
-                self._pipeline.step(first_input, None, None, "mean",
-                                    training=self.training)
-            except ValueError:  # "step needs a loss function on the last rank"
-                pass
-            raise
-        return self._pipeline.step(first_input, target, loss_fn, reduction,
-                                   count=count, training=self.training)
+        except (TypeError, ValueError) as e:
+            mistake = e
+        else:
+            return self._pipeline.step(first_input, target, loss_fn,
+                                       reduction, count=count,
+                                       training=self.training)
+        # Raising the mistake only here would leave the other ranks waiting
+        # out the timeout: the step fails on every rank before any cell
+        # runs, the others naming this rank and the mistake.
+        try:
+            self._pipeline.step(first_input, None, None, "mean",
+                                training=self.training,
+                                error=f"{type(mistake).__name__}: {mistake}")
+        except ValueError:  # the mistake, as the pipeline raised it here
+            pass
+        raise mistake
 
     def forward(self, input: Optional[Tensors] = None) -> Tensors:  # noqa: A002
         """Module style, every rank calls it; rank 0 passes the input.

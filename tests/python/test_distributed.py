@@ -305,6 +305,66 @@ def worker_absent(rank, world, port, out):
     os._exit(0)
 
 
+def _step_with(input=None, target=None, loss_fn=mse, reduction=None):
+    """A step where rank 0 passes `input` or the batch's, the last rank
+    `target` and `loss_fn` (each "batch": the batch's own)."""
+    def call(pipe, rank, world, x, t):
+        first, last = rank == 0, rank == world - 1
+        pipe.step((x if input == "batch" else input) if first else None,
+                  (t if target == "batch" else target) if last else None,
+                  loss_fn, reduction)
+    return call
+
+
+# name: (the call of every rank, the failing rank, what it raises, what the
+# others' error quotes). Each is a one-rank mistake found before the step:
+# every rank must raise at once and the next step must work. A mistake
+# found in Python (DistributedGPipe.step) reaches the others with its type.
+TARGET_NONE = ("ValueError: step got target=None but the loss MSELoss needs "
+               "a target: pass the batch's target")
+DISAGREES = ("ValueError: reduction='mean' disagrees with the loss: MSELoss "
+             "reduces with 'sum'; leave reduction=None to use the loss's")
+MISTAKES = {
+    "target-none": (_step_with("batch", None, nn.MSELoss()), 1, TARGET_NONE,
+                    TARGET_NONE),
+    "reduction-disagrees": (
+        _step_with("batch", "batch", nn.MSELoss(reduction="sum"), "mean"), 1,
+        DISAGREES, DISAGREES),
+    "loss-not-callable": (_step_with("batch", "batch", 3), 1,
+                          "TypeError: loss_fn must be callable, got int",
+                          "TypeError: loss_fn must be callable, got int"),
+    "no-loss": (_step_with("batch", "batch", None), 1,
+                "ValueError: step needs a loss function on the last rank, "
+                "got none",
+                "step needs a loss function on the last rank, got none"),
+    "no-input": (_step_with(None, "batch"), 0,
+                 "ValueError: rank 0 must pass the input, got none",
+                 "rank 0 must pass the input, got none"),
+}
+
+
+def worker_mistakes(rank, world, port, out):
+    """Every MISTAKES scenario, then a good step, on one pipeline."""
+    import pipegear
+    dist = _init(rank, world, port)
+    pipe = pipegear.DistributedGPipe(layer_factories(False), [4, 3], chunks=2,
+                                     timeout=20.0)
+    x, t = batch(CONFIGS[2][0], 0)
+    report = {}
+    for name, (call, *_) in MISTAKES.items():
+        report[name] = _attempt(lambda: call(pipe, rank, world, x, t))
+        report[name + "-broken"] = pipe.broken
+        pipe.zero_grad(set_to_none=True)
+        # the next step works
+        report[name + "-next"] = _attempt(
+            lambda: _step_with("batch", "batch")(pipe, rank, world, x, t))
+    report["grads"] = {n: p.grad.tolist() for n, p in pipe.named_parameters()}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def worker_chunks(rank, world, port, out):
     """Pipelines with different chunks, one after another on one group, one
     step each; the losses go to rank{rank}.json."""
@@ -763,6 +823,39 @@ def test_a_rank_that_never_comes_fails_the_others_after_idle_timeout(tmp_path,
         assert 1.9 < elapsed < 2.0 + 2.0, report
 
 
+def test_a_mistake_one_rank_finds_before_the_step_fails_every_rank_at_once(
+        tmp_path):
+    """A one-rank mistake found before the step (the last rank's target,
+    loss or reduction, rank 0's input): that rank raises it with its own
+    type, the other raises at once naming that rank and the mistake, before
+    any cell runs (no timeout, 20 s here), and the next step works."""
+    codes, logs = _launch("mistakes", 2, str(tmp_path), timeout=60)
+    assert codes == [0, 0], "\n".join(logs)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text())
+               for r in range(2)]
+    for step, (name, (_, failing, raised, quoted)) in enumerate(
+            MISTAKES.items()):
+        for r, report in enumerate(reports):
+            error, elapsed = report[name]
+            if r == failing:
+                assert error == raised, (name, error)
+            else:
+                assert error == (
+                    f"RuntimeError: pipegear: rank {r}: rank {failing} failed "
+                    f"before step {2 * step} began: {quoted}"), (name, error)
+            assert elapsed < 2.0, (name, r, elapsed)  # measured: ~1 ms
+            assert not report[name + "-broken"], (name, r)
+            assert report[name + "-next"][0] is None, (name, r, report)
+    # the last good step equals the plain model's
+    model = nn.Sequential(*[f() for f in layer_factories(False)])
+    x, t = batch(CONFIGS[2][0], 0)
+    mse(model(x), t).backward()
+    grads = {**reports[0]["grads"], **reports[1]["grads"]}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(torch.tensor(grads[name]), p.grad,
+                                   rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_pipelines_with_different_chunks_on_one_group_keep_their_tags_apart(
         tmp_path):
     codes, logs = _launch("chunks", 2, str(tmp_path), timeout=30)
@@ -843,5 +936,5 @@ if __name__ == "__main__":
     fn = {"compare": worker_compare, "crash": worker_crash,
           "raise": worker_raise, "late": worker_late,
           "chunks": worker_chunks, "pause": worker_pause,
-          "absent": worker_absent}[kind]
+          "absent": worker_absent, "mistakes": worker_mistakes}[kind]
     fn(int(rank), int(world), int(port), out)

@@ -195,9 +195,13 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
                   std::shared_ptr<Stage> stage, torch::nn::Sequential module,
                   DistributedOptions options);
 
+  // `local_error`: this rank's mistake found before the step, if any: every
+  // rank's call throws at once (see begin).
   torch::Tensor step(const Batch& input, const Batch& target,
-                     const LossFn& loss_fn, const StepOptions& options);
-  Batch forward(const Batch& input, bool training);
+                     const LossFn& loss_fn, const StepOptions& options,
+                     std::exception_ptr local_error = nullptr);
+  Batch forward(const Batch& input, bool training,
+                std::exception_ptr local_error = nullptr);
   void backward();
   // Module style, the drain pass of `state` (from the autograd node).
   Batch drain(StepState& state, const Batch& grads);
@@ -1543,12 +1547,12 @@ void DistributedCore::raise_capacities(const StepState& state, bool forward,
 // ---------------------------------------------------------------------------
 torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
                                     const LossFn& loss_fn,
-                                    const StepOptions& options) {
+                                    const StepOptions& options,
+                                    std::exception_ptr local_error) {
   std::lock_guard<std::mutex> call(call_mutex_);
   const bool first = rank_ == 0;
   const bool last = rank_ + 1 == world_;
-  std::exception_ptr local_error;
-  if (last && !loss_fn) {
+  if (last && !loss_fn && !local_error) {
     try {
       TORCH_CHECK_VALUE(false, "step needs a loss function on the last rank, "
                         "got none");
@@ -1619,7 +1623,8 @@ struct RankStep : PendingStep {
 
 } // namespace
 
-Batch DistributedCore::forward(const Batch& input, bool training) {
+Batch DistributedCore::forward(const Batch& input, bool training,
+                               std::exception_ptr local_error) {
   std::shared_ptr<StepState> state;
   Batch out;
   {
@@ -1634,7 +1639,7 @@ Batch DistributedCore::forward(const Batch& input, bool training) {
                   "the next forward (use no_grad for forwards without backward)");
     }
     placeholder_ = torch::Tensor();
-    state = begin(Face::kModule, training, input, nullptr);
+    state = begin(Face::kModule, training, input, local_error);
     if (state->pre_error) {
       fail_early(*state);
     }
@@ -1791,6 +1796,18 @@ torch::Tensor DistributedPipeline::step(const Batch& input, const Batch& target,
 
 Batch DistributedPipeline::forward(const Batch& input, bool training) {
   return core_->forward(input, training);
+}
+
+void DistributedPipeline::fail_step(std::exception_ptr error) {
+  TORCH_CHECK_VALUE(error, "fail_step needs the error of this rank, got none");
+  core_->step({}, {}, nullptr, {}, error);
+  std::rethrow_exception(error);  // step() throws already
+}
+
+void DistributedPipeline::fail_forward(std::exception_ptr error) {
+  TORCH_CHECK_VALUE(error, "fail_forward needs the error of this rank, got none");
+  core_->forward({}, true, error);
+  std::rethrow_exception(error);  // forward() throws already
 }
 
 void DistributedPipeline::backward() { core_->backward(); }

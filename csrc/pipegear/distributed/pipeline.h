@@ -4,6 +4,7 @@
 // docs/distributed.md.
 
 #include <chrono>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -119,6 +120,15 @@ class DistributedPipeline {
                      const LossFn& loss_fn, LossReduction reduction) {
     return step(input, target, loss_fn, StepOptions().reduction(reduction));
   }
+
+  /// Takes part in a step that this rank cannot run because of a mistake
+  /// found before it (its target or loss do not fit, say): every rank's
+  /// step() throws at once, before any cell runs, and the group stays
+  /// usable. This rank throws `error` itself; the others throw naming this
+  /// rank and `error`'s message. Call it where step() would be called.
+  [[noreturn]] void fail_step(std::exception_ptr error);
+  /// The same in module style, where forward() would be called.
+  [[noreturn]] void fail_forward(std::exception_ptr error);
 
   /// Module style, fill pass: every rank calls it, `input` is used on rank
   /// 0. The last rank gets the gathered output; the other ranks get one
