@@ -62,39 +62,68 @@ void init_distributed(py::module_& m) {
           [](DistributedPipeline& p, const py::object& input,
              const py::object& target, const py::object& loss_fn,
              const std::string& reduction, const py::object& count,
-             bool training, const std::optional<std::string>& error) {
-            Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
-            Batch tgt = target.is_none() ? Batch{}
-                                         : from_python(target, "the target");
+             bool training, const std::optional<std::string>& error,
+             const std::string& error_type) {
+            // A mistake found before the step, the caller's (`error`, a
+            // ValueError or a TypeError) or in the arguments this rank uses,
+            // must fail the step on every rank: raised here, it would leave
+            // the others waiting.
+            std::exception_ptr mistake;
+            Batch in;
+            Batch tgt;
             LossFn fn;
-            if (p.is_last() && !loss_fn.is_none()) {
-              fn = make_loss_fn(loss_fn);
-            }
-            const auto options = make_step_options(reduction, count, training);
-            py::gil_scoped_release no_gil;
-            if (error) {
-              // A mistake the caller found before the step: every rank
-              // raises at once, this one ValueError(error).
-              std::exception_ptr mistake;
-              try {
+            StepOptions options;
+            try {
+              TORCH_CHECK_VALUE(error_type == "ValueError" || error_type == "TypeError",
+                                "error_type must be 'ValueError' or 'TypeError', got '",
+                                error_type, "'");
+              if (error) {
+                TORCH_CHECK_TYPE(error_type != "TypeError", *error);
                 TORCH_CHECK_VALUE(false, *error);
-              } catch (...) {
-                mistake = std::current_exception();
               }
+              if (p.is_first() && !input.is_none()) {
+                in = from_python(input, "the input");
+              }
+              if (p.is_last()) {
+                if (!target.is_none()) {
+                  tgt = from_python(target, "the target");
+                }
+                if (!loss_fn.is_none()) {
+                  fn = make_loss_fn(loss_fn);
+                }
+              }
+              options = make_step_options(reduction, count, training);
+            } catch (const c10::Error&) {
+              mistake = std::current_exception();
+            }
+            py::gil_scoped_release no_gil;
+            if (mistake) {
               p.fail_step(mistake);
             }
             return p.step(in, tgt, fn, options);
           },
           py::arg("input"), py::arg("target"), py::arg("loss_fn"),
           py::arg("reduction") = "mean", py::arg("count") = py::none(),
-          py::arg("training") = true, py::arg("error") = py::none())
+          py::arg("training") = true, py::arg("error") = py::none(),
+          py::arg("error_type") = "ValueError")
       .def(
           "forward",
           [](DistributedPipeline& p, const py::object& input, bool training) {
-            Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
+            std::exception_ptr mistake;
+            Batch in;
+            try {
+              if (p.is_first() && !input.is_none()) {
+                in = from_python(input, "the input");
+              }
+            } catch (const c10::Error&) {
+              mistake = std::current_exception();
+            }
             Batch out;
             {
               py::gil_scoped_release no_gil;
+              if (mistake) {
+                p.fail_forward(mistake);
+              }
               out = p.forward(in, training);
             }
             return to_python(out);

@@ -322,11 +322,12 @@ class DistributedGPipe(_Placed):
         # Raising the mistake only here would leave the other ranks waiting
         # out the timeout: the step fails on every rank before any cell
         # runs, the others naming this rank and the mistake.
+        kind = "TypeError" if isinstance(mistake, TypeError) else "ValueError"
         try:
             self._pipeline.step(first_input, None, None, "mean",
-                                training=self.training,
-                                error=f"{type(mistake).__name__}: {mistake}")
-        except ValueError:  # the mistake, as the pipeline raised it here
+                                training=self.training, error=str(mistake),
+                                error_type=kind)
+        except (TypeError, ValueError):  # the mistake, raised by the pipeline
             pass
         raise mistake
 

@@ -316,30 +316,45 @@ def _step_with(input=None, target=None, loss_fn=mse, reduction=None):
     return call
 
 
-# name: (the call of every rank, the failing rank, what it raises, what the
-# others' error quotes). Each is a one-rank mistake found before the step:
-# every rank must raise at once and the next step must work. A mistake
-# found in Python (DistributedGPipe.step) reaches the others with its type.
-TARGET_NONE = ("ValueError: step got target=None but the loss MSELoss needs "
-               "a target: pass the batch's target")
-DISAGREES = ("ValueError: reduction='mean' disagrees with the loss: MSELoss "
-             "reduces with 'sum'; leave reduction=None to use the loss's")
+def _forward_with(input):
+    """Module style: rank 0 passes `input`, the others None."""
+    def call(pipe, rank, world, x, t):
+        pipe(input if rank == 0 else None)
+    return call
+
+
+# name: (the call of every rank, the failing rank, what it raises). Each is
+# a one-rank mistake found before the step: every rank must raise at once,
+# the others naming the failing rank and quoting its error, and the next
+# step must work.
 MISTAKES = {
-    "target-none": (_step_with("batch", None, nn.MSELoss()), 1, TARGET_NONE,
-                    TARGET_NONE),
+    # found by DistributedGPipe.step (python/pipegear/loss.py)
+    "target-none": (_step_with("batch", None, nn.MSELoss()), 1,
+                    "ValueError: step got target=None but the loss MSELoss "
+                    "needs a target: pass the batch's target"),
     "reduction-disagrees": (
         _step_with("batch", "batch", nn.MSELoss(reduction="sum"), "mean"), 1,
-        DISAGREES, DISAGREES),
+        "ValueError: reduction='mean' disagrees with the loss: MSELoss "
+        "reduces with 'sum'; leave reduction=None to use the loss's"),
     "loss-not-callable": (_step_with("batch", "batch", 3), 1,
-                          "TypeError: loss_fn must be callable, got int",
                           "TypeError: loss_fn must be callable, got int"),
+    # found by the binding, converting the arguments
+    "target-not-tensor": (_step_with("batch", "abc"), 1,
+                          "TypeError: the target must be a tensor or a tuple "
+                          "of tensors, got <class 'str'>"),
+    "input-not-tensor": (_step_with("abc", "batch"), 0,
+                         "TypeError: the input must be a tensor or a tuple of "
+                         "tensors, got <class 'str'>"),
+    "forward-input-not-tensor": (
+        _forward_with(["abc"]), 0,
+        "TypeError: the input must be a tensor or a tuple of tensors, got a "
+        "tuple holding <class 'str'>"),
+    # found by the pipeline
     "no-loss": (_step_with("batch", "batch", None), 1,
                 "ValueError: step needs a loss function on the last rank, "
-                "got none",
-                "step needs a loss function on the last rank, got none"),
+                "got none"),
     "no-input": (_step_with(None, "batch"), 0,
-                 "ValueError: rank 0 must pass the input, got none",
-                 "rank 0 must pass the input, got none"),
+                 "ValueError: rank 0 must pass the input, got none"),
 }
 
 
@@ -359,6 +374,40 @@ def worker_mistakes(rank, world, port, out):
         report[name + "-next"] = _attempt(
             lambda: _step_with("batch", "batch")(pipe, rank, world, x, t))
     report["grads"] = {n: p.grad.tolist() for n, p in pipe.named_parameters()}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def worker_pending(rank, world, port, out):
+    """Module style, forward() while the backward of the previous forward
+    has not run: on the last rank only ("last"), rank 0 only ("first"), or
+    every rank ("every"); the others run their backward. Each is followed
+    by a good step."""
+    import pipegear
+    dist = _init(rank, world, port)
+    pipe = pipegear.DistributedGPipe(layer_factories(False), [4, 3], chunks=2,
+                                     timeout=20.0)
+    x, t = batch(CONFIGS[2][0], 0)
+    first, last = rank == 0, rank == world - 1
+    report = {}
+    for who in ("last", "first", "every"):
+        forgets = who == "every" or (who == "last") == last
+        y = pipe(x if first else None)
+        if forgets:  # `y` is still alive: its backward is pending
+            report[who] = _attempt(lambda: pipe(x if first else None))
+            if last:  # the old output's backward comes too late now
+                report[who + "-late-backward"] = _attempt(
+                    lambda: mse(y, t).backward())
+        else:
+            report[who] = _attempt(
+                lambda: (mse(y, t) if last else y).backward())
+        del y
+        report[who + "-broken"] = pipe.broken
+        pipe.zero_grad(set_to_none=True)
+        report[who + "-next"] = _attempt(
+            lambda: _step_with("batch", "batch")(pipe, rank, world, x, t))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.barrier()
@@ -826,15 +875,15 @@ def test_a_rank_that_never_comes_fails_the_others_after_idle_timeout(tmp_path,
 def test_a_mistake_one_rank_finds_before_the_step_fails_every_rank_at_once(
         tmp_path):
     """A one-rank mistake found before the step (the last rank's target,
-    loss or reduction, rank 0's input): that rank raises it with its own
-    type, the other raises at once naming that rank and the mistake, before
-    any cell runs (no timeout, 20 s here), and the next step works."""
+    loss or reduction, rank 0's input; by DistributedGPipe, the binding or
+    the pipeline): that rank raises it with its own type, the other raises
+    at once naming that rank and the mistake, before any cell runs (no
+    timeout, 20 s here), and the next step works."""
     codes, logs = _launch("mistakes", 2, str(tmp_path), timeout=60)
     assert codes == [0, 0], "\n".join(logs)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text())
                for r in range(2)]
-    for step, (name, (_, failing, raised, quoted)) in enumerate(
-            MISTAKES.items()):
+    for step, (name, (_, failing, raised)) in enumerate(MISTAKES.items()):
         for r, report in enumerate(reports):
             error, elapsed = report[name]
             if r == failing:
@@ -842,7 +891,7 @@ def test_a_mistake_one_rank_finds_before_the_step_fails_every_rank_at_once(
             else:
                 assert error == (
                     f"RuntimeError: pipegear: rank {r}: rank {failing} failed "
-                    f"before step {2 * step} began: {quoted}"), (name, error)
+                    f"before step {2 * step} began: {raised}"), (name, error)
             assert elapsed < 2.0, (name, r, elapsed)  # measured: ~1 ms
             assert not report[name + "-broken"], (name, r)
             assert report[name + "-next"][0] is None, (name, r, report)
@@ -854,6 +903,48 @@ def test_a_mistake_one_rank_finds_before_the_step_fails_every_rank_at_once(
     for name, p in model.named_parameters():
         torch.testing.assert_close(torch.tensor(grads[name]), p.grad,
                                    rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_forward_before_the_backward_of_the_last_fails_that_backward_on_every_rank(
+        tmp_path):
+    """Module style: a rank calls forward() while the backward of its
+    previous forward has not run. Its peers wait for it in that backward
+    (their drain), not in a next step, so it fails the drain on every rank
+    the way a failing backward does: every rank raises at once (no timeout,
+    20 s here), the group intact, and the next step works."""
+    codes, logs = _launch("pending", 2, str(tmp_path), timeout=60)
+    assert codes == [0, 0], "\n".join(logs)
+    rank0, rank1 = [json.loads((tmp_path / f"rank{r}.json").read_text())
+                    for r in range(2)]
+
+    def pending(r, step):
+        return (f"RuntimeError: pipegear: rank {r}: the backward of the "
+                f"previous forward (step {step}) has not run; every rank must "
+                "run it before the next forward (use no_grad for forwards "
+                "without backward)")
+    # the last rank forgets (step 0); rank 0 waits in its backward
+    assert rank1["last"][0] == pending(1, 0), rank1
+    assert rank0["last"][0].startswith(
+        "RuntimeError: pipegear: rank 0: rank 1 failed in step 0, so this "
+        "rank stops too (receiving the gradients of micro-batch 1 from rank "
+        "1): " + pending(1, 0)[len("RuntimeError: "):]), rank0
+    assert rank1["last-late-backward"][0] == (
+        "RuntimeError: pipegear: rank 1: the backward of step 0 comes after "
+        "the next forward, which failed it on every rank (see that forward's "
+        "error)"), rank1
+    # rank 0 forgets (step 2); the last rank waits in its backward
+    assert rank0["first"][0] == pending(0, 2), rank0
+    assert rank1["first"][0] == ("RuntimeError: pipegear: rank 1: rank 0 "
+                                 "failed in the backward of step 2 (see its "
+                                 "error)"), rank1
+    # every rank forgets (step 4)
+    assert rank0["every"][0] == pending(0, 4), rank0
+    assert rank1["every"][0] == pending(1, 4), rank1
+    for r, report in enumerate((rank0, rank1)):
+        for who in ("last", "first", "every"):
+            assert report[who][1] < 2.0, (who, r, report)  # measured: ~ms
+            assert not report[who + "-broken"], (who, r)
+            assert report[who + "-next"][0] is None, (who, r, report)
 
 
 def test_pipelines_with_different_chunks_on_one_group_keep_their_tags_apart(
@@ -936,5 +1027,6 @@ if __name__ == "__main__":
     fn = {"compare": worker_compare, "crash": worker_crash,
           "raise": worker_raise, "late": worker_late,
           "chunks": worker_chunks, "pause": worker_pause,
-          "absent": worker_absent, "mistakes": worker_mistakes}[kind]
+          "absent": worker_absent, "mistakes": worker_mistakes,
+          "pending": worker_pending}[kind]
     fn(int(rank), int(world), int(port), out)

@@ -128,6 +128,26 @@ std::string describe(const std::exception_ptr& e) {
   }
 }
 
+// A rank's error as the other ranks quote it: a typed c10 error (a user's
+// mistake) with the name Python gives its type, as a Python exception's
+// text has it already ("ValueError: ...").
+std::string describe_failure(const std::exception_ptr& e) {
+  if (!e) {
+    return describe(e);
+  }
+  try {
+    std::rethrow_exception(e);
+  } catch (const c10::ValueError& err) {
+    return std::string("ValueError: ") + err.what_without_backtrace();
+  } catch (const c10::TypeError& err) {
+    return std::string("TypeError: ") + err.what_without_backtrace();
+  } catch (const c10::IndexError& err) {
+    return std::string("IndexError: ") + err.what_without_backtrace();
+  } catch (...) {
+    return describe(e);
+  }
+}
+
 // Why a link to `peer` fails at once: Gloo closes every link of a process
 // when one of its waits times out (and all of them when it dies).
 std::string closed_by(int64_t peer) {
@@ -205,6 +225,11 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   void backward();
   // Module style, the drain pass of `state` (from the autograd node).
   Batch drain(StepState& state, const Batch& grads);
+  // Module style: a forward() while the drain of `state` has not run. The
+  // peers wait for this rank in that drain, not in a next step: fails the
+  // drain as a failing backward would, so that they raise at once, then
+  // raises `error`. A later backward through the old output raises.
+  [[noreturn]] void abandon_drain(StepState& state, const std::exception_ptr& error);
 
   int64_t rank() const { return rank_; }
   int64_t world() const { return world_; }
@@ -810,6 +835,7 @@ struct StepState {
   bool failed = false;
   int64_t origin = -1;  // the rank whose failure failed this step
   bool drained = false;
+  bool abandoned = false;  // module style: a forward came before the drain
   std::exception_ptr pre_error;  // this rank's call disagrees with the header
   // The receives of the agreement of the current pass: rank 0, the status
   // of ranks 1..K-1; the others, rank 0's outcome. A receive that could not
@@ -1175,7 +1201,7 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
     std::string text;
     if (local_error) {
       origin = 0;
-      text = describe(local_error);
+      text = describe_failure(local_error);
     } else if (arrivals.failed >= 0) {
       origin = arrivals.failed;
       text = arrivals.text;
@@ -1210,7 +1236,7 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
     auto arrival = torch::zeros({kArrivalWords + kNoteWords}, torch::kInt64);
     auto* a = arrival.data_ptr<int64_t>();
     a[0] = local_error ? 1 : 0;
-    a[1] = local_error ? put_note(a + kArrivalWords, describe(local_error)) : 0;
+    a[1] = local_error ? put_note(a + kArrivalWords, describe_failure(local_error)) : 0;
     p2p_send((nccl_ ? arrival : arrival.narrow(0, 0, words_with_note(kArrivalWords, a[1])))
                  .to(comm_device_),
              0, tag(kTagArrival), "this rank's arrival at " + step_n);
@@ -1334,7 +1360,8 @@ void DistributedCore::fail(StepState& state, const std::exception_ptr& error,
       (t.kind == FailKind::kPeer && t.peer_broken);
   const int64_t origin = t.kind == FailKind::kPeer ? t.origin : rank_;
   state.origin = origin;
-  const std::string text = t.kind == FailKind::kPeer ? t.peer_text : describe(error);
+  const std::string text =
+      t.kind == FailKind::kPeer ? t.peer_text : describe_failure(error);
   const auto& cells = state.schedule[rank_];
   const bool last = rank_ + 1 == world_;
   auto in_pass = [&](const Cell& c) {
@@ -1632,11 +1659,17 @@ Batch DistributedCore::forward(const Batch& input, bool training,
     TORCH_CHECK_VALUE(options_.schedule() == ScheduleKind::kGPipe,
                       "module-style forward needs a fill/drain schedule "
                       "('gpipe'); the '1f1b' schedule runs only through step()");
-    if (auto pending = undrained_.lock()) {
-      TORCH_CHECK(pending->drained || pending->failed, "pipegear: rank ", rank_,
-                  ": the backward of the previous forward (step ",
-                  pending->seq, ") has not run; every rank must run it before "
-                  "the next forward (use no_grad for forwards without backward)");
+    if (auto pending = undrained_.lock(); pending && !pending->drained) {
+      std::exception_ptr error;
+      try {
+        TORCH_CHECK(false, "pipegear: rank ", rank_, ": the backward of the "
+                    "previous forward (step ", pending->seq, ") has not run; "
+                    "every rank must run it before the next forward (use "
+                    "no_grad for forwards without backward)");
+      } catch (...) {
+        error = std::current_exception();
+      }
+      abandon_drain(*pending, error);
     }
     placeholder_ = torch::Tensor();
     state = begin(Face::kModule, training, input, local_error);
@@ -1678,6 +1711,9 @@ Batch DistributedCore::forward(const Batch& input, bool training,
 
 Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   std::lock_guard<std::mutex> call(call_mutex_);
+  TORCH_CHECK(!state.abandoned, "pipegear: rank ", rank_, ": the backward of step ",
+              state.seq, " comes after the next forward, which failed it on "
+              "every rank (see that forward's error)");
   TORCH_CHECK(!state.drained, "pipegear: rank ", rank_, ": the backward of step ",
               state.seq, " ran twice");
   state.drained = true;
@@ -1715,6 +1751,20 @@ Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   }
   finish_pass(state, error, "backward");
   return out;
+}
+
+void DistributedCore::abandon_drain(StepState& state,
+                                    const std::exception_ptr& error) {
+  state.drained = true;
+  state.abandoned = true;
+  placeholder_ = torch::Tensor();
+  check_not_broken();
+  if (!nccl_) {
+    post_agreement(state);
+  }
+  fail(state, error, /*forward=*/false, /*backward=*/true);
+  agree(state, error, torch::Tensor(), "backward");
+  std::rethrow_exception(error);  // agree rethrows it already
 }
 
 void DistributedCore::backward() {
