@@ -110,10 +110,12 @@ class DistributedGPipe(_Placed):
         else:
             out.backward()              # out: a placeholder; or pipe.backward()
 
-    A failure on one rank (an exception, a dead or hanging peer) makes every
-    rank raise within ``timeout``; after an exception raised by a layer or
-    the loss the next call works, after a lost peer ``broken`` is true and
-    the process group must be recreated (docs/distributed.md).
+    A failure on one rank (an exception, a mistake in its arguments, a dead
+    or hanging peer) makes every rank raise within ``timeout`` (a rank that
+    does not come to a step: within ``idle_timeout``); after an exception
+    raised by a layer or the loss, or a mistake, the next call works, after
+    a lost peer ``broken`` is true and the process group must be recreated
+    (docs/distributed.md).
     """
 
     def __init__(self, module: LayerSpec, balance: Sequence[int], *,

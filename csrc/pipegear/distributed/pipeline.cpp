@@ -86,9 +86,9 @@ constexpr int64_t kTags = int64_t{1} << 30;
 
 // The tag ranges of the pipelines built on a group in this process lie one
 // after another (wrapping around at kTags): each range is as long as its
-// pipeline's chunks make it, so a multiple of a fixed stride would let a
-// pipeline with fewer chunks reach into an earlier one's range (and a stale
-// early receive of the earlier one take its messages). Every rank builds
+// pipeline's chunks make it, so placing range n at n times its own length
+// would overlap an earlier pipeline's range when the chunks differ (and a
+// stale early receive of the earlier one take its messages). Every rank builds
 // the same pipelines on a group in the same order (construction is
 // collective; agree_on_configuration compares the first tags), so the
 // ranges agree; a construction that fails the comparison takes none.
