@@ -4,7 +4,7 @@ This file is also the worker script: the tests launch it with
 ``python test_distributed.py KIND RANK WORLD PORT OUT`` once per rank. One
 launch runs several configurations in a row on the same process group, to
 keep the number of process start-ups (importing torch) small. Every launch
-is bounded in time; the whole file takes about a minute on 2 cores.
+is bounded in time; the whole file takes about a minute and a half on 2 cores.
 """
 import json
 import os
