@@ -743,8 +743,10 @@ def test_a_mistake_of_the_last_rank_fails_every_rank_at_once(tmp_path):
         "needs a target"), rank1
     assert rank1["disagrees"].startswith(
         "ValueError: reduction='sum' disagrees with the loss"), rank1
-    for name in ("no-target", "disagrees"):
-        assert "rank 1 failed" in rank0[name], rank0
+    for step, name in enumerate(("no-target", "disagrees")):
+        # rank 0 names the last rank and quotes its mistake
+        assert rank0[name] == (f"RuntimeError: pipegear: rank 0: rank 1 failed "
+                               f"before step {step} began: " + rank1[name]), rank0
         assert rank0[name + "_s"] < 5 and rank1[name + "_s"] < 5, reports
     assert not rank0["broken"] and not rank1["broken"]
     plain = model()
