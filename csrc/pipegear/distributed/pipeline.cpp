@@ -1724,20 +1724,10 @@ Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   at::ThreadLocalStateGuard tls(run.tls);
   std::exception_ptr error;
   try {
-    run.output_grads.assign(run.micro_batches, Batch{});
     if (rank_ + 1 == world_) {
-      for (const auto& g : grads) {
-        if (!g.defined()) {
-          for (auto& b : run.output_grads) {
-            b.emplace_back();
-          }
-          continue;
-        }
-        auto parts = g.split_with_sizes(run.sizes, 0);
-        for (int64_t j = 0; j < run.micro_batches; ++j) {
-          run.output_grads[j].push_back(parts[j]);
-        }
-      }
+      split_output_grads(run, grads);
+    } else {
+      run.output_grads.assign(run.micro_batches, Batch{});
     }
   } catch (...) {
     error = std::current_exception();
