@@ -326,11 +326,12 @@ class GPipe(_Placed):
     A parameter held by modules of several partitions (an output head tied
     to the embedding, ``head.weight = embed.weight``) stays one parameter:
     ``parameters()`` yields it once, ``state_dict()`` lists it under each
-    name, as the plain model's. Partitions on other devices than the first
-    one using it compute with a replica, refreshed before every forward and
-    whose gradient is added into the parameter's after every drain
-    (docs/engine.md, "Tied parameters"). A module holding parameters may
-    not be in two partitions.
+    name, as the plain model's. The partitions after the first one using it
+    compute with replicas (an alias of its storage on the same device, a
+    copy refreshed before every forward on another), whose gradients are
+    added into the parameter's after every drain (docs/engine.md, "Tied
+    parameters"). A module holding parameters may not be in two
+    partitions.
 
     The partitions stay on ``devices``: ``.to(device)``, ``.cuda()``,
     ``.cpu()`` to another device raise ``TypeError`` (build a new
@@ -413,7 +414,7 @@ class GPipe(_Placed):
         # Replicas of tied parameters go into the partitions on other
         # devices before the partitions move (moving a partition that still
         # held the owner's parameter would move it off the owner's device).
-        ties = Ties(find_ties(named, balance), devices, tied.needs_replica)
+        ties = Ties(find_ties(named, balance), devices, tied.needs_copy)
         for part, device in zip(partitions, devices):
             part.to(device)
         stages = [(part, str(device), self._hooks(part))
@@ -428,6 +429,7 @@ class GPipe(_Placed):
         self._schedule = schedule
         self._worker_threads = worker_threads
         self._ties = ties
+        ties.refresh()  # aliases moved with their partitions share again
         # Not a child: the layers are this module's children, under their
         # names in the module (state_dict keys as the plain model's).
         object.__setattr__(self, "_partitions", nn.ModuleList(partitions))

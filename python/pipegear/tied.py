@@ -3,21 +3,28 @@ reuses its weight, as GPT-2's ``lm_head.weight is transformer.wte.weight``).
 
 A parameter held by modules of several partitions is one parameter of the
 pipeline: ``parameters()`` yields it once and ``state_dict()`` lists it under
-every name that holds it, exactly as for the plain model. How the stages
-compute with it depends on where they are:
+every name that holds it, exactly as for the plain model. The first
+partition using it (the *owner*) computes with the parameter itself; every
+other partition computes with a *replica* of its own, installed in place of
+the parameter in that partition's modules:
 
-- partitions on the device of the first partition using it (the *owner*)
-  use the parameter itself. Their workers' backward cells may accumulate its
-  gradient at the same time: autograd's ``AccumulateGrad`` node holds a
-  mutex around each accumulation, and a leaf has one such node while any
-  graph uses it, so no addition is lost (tests/python/test_tied.py checks
-  this with integer-valued gradients, whose sums are exact in any order);
-- a partition on another device computes with a *replica* on its device (one
-  per device, shared by the partitions there), installed in place of the
-  parameter in that partition's modules. Before every forward (and step)
-  the replicas are refreshed from the parameter, and after every drain their
-  gradients are added into the parameter's ``.grad``, once per step, so the
-  optimizer sees one parameter with the gradient of all its uses.
+- on the owner's device, an *alias*: a leaf sharing the parameter's storage
+  (no copy, in-place updates seen at once) with a gradient of its own;
+- on another device, a *copy* on that device, refreshed from the parameter
+  before every forward (and step).
+
+After every drain each replica's gradient is added into the parameter's
+``.grad``, in partition order, once per step, so the optimizer sees one
+parameter with the gradient of all its uses.
+
+Why an alias rather than the parameter itself on one device: two workers
+would then add into one ``.grad`` concurrently. That is safe (autograd's
+``AccumulateGrad`` node locks a mutex around each addition, and a leaf has
+one such node while any graph uses it), but the order of the additions
+follows the timing, so the sum differs in its last bits from run to run,
+and a pipeline reproduces a seeded step bit for bit (docs/engine.md,
+"Randomness"). Each replica is accumulated by one worker, in its schedule's
+order, and the sums after the drain run in a fixed order.
 """
 from __future__ import annotations
 
@@ -26,31 +33,41 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-__all__ = ["Tie", "Ties", "find_ties", "needs_replica"]
+__all__ = ["Tie", "Ties", "find_ties", "needs_copy", "untie_replicas"]
 
 
-def needs_replica(owner: torch.device, device: torch.device) -> bool:
-    """Whether a partition on `device` computes with a replica of a
-    parameter owned by a partition on `owner` (tests replace this function
-    to run the replica path on the CPU)."""
+def needs_copy(owner: torch.device, device: torch.device) -> bool:
+    """Whether a partition on `device` computes with a copy of a parameter
+    owned by a partition on `owner` (else with an alias of its storage).
+    Tests replace this function to run the copy path on the CPU."""
     from pipegear.gpipe import _same_device
 
     return not _same_device(owner, device)
+
+
+class Replica:
+    """What partition `partition` computes with instead of the tied
+    parameter: a copy on its device, or an alias of the parameter."""
+
+    def __init__(self, partition: int, param: nn.Parameter,
+                 copy: bool) -> None:
+        self.partition = partition
+        self.param = param
+        self.copy = copy
 
 
 class Tie:
     """One parameter used by several partitions.
 
     ``slots`` lists every place holding it: (partition, qualified name in
-    the pipeline, module, attribute name), in module order; ``replicas`` the
-    replica of each device other than the owner's (device, replica,
-    partitions using it).
+    the pipeline, module, attribute name), in module order; ``replicas``
+    one :class:`Replica` per partition other than the owner, in order.
     """
 
     def __init__(self, master: nn.Parameter) -> None:
         self.master = master
         self.slots: list[tuple[int, str, nn.Module, str]] = []
-        self.replicas: list[tuple[torch.device, nn.Parameter, list[int]]] = []
+        self.replicas: list[Replica] = []
 
     @property
     def owner(self) -> int:
@@ -117,40 +134,34 @@ class Ties:
     before a pass and adds their gradients into the parameters after one."""
 
     def __init__(self, ties: list[Tie], devices: list[torch.device],
-                 replicate: Optional[Callable[[torch.device, torch.device],
-                                              bool]] = None) -> None:
-        replicate = replicate or needs_replica
+                 copy: Optional[Callable[[torch.device, torch.device],
+                                         bool]] = None) -> None:
+        copy = copy or needs_copy
         self.ties = ties
         for tie in ties:
-            owner_device = devices[tie.owner]
-            for partition in tie.partitions:
-                device = devices[partition]
-                if partition == tie.owner or not replicate(owner_device,
-                                                           device):
-                    continue
-                for d, _, parts in tie.replicas:
-                    if d == device:
-                        parts.append(partition)
-                        break
+            for partition in tie.partitions[1:]:
+                if copy(devices[tie.owner], devices[partition]):
+                    # Moved to the partition's device with the partition.
+                    param = nn.Parameter(tie.master.detach().clone(),
+                                         tie.master.requires_grad)
+                    tie.replicas.append(Replica(partition, param, True))
                 else:
-                    # The partition is moved to `device` after this, with
-                    # the replica in its modules.
-                    replica = nn.Parameter(tie.master.detach().clone(),
-                                           tie.master.requires_grad)
-                    tie.replicas.append((device, replica, [partition]))
+                    # Shares the storage and the version counter.
+                    param = nn.Parameter(tie.master.detach(),
+                                         tie.master.requires_grad)
+                    tie.replicas.append(Replica(partition, param, False))
             for partition, _, module, attr in tie.slots:
-                for _, replica, parts in tie.replicas:
-                    if partition in parts:
-                        module._parameters[attr] = replica
+                for r in tie.replicas:
+                    if r.partition == partition:
+                        module._parameters[attr] = r.param
         # replica -> its parameter, for named_parameters() / state_dict().
-        self._master_of = {id(r): t.master for t in ties
-                           for _, r, _ in t.replicas}
+        self._master_of = {id(r.param): t.master for t in ties
+                           for r in t.replicas}
         self._replica_names = [(name, t.master) for t in ties
-                               for p, name, _, _ in t.slots
-                               if any(p in parts for _, _, parts in t.replicas)]
+                               for p, name, _, _ in t.slots if p != t.owner]
 
     def __bool__(self) -> bool:
-        return any(t.replicas for t in self.ties)
+        return bool(self.ties)
 
     def master_of(self, p: nn.Parameter) -> nn.Parameter:
         """The pipeline's parameter for `p` (`p` itself unless a replica)."""
@@ -160,51 +171,60 @@ class Ties:
         """(qualified name, parameter) of every slot holding a replica."""
         return list(self._replica_names)
 
-    def _replicas(self) -> Iterable[tuple[nn.Parameter, nn.Parameter]]:
-        for tie in self.ties:
-            for _, replica, _ in tie.replicas:
-                yield tie.master, replica
-
     def refresh(self) -> None:
-        """Before a pass: every replica takes its parameter's value, dtype
-        and requires_grad. The copy goes into ``replica.data``, leaving the
-        replica's version counter alone, so a forward whose backward is
-        still pending does not fail its version check because a later
-        forward refreshed the same, unchanged value. Gradients a failed
-        drain left on a replica are dropped (the parameter keeps what the
-        owner's cells accumulated: zero the gradients before retrying)."""
+        """Before a pass, every replica takes its parameter's value, dtype
+        and requires_grad. An alias whose parameter got new storage (a
+        dtype cast, ``param.data = ...``) shares the new one; a copy is
+        copied into (whatever changed the parameter: the optimizer,
+        ``load_state_dict``, a write through ``.data``). A copy goes into
+        ``replica.data``, leaving the replica's version counter alone, so a
+        forward whose backward is still pending does not fail its version
+        check because a later forward refreshed the same value. Gradients a
+        failed drain left on a replica are dropped (the parameter keeps what
+        the owner's cells accumulated: zero the gradients before retrying,
+        as after any failed step)."""
         with torch.no_grad():
-            for master, replica in self._replicas():
-                source = master.detach()
-                if (replica.dtype != source.dtype
-                        or replica.shape != source.shape):
-                    replica.data = source.to(replica.device, copy=True)
-                else:
-                    replica.data.copy_(source)
-                replica.requires_grad_(master.requires_grad)
-                replica.grad = None
+            for tie in self.ties:
+                source = tie.master.detach()
+                for r in tie.replicas:
+                    replica = r.param
+                    if not r.copy:
+                        if replica.data_ptr() != source.data_ptr() or \
+                                replica.dtype != source.dtype or \
+                                replica.shape != source.shape:
+                            replica.data = tie.master.data
+                    elif (replica.dtype != source.dtype
+                          or replica.shape != source.shape):
+                        replica.data = source.to(replica.device, copy=True)
+                    else:
+                        replica.data.copy_(source)
+                    replica.requires_grad_(tie.master.requires_grad)
+                    replica.grad = None
 
     def accumulate(self) -> None:
         """After a drain: adds each replica's gradient into its parameter's
-        ``.grad`` (as AccumulateGrad would) and clears the replica's."""
+        ``.grad`` (as AccumulateGrad would), in partition order, and clears
+        the replica's."""
         with torch.no_grad():
-            for master, replica in self._replicas():
-                grad = replica.grad
-                if grad is None:
-                    continue
-                replica.grad = None
-                grad = grad.to(master.device)
-                if master.grad is None:
-                    master.grad = grad
-                else:
-                    master.grad.add_(grad)
+            for tie in self.ties:
+                master = tie.master
+                for r in tie.replicas:
+                    grad = r.param.grad
+                    if grad is None:
+                        continue
+                    r.param.grad = None
+                    grad = grad.to(master.device)
+                    if master.grad is None:
+                        master.grad = grad
+                    else:
+                        master.grad.add_(grad)
 
     def spec(self) -> list[tuple[nn.Parameter, list[str]]]:
-        """(parameter, names of the slots holding a replica), for copies:
-        the copy puts the parameter back into those slots and ties again."""
+        """(parameter, names of the slots holding a replica), for copies of
+        the pipeline: the copy puts the parameter back into those slots and
+        ties again."""
         return [(t.master, [name for p, name, _, _ in t.slots
-                            if any(p in parts for _, _, parts in t.replicas)])
-                for t in self.ties if t.replicas]
+                            if p != t.owner]) for t in self.ties]
 
 
 def untie_replicas(named: list[tuple[str, nn.Module]],
