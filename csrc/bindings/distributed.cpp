@@ -5,6 +5,8 @@
 #include <bindings/bindings.h>
 
 #include <chrono>
+#include <optional>
+#include <string>
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/utils/pybind.h>
@@ -22,10 +24,12 @@ void init_distributed(py::module_& m) {
                        const py::object& hooks, int64_t chunks,
                        const std::string& checkpoint,
                        const std::string& schedule, double timeout,
-                       std::vector<int64_t> balance) {
+                       double idle_timeout, std::vector<int64_t> balance) {
              TORCH_CHECK_VALUE(group, "process_group is None");
              TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
                                timeout);
+             TORCH_CHECK_VALUE(idle_timeout > 0,
+                               "idle_timeout must be positive, got ", idle_timeout);
              const int64_t rank = group->getRank();
              int64_t first_layer = balance.empty() ? -1 : 0;
              for (int64_t r = 0; r < rank && r < static_cast<int64_t>(balance.size());
@@ -40,7 +44,9 @@ void init_distributed(py::module_& m) {
                                 .checkpoint(parse_checkpoint_mode(checkpoint))
                                 .schedule(parse_schedule_kind(schedule))
                                 .timeout(std::chrono::milliseconds(
-                                    static_cast<int64_t>(timeout * 1000.0)));
+                                    static_cast<int64_t>(timeout * 1000.0)))
+                                .idle_timeout(std::chrono::milliseconds(
+                                    static_cast<int64_t>(idle_timeout * 1000.0)));
              // The constructor agrees on the options with the other ranks
              // (a collective): no GIL while it waits.
              py::gil_scoped_release no_gil;
@@ -49,34 +55,75 @@ void init_distributed(py::module_& m) {
            }),
            py::arg("group"), py::arg("module"), py::arg("device"),
            py::arg("hooks"), py::arg("chunks"), py::arg("checkpoint"),
-           py::arg("schedule"), py::arg("timeout"), py::arg("balance"))
+           py::arg("schedule"), py::arg("timeout"), py::arg("idle_timeout"),
+           py::arg("balance"))
       .def(
           "step",
           [](DistributedPipeline& p, const py::object& input,
              const py::object& target, const py::object& loss_fn,
              const std::string& reduction, const py::object& count,
-             bool training) {
-            Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
-            Batch tgt = target.is_none() ? Batch{}
-                                         : from_python(target, "the target");
+             bool training, const std::optional<std::string>& error,
+             const std::string& error_type) {
+            // A mistake found before the step, the caller's (`error`, a
+            // ValueError or a TypeError) or in the arguments this rank uses,
+            // must fail the step on every rank: raised here, it would leave
+            // the others waiting.
+            std::exception_ptr mistake;
+            Batch in;
+            Batch tgt;
             LossFn fn;
-            if (p.is_last() && !loss_fn.is_none()) {
-              fn = make_loss_fn(loss_fn);
+            StepOptions options;
+            try {
+              TORCH_CHECK_VALUE(error_type == "ValueError" || error_type == "TypeError",
+                                "error_type must be 'ValueError' or 'TypeError', got '",
+                                error_type, "'");
+              if (error) {
+                TORCH_CHECK_TYPE(error_type != "TypeError", *error);
+                TORCH_CHECK_VALUE(false, *error);
+              }
+              if (p.is_first() && !input.is_none()) {
+                in = from_python(input, "the input");
+              }
+              if (p.is_last()) {
+                if (!target.is_none()) {
+                  tgt = from_python(target, "the target");
+                }
+                if (!loss_fn.is_none()) {
+                  fn = make_loss_fn(loss_fn);
+                }
+              }
+              options = make_step_options(reduction, count, training);
+            } catch (const c10::Error&) {
+              mistake = std::current_exception();
             }
-            const auto options = make_step_options(reduction, count, training);
             py::gil_scoped_release no_gil;
+            if (mistake) {
+              p.fail_step(mistake);
+            }
             return p.step(in, tgt, fn, options);
           },
           py::arg("input"), py::arg("target"), py::arg("loss_fn"),
           py::arg("reduction") = "mean", py::arg("count") = py::none(),
-          py::arg("training") = true)
+          py::arg("training") = true, py::arg("error") = py::none(),
+          py::arg("error_type") = "ValueError")
       .def(
           "forward",
           [](DistributedPipeline& p, const py::object& input, bool training) {
-            Batch in = input.is_none() ? Batch{} : from_python(input, "the input");
+            std::exception_ptr mistake;
+            Batch in;
+            try {
+              if (p.is_first() && !input.is_none()) {
+                in = from_python(input, "the input");
+              }
+            } catch (const c10::Error&) {
+              mistake = std::current_exception();
+            }
             Batch out;
             {
               py::gil_scoped_release no_gil;
+              if (mistake) {
+                p.fail_forward(mistake);
+              }
               out = p.forward(in, training);
             }
             return to_python(out);

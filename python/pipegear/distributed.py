@@ -85,7 +85,12 @@ class DistributedGPipe(_Placed):
         chunks: micro-batches per mini-batch.
         checkpoint: ``'always'``, ``'except_last'`` or ``'never'``.
         deferred_batch_norm: replace BatchNorm layers by DeferredBatchNorm.
-        timeout: seconds any wait for a peer may take before the call raises.
+        timeout: seconds any wait for a peer within a step may take before
+            the call raises.
+        idle_timeout: seconds a rank waits for the others to start the next
+            step (default 1800, torch's default process-group timeout):
+            between steps a rank may be busy for long (a checkpoint, an
+            evaluation) while the others wait.
         device: where this rank's partition runs (default: CPU for Gloo, the
             current CUDA device for NCCL). The partition stays there: a move
             to another device (``.to(device)``, ``.cuda()``) is a
@@ -105,17 +110,20 @@ class DistributedGPipe(_Placed):
         else:
             out.backward()              # out: a placeholder; or pipe.backward()
 
-    A failure on one rank (an exception, a dead or hanging peer) makes every
-    rank raise within ``timeout``; after an exception raised by a layer or
-    the loss the next call works, after a lost peer ``broken`` is true and
-    the process group must be recreated (docs/distributed.md).
+    A failure on one rank (an exception, a mistake in its arguments, a dead
+    or hanging peer) makes every rank raise within ``timeout`` (a rank that
+    does not come to a step: within ``idle_timeout``); after an exception
+    raised by a layer or the loss, or a mistake, the next call works, after
+    a lost peer ``broken`` is true and the process group must be recreated
+    (docs/distributed.md).
     """
 
     def __init__(self, module: LayerSpec, balance: Sequence[int], *,
                  process_group=None, chunks: int = 1,
                  checkpoint: str = "except_last",
                  deferred_batch_norm: bool = False, timeout: float = 30.0,
-                 device=None, schedule: str = "gpipe") -> None:
+                 device=None, schedule: str = "gpipe",
+                 idle_timeout: float = 1800.0) -> None:
         super().__init__()
         if process_group is None:
             if not dist.is_available() or not dist.is_initialized():
@@ -146,10 +154,11 @@ class DistributedGPipe(_Placed):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or not math.isfinite(timeout) or timeout < 0.001):
-            raise ValueError("timeout must be a finite number of seconds, at "
-                             f"least 0.001, got {timeout!r}")
+        for name, value in (("timeout", timeout), ("idle_timeout", idle_timeout)):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0.001):
+                raise ValueError(f"{name} must be a finite number of seconds, "
+                                 f"at least 0.001, got {value!r}")
         if device is not None:
             # GPipe's checks: TypeError / ValueError / IndexError naming it.
             device = _parse_device(device, "device")
@@ -186,12 +195,14 @@ class DistributedGPipe(_Placed):
         self._checkpoint = checkpoint
         self._schedule = schedule
         self._timeout = float(timeout)
+        self._idle_timeout = float(idle_timeout)
         self._device = device
         self._process_group = process_group
         object.__setattr__(self, "_partition", partition)
         self._pipeline = _C._DistributedPipeline(
             process_group, partition, str(device), GPipe._hooks(partition),
-            chunks, checkpoint, schedule, float(timeout), balance)
+            chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
+            balance)
         # This rank's layers, under their original names (state_dict keys as
         # the plain model's, for this slice); add_module() would refuse a
         # name that is an attribute of DistributedGPipe.
@@ -231,8 +242,13 @@ class DistributedGPipe(_Placed):
 
     @property
     def timeout(self) -> float:
-        """Seconds any wait for a peer may take."""
+        """Seconds any wait for a peer within a step may take."""
         return self._timeout
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds a rank waits for the others to start the next step."""
+        return self._idle_timeout
 
     @property
     def device(self) -> torch.device:
@@ -299,19 +315,23 @@ class DistributedGPipe(_Placed):
             # No loss_fn at all: the pipeline reports it, on every rank.
             reduction, count = (("mean", None) if loss_fn is None else
                                 plan_loss(loss_fn, target, reduction, count))
-        except (TypeError, ValueError):
-            # A last rank without a loss function fails the step on every
-            # rank before any cell runs, as a rank 0 without input does:
-            # raising the mistake only here would leave the other ranks
-            # waiting out the timeout.
-            try:
-                self._pipeline.step(first_input, None, None, "mean",
-                                    training=self.training)
-            except ValueError:  # "step needs a loss function on the last rank"
-                pass
-            raise
-        return self._pipeline.step(first_input, target, loss_fn, reduction,
-                                   count=count, training=self.training)
+        except (TypeError, ValueError) as e:
+            mistake = e
+        else:
+            return self._pipeline.step(first_input, target, loss_fn,
+                                       reduction, count=count,
+                                       training=self.training)
+        # Raising the mistake only here would leave the other ranks waiting
+        # out the timeout: the step fails on every rank before any cell
+        # runs, the others naming this rank and the mistake.
+        kind = "TypeError" if isinstance(mistake, TypeError) else "ValueError"
+        try:
+            self._pipeline.step(first_input, None, None, "mean",
+                                training=self.training, error=str(mistake),
+                                error_type=kind)
+        except (TypeError, ValueError):  # the mistake, raised by the pipeline
+            pass
+        raise mistake
 
     def forward(self, input: Optional[Tensors] = None) -> Tensors:  # noqa: A002
         """Module style, every rank calls it; rank 0 passes the input.

@@ -743,8 +743,10 @@ def test_a_mistake_of_the_last_rank_fails_every_rank_at_once(tmp_path):
         "needs a target"), rank1
     assert rank1["disagrees"].startswith(
         "ValueError: reduction='sum' disagrees with the loss"), rank1
-    for name in ("no-target", "disagrees"):
-        assert "rank 1 failed" in rank0[name], rank0
+    for step, name in enumerate(("no-target", "disagrees")):
+        # rank 0 names the last rank and quotes its mistake
+        assert rank0[name] == (f"RuntimeError: pipegear: rank 0: rank 1 failed "
+                               f"before step {step} began: " + rank1[name]), rank0
         assert rank0[name + "_s"] < 5 and rank1[name + "_s"] < 5, reports
     assert not rank0["broken"] and not rank1["broken"]
     plain = model()
@@ -761,3 +763,22 @@ def test_a_mistake_of_the_last_rank_fails_every_rank_at_once(tmp_path):
 
 if __name__ == "__main__":
     _worker(*map(int, sys.argv[1:4]), sys.argv[4])
+
+
+def test_a_pipeline_leaves_the_thread_counts_as_it_found_them():
+    import threading
+
+    def in_new_thread():
+        out = []
+        t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return out[0]
+
+    caller, fresh = torch.get_num_threads(), in_new_thread()
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    pipe = pipegear.GPipe(model, [1, 1, 1], devices=["cpu"] * 3, chunks=2,
+                          worker_threads=1)
+    pipe.step(torch.randn(4, 4), torch.randn(4, 2), F.mse_loss)
+    assert torch.get_num_threads() == caller
+    assert in_new_thread() == fresh

@@ -55,18 +55,15 @@ Batch alias_leaves(const Batch& leaves) {
   return out;
 }
 
-} // namespace
-
-namespace {
-
 // The guard that makes `device` current for a cell (none on the CPU).
 std::optional<c10::Device> accelerator(c10::Device device) {
   return device.is_cpu() ? std::nullopt : std::optional<c10::Device>(device);
 }
 
 // Runs f; an exception leaving it names "pipegear: in stage s, <where>": a
-// c10::Error as context, any other (a Python error) through the stage's
-// annotate_error. Aborted (another cell failed) passes untouched.
+// c10::Error as context, a Python error through the stage's annotate_error
+// (a note), any other std::exception as a StageError with the original
+// nested (errors.h). Aborted (another cell failed) passes untouched.
 template <typename F>
 void in_context(Stage& stage, int64_t index, const std::string& where, F f) {
   try {

@@ -41,21 +41,77 @@ constexpr int64_t kHeaderBytes = 8192;
 constexpr int64_t kMinCapacity = 64 * 1024;
 // Tags. Every pipeline built on a group gets its own range (see
 // DistributedCore::tag): micro-batch j sends 2j (activations) and 2j + 1
-// (gradients); then the step header (rank 0 to every rank) and the
-// agreement at the end of a pass (every rank to rank 0, rank 0 to every
-// rank). A receive posted early by a pipeline that is then destroyed stays
-// posted in Gloo; with its own tags it cannot swallow a later pipeline's
-// messages.
-enum TagKind : int64_t { kTagHeader = 0, kTagStatus = 1, kTagOutcome = 2 };
+// (gradients); then the step header (rank 0 to every rank), the agreement
+// at the end of a pass (every rank to rank 0, rank 0 to every rank) and the
+// arrival at a step (every rank to rank 0). A receive posted early by a
+// pipeline that is then destroyed stays posted in Gloo; with its own tags
+// it cannot swallow a later pipeline's messages.
+enum TagKind : int64_t {
+  kTagHeader = 0,
+  kTagStatus = 1,
+  kTagOutcome = 2,
+  kTagArrival = 3,
+  kTagKinds = 4
+};
 
-// Pipelines built so far on each group, in this process. Every rank builds
-// its pipelines on a group in the same order (construction is collective),
-// so the numbers agree; agree_on_configuration checks it.
-int64_t next_instance(const void* group) {
+// The step header (rank 0 to every rank), int64 words: kHeadWords fixed
+// ones (see DistributedCore::begin), the M micro-batch sizes (room for
+// `chunks`), then the text of a failure before the step, if any.
+constexpr int64_t kHeadWords = 6;
+// An arrival (every rank > 0 to rank 0): whether the rank failed before the
+// step, the length of its error's text, then the text.
+constexpr int64_t kArrivalWords = 2;
+// The longest text of a failure in a header, an arrival or a poison message.
+constexpr int64_t kNoteBytes = 4000;
+constexpr int64_t kNoteWords = (kNoteBytes + 7) / 8;
+
+// Writes `text`, cut to kNoteBytes, at `at`; returns the bytes written.
+int64_t put_note(int64_t* at, const std::string& text) {
+  const auto n = std::min<size_t>(text.size(), kNoteBytes);
+  std::memcpy(at, text.data(), n);
+  return static_cast<int64_t>(n);
+}
+
+std::string get_note(const int64_t* at, int64_t bytes) {
+  return std::string(reinterpret_cast<const char*>(at),
+                     static_cast<size_t>(std::clamp<int64_t>(bytes, 0, kNoteBytes)));
+}
+
+// Words to send of a buffer whose note (at word `note_at`) holds `bytes`.
+int64_t words_with_note(int64_t note_at, int64_t bytes) {
+  return note_at + (bytes + 7) / 8;
+}
+
+// Tags in use: [0, kTags).
+constexpr int64_t kTags = int64_t{1} << 30;
+
+// The tag ranges of the pipelines built on a group in this process lie one
+// after another (wrapping around at kTags): each range is as long as its
+// pipeline's chunks make it, so placing range n at n times its own length
+// would overlap an earlier pipeline's range when the chunks differ (and a
+// stale early receive of the earlier one take its messages). Every rank builds
+// the same pipelines on a group in the same order (construction is
+// collective; agree_on_configuration compares the first tags), so the
+// ranges agree; a construction that fails the comparison takes none.
+std::mutex& tag_mutex() {
   static std::mutex mutex;
-  static std::map<const void*, int64_t> counts;
-  std::lock_guard<std::mutex> lock(mutex);
-  return counts[group]++;
+  return mutex;
+}
+std::map<const void*, int64_t>& next_tags() {
+  static std::map<const void*, int64_t> next;
+  return next;
+}
+
+// The first tag of a new range of `length` tags on `group`.
+int64_t free_tags(const void* group, int64_t length) {
+  std::lock_guard<std::mutex> lock(tag_mutex());
+  const int64_t base = next_tags()[group];
+  return base + length > kTags ? 0 : base;
+}
+
+void take_tags(const void* group, int64_t base, int64_t length) {
+  std::lock_guard<std::mutex> lock(tag_mutex());
+  next_tags()[group] = base + length;
 }
 
 std::string describe(const std::exception_ptr& e) {
@@ -71,6 +127,33 @@ std::string describe(const std::exception_ptr& e) {
   } catch (...) {
     return "an exception of unknown type";
   }
+}
+
+// A rank's error as the other ranks quote it: a typed c10 error (a user's
+// mistake) with the name Python gives its type, as a Python exception's
+// text has it already ("ValueError: ...").
+std::string describe_failure(const std::exception_ptr& e) {
+  if (!e) {
+    return describe(e);
+  }
+  try {
+    std::rethrow_exception(e);
+  } catch (const c10::ValueError& err) {
+    return std::string("ValueError: ") + err.what_without_backtrace();
+  } catch (const c10::TypeError& err) {
+    return std::string("TypeError: ") + err.what_without_backtrace();
+  } catch (const c10::IndexError& err) {
+    return std::string("IndexError: ") + err.what_without_backtrace();
+  } catch (...) {
+    return describe(e);
+  }
+}
+
+// Why a link to `peer` fails at once: Gloo closes every link of a process
+// when one of its waits times out (and all of them when it dies).
+std::string closed_by(int64_t peer) {
+  return " (did rank " + std::to_string(peer) +
+      " die, or time out waiting for a rank?)";
 }
 
 std::string seconds(std::chrono::milliseconds t) {
@@ -133,12 +216,21 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
                   std::shared_ptr<Stage> stage, torch::nn::Sequential module,
                   DistributedOptions options);
 
+  // `local_error`: this rank's mistake found before the step, if any: every
+  // rank's call throws at once (see begin).
   torch::Tensor step(const Batch& input, const Batch& target,
-                     const LossFn& loss_fn, const StepOptions& options);
-  Batch forward(const Batch& input, bool training);
+                     const LossFn& loss_fn, const StepOptions& options,
+                     std::exception_ptr local_error = nullptr);
+  Batch forward(const Batch& input, bool training,
+                std::exception_ptr local_error = nullptr);
   void backward();
   // Module style, the drain pass of `state` (from the autograd node).
   Batch drain(StepState& state, const Batch& grads);
+  // Module style: a forward() while the drain of `state` has not run. The
+  // peers wait for this rank in that drain, not in a next step: fails the
+  // drain as a failing backward would, so that they raise at once, then
+  // raises `error`. A later backward through the old output raises.
+  [[noreturn]] void abandon_drain(StepState& state, const std::exception_ptr& error);
 
   int64_t rank() const { return rank_; }
   int64_t world() const { return world_; }
@@ -181,16 +273,19 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
  private:
   friend class C10dTransport;
 
-  // The step header, from rank 0 to every rank: the step, the call
-  // (step or forward), the grad mode, the micro-batch sizes, or that rank 0
-  // failed before the step. A rank whose own call disagrees (another call,
-  // step or grad mode) or that failed before the step keeps the error in
-  // the state's pre_error and fails the step (fail_early). Returns the
-  // state of the step.
+  // The start of a step: every rank > 0 sends rank 0 its arrival (with
+  // `local_error`, its failure before the step, if any); rank 0 waits for
+  // all of them (idle_timeout), then sends every rank the step header: the
+  // step, the call (step or forward), the grad mode, the micro-batch sizes,
+  // or that the step failed before it began (rank 0's `local_error` or bad
+  // input, or the first failed arrival, with its text), which every rank
+  // then raises. A rank whose own call disagrees with the header (another
+  // call, step or grad mode) keeps the error in the state's pre_error and
+  // fails the step (fail_early). Returns the state of the step.
   std::shared_ptr<StepState> begin(Face face, bool training, const Batch& input,
                                    std::exception_ptr local_error);
-  // A rank that failed before its first cell fails the first pass of the
-  // step the way rank 0 runs it, then raises.
+  // A rank whose call disagrees with the header fails the first pass of
+  // the step the way rank 0 runs it, then raises.
   [[noreturn]] void fail_early(StepState& state);
   // Runs this rank's cells of the pass; on failure runs the failure
   // protocol and returns the error.
@@ -212,18 +307,47 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   // Module style: agree, then raise the capacities and wait for the sends.
   void finish_pass(StepState& state, const std::exception_ptr& error,
                    const char* pass);
-  c10::intrusive_ptr<c10d::Work> p2p_recv(const torch::Tensor& t, int64_t src, int tag);
+  // Every c10d call of the core goes through these: an error of the backend
+  // (Gloo: "Connection closed by peer" on a link a peer gave up on) is raised
+  // with this rank and `what` it was about ("the header of step 3"),
+  // and marks the pipeline broken, since the link is then in an unknown
+  // state.
+  c10::intrusive_ptr<c10d::Work> p2p_recv(const torch::Tensor& t, int64_t src, int tag,
+                                          const std::string& what);
   void p2p_send(const torch::Tensor& t, int64_t dst, int tag, const std::string& what);
+  [[noreturn]] void comm_error(const std::string& doing, int64_t peer);
   void post_header_recv();
+  int64_t header_words() const { return kHeadWords + options_.chunks() + kNoteWords; }
+  // Rank 0: every other rank's arrival at a step (see begin).
+  struct Arrivals {
+    int64_t failed = -1;   // the first rank that failed before the step
+    std::string text;      // its error
+    int64_t missing = -1;  // the first rank that did not come (now broken)
+    std::string why;       // the error: idle_timeout passed, or the backend's
+  };
+  // Waits until every rank > 0 has sent its arrival at step `seq`, all
+  // within idle_timeout; stops at the first that does not come.
+  Arrivals await_arrivals(int64_t seq);
+  void post_arrival_recvs();
+  void post_arrival_recv(int64_t r, int64_t seq);
   void mark_broken(const std::string& why);
+  std::string broken_reason() const {
+    std::lock_guard<std::mutex> lock(state_mutex_);
+    return broken_reason_;
+  }
   void check_not_broken();
   void agree_on_configuration();
   // A sum over the ranks, bounded by the timeout inside the backend too (a
   // collective stuck on a dead peer would block the group's worker).
-  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& v) {
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& v,
+                                           const std::string& what) {
     c10d::AllreduceOptions o;
     o.timeout = options_.timeout();
-    return group_->allreduce(v, o);
+    try {
+      return group_->allreduce(v, o);
+    } catch (const std::exception&) {
+      comm_error(what, -1);
+    }
   }
 
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
@@ -233,7 +357,6 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   int64_t rank_ = 0;
   int64_t world_ = 1;
   bool nccl_ = false;
-  int64_t instance_ = 0;   // pipelines built on the group before this one
   int64_t tag_base_ = 0;
   c10::Device comm_device_{c10::kCPU};
   CellRunner runner_;
@@ -244,6 +367,8 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   std::weak_ptr<StepState> undrained_;  // module style: fill done, drain not
   torch::Tensor next_header_;           // ranks > 0: the next step header's
   c10::intrusive_ptr<c10d::Work> next_header_work_;  // receive, posted early
+  std::vector<torch::Tensor> arrival_;  // rank 0: every rank's next arrival's
+  std::vector<c10::intrusive_ptr<c10d::Work>> arrival_work_;  // receive (by rank)
   torch::Tensor placeholder_;           // module style: for backward()
 
   // Link capacities (Gloo), raised after every pass all ranks completed.
@@ -350,11 +475,12 @@ class C10dTransport final : public Transport {
   }
 
   // The failure protocol's two halves.
-  void send_poison(int64_t dst, int64_t j, bool backward, int64_t origin,
+  // False when the peer is unreachable (then it is marked bad).
+  bool send_poison(int64_t dst, int64_t j, bool backward, int64_t origin,
                    bool broken, const std::string& text) {
     sent_.insert({backward, j});
     if (is_bad(dst)) {
-      return;
+      return false;
     }
     try {
       const int64_t cap = core_.capacity(backward, /*send=*/true);
@@ -362,14 +488,16 @@ class C10dTransport final : public Transport {
       const int64_t base = align64(8 * static_cast<int64_t>(w.size()));
       const std::string msg = text.substr(
           0, static_cast<size_t>(std::max<int64_t>(0, std::min<int64_t>(
-                                                         cap - base, 4000))));
+                                                         cap - base, kNoteBytes))));
       w[3] = static_cast<int64_t>(msg.size());
       auto buffer = torch::zeros({core_.nccl() ? cap : base + w[3]}, torch::kUInt8);
       std::memcpy(buffer.data_ptr<uint8_t>(), w.data(), 8 * w.size());
       std::memcpy(buffer.data_ptr<uint8_t>() + base, msg.data(), msg.size());
       post(buffer.to(device()), dst, core_.tag_of(j, backward), "a failure notice");
+      return true;
     } catch (const std::exception&) {
       bad_peers_.insert(dst);  // the peer is gone: nothing to tell it
+      return false;
     }
   }
 
@@ -421,7 +549,7 @@ class C10dTransport final : public Transport {
     auto buffer = torch::empty({core_.capacity(backward, /*send=*/false)},
                                torch::TensorOptions().dtype(torch::kUInt8).device(device()));
     posted_[{backward, j}] = {buffer, post_recv(buffer, src, core_.tag_of(j, backward),
-                                                describe_msg(backward, j, src))};
+                                                "receiving " + describe_msg(backward, j, src))};
   }
 
   static std::string describe_msg(bool backward, int64_t j, int64_t peer) {
@@ -429,6 +557,9 @@ class C10dTransport final : public Transport {
         " of micro-batch " + std::to_string(j) + " from rank " +
         std::to_string(peer);
   }
+
+  // " in step N", for the messages of a failure of the transport.
+  std::string in_step() const { return " in step " + std::to_string(seq_); }
 
   [[noreturn]] void comm_failure(int64_t peer, const std::string& msg) {
     if (kind == FailKind::kNone) {
@@ -445,7 +576,7 @@ class C10dTransport final : public Transport {
     const std::string& error = r.error;
     if (r.timed_out()) {
       comm_failure(peer, "pipegear: rank " + std::to_string(core_.rank()) +
-                             ": " + what + " timed out after " +
+                             ": " + what + in_step() + " timed out after " +
                              seconds(timeout) + " (did rank " +
                              std::to_string(peer) +
                              " die, hang or skip the call?)" +
@@ -453,7 +584,8 @@ class C10dTransport final : public Transport {
     }
     if (!error.empty()) {
       comm_failure(peer, "pipegear: rank " + std::to_string(core_.rank()) +
-                             ": " + what + " failed: " + error);
+                             ": " + what + in_step() + " failed" + closed_by(peer) +
+                             ": " + error);
     }
   }
 
@@ -462,12 +594,14 @@ class C10dTransport final : public Transport {
     c10::intrusive_ptr<c10d::Work> work;
     try {
       work = core_.group().send(v, static_cast<int>(dst), tag);
-    } catch (const std::exception& e) {
+    } catch (const std::exception&) {
       comm_failure(dst, "pipegear: rank " + std::to_string(core_.rank()) +
                             ": sending " + what + " to rank " +
-                            std::to_string(dst) + " failed: " + e.what());
+                            std::to_string(dst) + in_step() + " failed" +
+                            closed_by(dst) + ": " + describe(std::current_exception()));
     }
-    core_.add_pending({std::move(work), dst, what + " to rank " + std::to_string(dst)});
+    core_.add_pending({std::move(work), dst,
+                       what + " to rank " + std::to_string(dst) + in_step()});
   }
 
   c10::intrusive_ptr<c10d::Work> post_recv(torch::Tensor t, int64_t src, int tag,
@@ -475,9 +609,10 @@ class C10dTransport final : public Transport {
     std::vector<at::Tensor> v{std::move(t)};
     try {
       return core_.group().recv(v, static_cast<int>(src), tag);
-    } catch (const std::exception& e) {
-      comm_failure(src, "pipegear: rank " + std::to_string(core_.rank()) +
-                            ": receiving " + what + " failed: " + e.what());
+    } catch (const std::exception&) {
+      comm_failure(src, "pipegear: rank " + std::to_string(core_.rank()) + ": " +
+                            what + in_step() + " failed" + closed_by(src) + ": " +
+                            describe(std::current_exception()));
     }
   }
 
@@ -701,10 +836,17 @@ struct StepState {
   bool failed = false;
   int64_t origin = -1;  // the rank whose failure failed this step
   bool drained = false;
-  std::exception_ptr pre_error;  // this rank failed before its first cell
+  bool abandoned = false;  // module style: a forward came before the drain
+  std::exception_ptr pre_error;  // this rank's call disagrees with the header
   // The receives of the agreement of the current pass: rank 0, the status
-  // of ranks 1..K-1; the others, rank 0's outcome.
-  std::vector<std::pair<torch::Tensor, c10::intrusive_ptr<c10d::Work>>> agreement;
+  // of ranks 1..K-1; the others, rank 0's outcome. A receive that could not
+  // be posted has no work and the backend's error instead.
+  struct Report {
+    torch::Tensor buffer;
+    c10::intrusive_ptr<c10d::Work> work;
+    std::string error;
+  };
+  std::vector<Report> agreement;
 };
 
 namespace {
@@ -795,6 +937,9 @@ DistributedCore::DistributedCore(c10::intrusive_ptr<c10d::ProcessGroup> group,
   TORCH_CHECK_VALUE(options_.timeout().count() > 0,
                     "timeout must be positive, got ", options_.timeout().count(),
                     " ms");
+  TORCH_CHECK_VALUE(options_.idle_timeout().count() > 0,
+                    "idle_timeout must be positive, got ",
+                    options_.idle_timeout().count(), " ms");
   rank_ = group_->getRank();
   world_ = group_->getSize();
   check_group(group_, options_);
@@ -805,27 +950,47 @@ DistributedCore::DistributedCore(c10::intrusive_ptr<c10d::ProcessGroup> group,
                       stage_->device());
     comm_device_ = stage_->device();
   }
-  const int64_t stride = 2 * options_.chunks() + 3;
-  constexpr int64_t kTags = int64_t{1} << 30;
+  const int64_t stride = 2 * options_.chunks() + kTagKinds;
   TORCH_CHECK_VALUE(stride < kTags, "chunks must be below ", kTags / 2,
                     ", got ", options_.chunks());
-  instance_ = next_instance(group_.get());
-  tag_base_ = (instance_ % (kTags / stride)) * stride;
+  tag_base_ = free_tags(group_.get(), stride);
   agree_on_configuration();
+  take_tags(group_.get(), tag_base_, stride);
   post_header_recv();
+  post_arrival_recvs();
 }
 
 c10::intrusive_ptr<c10d::Work> DistributedCore::p2p_recv(const torch::Tensor& t,
-                                                         int64_t src, int tag) {
+                                                         int64_t src, int tag,
+                                                         const std::string& what) {
   std::vector<at::Tensor> v{t};
-  return group_->recv(v, static_cast<int>(src), tag);
+  try {
+    return group_->recv(v, static_cast<int>(src), tag);
+  } catch (const std::exception&) {
+    comm_error("posting the receive of " + what + " from rank " + std::to_string(src),
+               src);
+  }
 }
 
 void DistributedCore::p2p_send(const torch::Tensor& t, int64_t dst, int tag,
                                const std::string& what) {
   std::vector<at::Tensor> v{t};
-  add_pending({group_->send(v, static_cast<int>(dst), tag), dst,
-               what + " to rank " + std::to_string(dst)});
+  c10::intrusive_ptr<c10d::Work> work;
+  try {
+    work = group_->send(v, static_cast<int>(dst), tag);
+  } catch (const std::exception&) {
+    comm_error("sending " + what + " to rank " + std::to_string(dst), dst);
+  }
+  add_pending({std::move(work), dst, what + " to rank " + std::to_string(dst)});
+}
+
+// Called from a catch block: the backend's error, with what this rank was
+// doing.
+void DistributedCore::comm_error(const std::string& doing, int64_t peer) {
+  const std::string error = describe(std::current_exception());
+  mark_broken(doing + " failed: " + error);
+  TORCH_CHECK(false, "pipegear: rank ", rank_, ": ", doing, " failed",
+              peer < 0 ? std::string() : closed_by(peer), ": ", error);
 }
 
 // Ranks > 0 post the receive of the next step header as soon as the last one
@@ -837,16 +1002,88 @@ void DistributedCore::post_header_recv() {
   if (rank_ == 0 || nccl_) {
     return;
   }
-  next_header_ = torch::empty({6 + options_.chunks()},
+  next_header_ = torch::empty({header_words()},
                               torch::TensorOptions().dtype(torch::kInt64).device(comm_device_));
-  next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader));
+  next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader),
+                               "the header of step " + std::to_string(seq_));
+}
+
+// Rank 0 posts the receives of every rank's next arrival early, as the
+// other ranks do the header's (Gloo only, for the same reason). A receive
+// that cannot be posted is posted again, and its error raised with
+// context, by await_arrivals.
+void DistributedCore::post_arrival_recvs() {
+  arrival_.assign(static_cast<size_t>(world_), torch::Tensor());
+  arrival_work_.assign(static_cast<size_t>(world_), nullptr);
+  if (rank_ != 0 || nccl_) {
+    return;
+  }
+  for (int64_t r = 1; r < world_; ++r) {
+    try {
+      post_arrival_recv(r, seq_);
+    } catch (const std::exception&) {
+    }
+  }
+}
+
+void DistributedCore::post_arrival_recv(int64_t r, int64_t seq) {
+  arrival_[r] = torch::empty({kArrivalWords + kNoteWords},
+                             torch::TensorOptions().dtype(torch::kInt64).device(comm_device_));
+  arrival_work_[r] = nullptr;  // stays null if posting fails
+  arrival_work_[r] = p2p_recv(arrival_[r], r, tag(kTagArrival),
+                              "the arrival of rank " + std::to_string(r) + " at step " +
+                                  std::to_string(seq));
+}
+
+DistributedCore::Arrivals DistributedCore::await_arrivals(int64_t seq) {
+  using std::chrono::milliseconds;
+  Arrivals out;
+  const auto idle = options_.idle_timeout();
+  const auto deadline = std::chrono::steady_clock::now() + idle;
+  for (int64_t r = 1; r < world_; ++r) {
+    const std::string waiting = "pipegear: rank 0: waiting for rank " +
+        std::to_string(r) + " to start step " + std::to_string(seq);
+    std::string why;
+    try {
+      if (!arrival_work_[r]) {
+        post_arrival_recv(r, seq);
+      }
+      // The time left, at least 1 ms: c10d reads 0 as "the group's timeout".
+      const auto left = std::max(
+          milliseconds(1), std::chrono::duration_cast<milliseconds>(
+                               deadline - std::chrono::steady_clock::now()));
+      const WaitResult w = wait_work(arrival_work_[r], left);
+      if (w.timed_out()) {
+        why = waiting + " timed out after " + seconds(idle) + " (idle_timeout; did rank " +
+            std::to_string(r) + " die, hang or skip the call?)";
+      } else if (!w.ok()) {
+        why = waiting + " failed" + closed_by(r) + ": " + w.error;
+      }
+    } catch (const std::exception&) {  // posting it failed
+      why = describe(std::current_exception());
+    }
+    if (!why.empty()) {
+      mark_broken(why);
+      out.missing = r;
+      out.why = why;
+      return out;
+    }
+    const auto got = arrival_[r].cpu();
+    const int64_t* a = got.data_ptr<int64_t>();
+    if (a[0] != 0 && out.failed < 0) {
+      out.failed = r;
+      out.text = get_note(a + kArrivalWords, a[1]);
+    }
+    arrival_work_[r] = nullptr;
+  }
+  return out;
 }
 
 // Every rank must run the same K, chunks, checkpoint mode, schedule and
 // balance: a mismatch would make ranks wait for messages that never come.
 void DistributedCore::agree_on_configuration() {
   const int64_t width = 6 + world_;
-  std::vector<int64_t> mine{instance_, world_, options_.chunks(),
+  std::vector<int64_t> mine{tag_base_, world_, options_.chunks(),
                             static_cast<int64_t>(options_.checkpoint()),
                             static_cast<int64_t>(options_.schedule()),
                             static_cast<int64_t>(options_.balance().size())};
@@ -858,12 +1095,13 @@ void DistributedCore::agree_on_configuration() {
   auto all = torch::zeros({world_ * width}, torch::kInt64);
   std::copy(mine.begin(), mine.end(), all.data_ptr<int64_t>() + rank_ * width);
   std::vector<at::Tensor> v{all.to(comm_device_)};
-  wait_collective(allreduce(v), rank_, options_.timeout(),
-                  "checking that every rank has the same options");
+  const std::string what = "checking that every rank has the same options";
+  wait_collective(allreduce(v, what), rank_, options_.timeout(), what);
   auto got = v[0].cpu();
   const int64_t* p = got.data_ptr<int64_t>();
-  static const char* names[] = {"the number of pipelines built on the group "
-                                "before this one", "world size", "chunks",
+  static const char* names[] = {"the first tag (after those of the pipelines "
+                                "built on the group before this one)",
+                                "world size", "chunks",
                                 "checkpoint", "schedule", "balance length"};
   for (int64_t r = 0; r < world_; ++r) {
     for (int64_t f = 0; f < width; ++f) {
@@ -931,12 +1169,14 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
   flush_pending();
   auto state = std::make_shared<StepState>();
   const bool grad_mode = c10::GradMode::is_enabled();
-  // [step, call, grad mode, M (0: rank 0 failed), -, -, sizes...]
-  constexpr int64_t F = 6;
+  // The header: [step, call, grad mode, M (0: the step failed before it
+  // began), the rank that failed before it + 1, bytes of its error's text,
+  // sizes..., text].
+  constexpr int64_t F = kHeadWords;
+  const int64_t note_at = F + options_.chunks();
   std::vector<int64_t> sizes;
-  auto header = torch::zeros({F + options_.chunks()}, torch::kInt64);
-  auto* h = header.data_ptr<int64_t>();
   const int64_t seq = seq_++;  // every rank counts the step, whatever happens
+  const std::string step_n = "step " + std::to_string(seq);
   bool leader_grad = grad_mode;  // rank 0's grad mode
   if (rank_ == 0) {
     if (!local_error) {
@@ -947,53 +1187,95 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
         local_error = std::current_exception();
       }
     }
+    // Start only once every rank has: before that, a rank may be busy for
+    // long (a checkpoint, an evaluation) without any peer timing out.
+    const Arrivals arrivals = world_ > 1 ? await_arrivals(seq) : Arrivals{};
+    // A rank that did not come: nobody to tell, since a timeout closes
+    // every link of this process (Gloo), so the others fail at once.
+    TORCH_CHECK(arrivals.missing < 0, arrivals.why);
+    auto header = torch::zeros({header_words()}, torch::kInt64);
+    auto* h = header.data_ptr<int64_t>();
     h[0] = seq;
     h[1] = static_cast<int64_t>(face);
     h[2] = grad_mode ? 1 : 0;
-    h[3] = local_error ? 0 : static_cast<int64_t>(sizes.size());
+    int64_t origin = -1;
+    std::string text;
+    if (local_error) {
+      origin = 0;
+      text = describe_failure(local_error);
+    } else if (arrivals.failed >= 0) {
+      origin = arrivals.failed;
+      text = arrivals.text;
+    }
+    h[3] = origin >= 0 ? 0 : static_cast<int64_t>(sizes.size());
+    h[4] = origin + 1;
+    h[5] = origin >= 0 ? put_note(h + note_at, text) : 0;
     std::copy(sizes.begin(), sizes.end(), h + F);
-    const auto sent = header.to(comm_device_);
+    // Gloo accepts a message shorter than its receive: only the words used.
+    const auto sent = (nccl_ ? header : header.narrow(0, 0, words_with_note(note_at, h[5])))
+                          .to(comm_device_);
     for (int64_t r = 1; r < world_; ++r) {
+      p2p_send(sent, r, tag(kTagHeader), "the header of " + step_n);
+    }
+    post_arrival_recvs();
+    if (origin >= 0) {
+      // The ranks must hear of the failure even if this process ends as
+      // soon as it raises (an exit closes the links with sends in flight).
       try {
-        p2p_send(sent, r, tag(kTagHeader), "the step header");
-      } catch (...) {
-        mark_broken("sending the step header failed");
-        throw;
+        flush_pending();
+      } catch (const std::exception&) {  // marked broken: raised next time
       }
     }
     if (local_error) {
       std::rethrow_exception(local_error);
     }
+    TORCH_CHECK(arrivals.failed < 0, "pipegear: rank 0: rank ", arrivals.failed,
+                " failed before ", step_n, " began: ", arrivals.text);
     state->face = face;
   } else {
+    // Tell rank 0 this rank has come (and whether it failed already).
+    auto arrival = torch::zeros({kArrivalWords + kNoteWords}, torch::kInt64);
+    auto* a = arrival.data_ptr<int64_t>();
+    a[0] = local_error ? 1 : 0;
+    a[1] = local_error ? put_note(a + kArrivalWords, describe_failure(local_error)) : 0;
+    p2p_send((nccl_ ? arrival : arrival.narrow(0, 0, words_with_note(kArrivalWords, a[1])))
+                 .to(comm_device_),
+             0, tag(kTagArrival), "this rank's arrival at " + step_n);
     if (!next_header_work_) {
-      next_header_ = torch::empty({F + options_.chunks()},
+      next_header_ = torch::empty({header_words()},
                                   torch::TensorOptions().dtype(torch::kInt64).device(comm_device_));
-      next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader));
+      next_header_work_ = p2p_recv(next_header_, 0, tag(kTagHeader), "the header of " + step_n);
     }
     auto got = next_header_;
     auto work = next_header_work_;
-    const WaitResult r = wait_work(work, options_.timeout());
+    // Rank 0 may be busy between steps for long: idle_timeout, not timeout.
+    // Plus timeout: rank 0 waits idle_timeout for every rank to come; when
+    // one does not, rank 0 is the one to time out and say which (the
+    // others see their links to it close), not a rank that came early.
+    const auto bound = options_.idle_timeout() + options_.timeout();
+    const WaitResult r = wait_work(work, bound);
     if (!r.ok()) {
-      mark_broken("the header of step " + std::to_string(seq) + " did not arrive");
-      TORCH_CHECK(false, "pipegear: rank ", rank_, ": waiting for rank 0 to start "
-                  "step ", seq, r.timed_out()
-                      ? " timed out after " + seconds(options_.timeout()) +
-                          " (did rank 0 die, hang or skip the call?)"
-                      : " failed: " + r.error);
+      const std::string why = "waiting for rank 0 to start " + step_n +
+          (r.timed_out() ? " timed out after " + seconds(bound) +
+                   " (idle_timeout + timeout; did rank 0 die, hang or skip the call?)"
+                         : " failed" + closed_by(0) + ": " + r.error);
+      mark_broken(why);
+      TORCH_CHECK(false, "pipegear: rank ", rank_, ": ", why);
     }
     post_header_recv();
     auto hc = got.cpu();
     const int64_t* g = hc.data_ptr<int64_t>();
     if (g[3] == 0) {
+      const int64_t origin = g[4] - 1;
+      const std::string text = get_note(g + note_at, g[5]);
       if (local_error) {
         std::rethrow_exception(local_error);
       }
-      TORCH_CHECK(false, "pipegear: rank ", rank_, ": rank 0 failed before step ",
-                  seq, " began (see its error)");
+      TORCH_CHECK(false, "pipegear: rank ", rank_, ": rank ", origin,
+                  " failed before ", step_n, " began: ", text);
     }
     TORCH_CHECK(g[3] >= 1 && g[3] <= options_.chunks(), "pipegear: rank ", rank_,
-                ": bad micro-batch count ", g[3], " in the step header");
+                ": bad micro-batch count ", g[3], " in the header of ", step_n);
     sizes.assign(g + F, g + F + g[3]);
     state->face = static_cast<Face>(g[1]);
     leader_grad = g[2] != 0;
@@ -1079,7 +1361,8 @@ void DistributedCore::fail(StepState& state, const std::exception_ptr& error,
       (t.kind == FailKind::kPeer && t.peer_broken);
   const int64_t origin = t.kind == FailKind::kPeer ? t.origin : rank_;
   state.origin = origin;
-  const std::string text = t.kind == FailKind::kPeer ? t.peer_text : describe(error);
+  const std::string text =
+      t.kind == FailKind::kPeer ? t.peer_text : describe_failure(error);
   const auto& cells = state.schedule[rank_];
   const bool last = rank_ + 1 == world_;
   auto in_pass = [&](const Cell& c) {
@@ -1092,8 +1375,9 @@ void DistributedCore::fail(StepState& state, const std::exception_ptr& error,
     }
     const bool bwd = c.phase == Phase::kBackward;
     const int64_t dst = bwd ? rank_ - 1 : rank_ + 1;
-    if ((bwd ? rank_ > 0 : !last) && !t.was_sent(bwd, c.micro_batch)) {
-      t.send_poison(dst, c.micro_batch, bwd, origin, broken, text);
+    if ((bwd ? rank_ > 0 : !last) && !t.was_sent(bwd, c.micro_batch) &&
+        !t.send_poison(dst, c.micro_batch, bwd, origin, broken, text)) {
+      broken = true;
     }
   }
   // 2. Take what we are still owed, so that no send stays unmatched.
@@ -1124,10 +1408,15 @@ void DistributedCore::post_agreement(StepState& state) {
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble).device(comm_device_);
   for (int64_t r = rank_ == 0 ? 1 : 0; r < (rank_ == 0 ? world_ : 1); ++r) {
     auto t = torch::empty({4}, f64);
+    const std::string what = rank_ == 0
+        ? "the status of rank " + std::to_string(r) + " at the end of step " +
+            std::to_string(state.seq)
+        : "the outcome of step " + std::to_string(state.seq);
     try {
-      state.agreement.emplace_back(t, p2p_recv(t, r, tag(rank_ == 0 ? kTagStatus : kTagOutcome)));
-    } catch (...) {
-      state.agreement.emplace_back(t, nullptr);  // reported by agree()
+      state.agreement.push_back(
+          {t, p2p_recv(t, r, tag(rank_ == 0 ? kTagStatus : kTagOutcome), what), ""});
+    } catch (const std::exception&) {  // raised by agree()
+      state.agreement.push_back({t, nullptr, describe(std::current_exception())});
     }
   }
 }
@@ -1170,27 +1459,37 @@ std::pair<double, int64_t> DistributedCore::agree(StepState& state,
     if (error) {
       std::rethrow_exception(error);
     }
-    check_not_broken();
+    TORCH_CHECK(false, "pipegear: rank ", rank_, ": ", what, ": ", broken_reason(),
+                "; the process group is in an unknown state: destroy it and "
+                "start again");
   }
-  auto wait_one = [&](size_t i) -> const double* {
-    auto& [t, work] = state.agreement[i];
-    if (!work || !wait_work(work, options_.timeout()).ok()) {
-      mark_broken(what + " did not complete");
-      return nullptr;
+  std::string comm_error;  // what went wrong with the agreement itself
+  // The report (status or outcome) of agreement receive i, from `peer`;
+  // null, with comm_error set, when it did not come.
+  auto wait_one = [&](size_t i, int64_t peer) -> const double* {
+    auto& report = state.agreement[i];
+    std::string why = report.error;
+    if (report.work) {
+      const WaitResult r = wait_work(report.work, options_.timeout());
+      if (r.ok()) {
+        report.buffer = report.buffer.cpu();
+        return report.buffer.data_ptr<double>();
+      }
+      why = r.timed_out() ? "nothing came within " + seconds(options_.timeout()) +
+              " (did rank " + std::to_string(peer) + " die or hang?)"
+                          : "receiving it failed: " + r.error;
     }
-    t = t.cpu();
-    return t.data_ptr<double>();
+    mark_broken(what + ": rank " + std::to_string(peer) + " did not report");
+    comm_error = "pipegear: rank " + std::to_string(rank_) + ": " + what +
+        ": rank " + std::to_string(peer) + " did not report: " + why;
+    return nullptr;
   };
   double outcome[4] = {st[0], 0, st[2], st[3]};
-  std::string comm_error;
   if (rank_ == 0) {
     // The rank that failed by itself first, else any failed one.
     for (int64_t r = 1; r < world_; ++r) {
-      const double* v = wait_one(static_cast<size_t>(r - 1));
+      const double* v = wait_one(static_cast<size_t>(r - 1), r);
       if (v == nullptr) {
-        comm_error = "pipegear: rank 0: " + what + ": rank " + std::to_string(r) +
-            " did not report within " + seconds(options_.timeout()) +
-            " (did it die or hang?)";
         outcome[1] = 1;
         if (outcome[0] == 0) {
           outcome[0] = static_cast<double>(r + 1);
@@ -1210,21 +1509,26 @@ std::pair<double, int64_t> DistributedCore::agree(StepState& state,
                                 torch::kDouble).to(comm_device_);
     for (int64_t r = 1; r < world_; ++r) {
       try {
-        p2p_send(result, r, tag(kTagOutcome), what);
-      } catch (...) {
-        mark_broken(what + ": the outcome could not be sent");
+        p2p_send(result, r, tag(kTagOutcome), "the outcome at " + what);
+      } catch (const std::exception&) {  // marked broken by p2p_send
+        if (comm_error.empty()) {
+          comm_error = describe(std::current_exception());
+        }
       }
     }
   } else {
-    p2p_send(status.to(comm_device_), 0, tag(kTagStatus), what);
-    if (state.agreement.empty()) {
-      post_agreement(state);
+    const double* v = nullptr;
+    try {
+      p2p_send(status.to(comm_device_), 0, tag(kTagStatus),
+               "this rank's status at " + what);
+      if (state.agreement.empty()) {
+        post_agreement(state);
+      }
+      v = wait_one(0, 0);
+    } catch (const std::exception&) {  // marked broken by p2p_send
+      comm_error = describe(std::current_exception());
     }
-    const double* v = wait_one(0);
     if (v == nullptr) {
-      comm_error = "pipegear: rank " + std::to_string(rank_) + ": " + what +
-          ": rank 0 did not report within " + seconds(options_.timeout()) +
-          " (did it die or hang?)";
       outcome[1] = 1;
     } else {
       std::copy(v, v + 4, outcome);
@@ -1271,12 +1575,12 @@ void DistributedCore::raise_capacities(const StepState& state, bool forward,
 // ---------------------------------------------------------------------------
 torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
                                     const LossFn& loss_fn,
-                                    const StepOptions& options) {
+                                    const StepOptions& options,
+                                    std::exception_ptr local_error) {
   std::lock_guard<std::mutex> call(call_mutex_);
   const bool first = rank_ == 0;
   const bool last = rank_ + 1 == world_;
-  std::exception_ptr local_error;
-  if (last && !loss_fn) {
+  if (last && !loss_fn && !local_error) {
     try {
       TORCH_CHECK_VALUE(false, "step needs a loss function on the last rank, "
                         "got none");
@@ -1347,7 +1651,8 @@ struct RankStep : PendingStep {
 
 } // namespace
 
-Batch DistributedCore::forward(const Batch& input, bool training) {
+Batch DistributedCore::forward(const Batch& input, bool training,
+                               std::exception_ptr local_error) {
   std::shared_ptr<StepState> state;
   Batch out;
   {
@@ -1355,14 +1660,20 @@ Batch DistributedCore::forward(const Batch& input, bool training) {
     TORCH_CHECK_VALUE(options_.schedule() == ScheduleKind::kGPipe,
                       "module-style forward needs a fill/drain schedule "
                       "('gpipe'); the '1f1b' schedule runs only through step()");
-    if (auto pending = undrained_.lock()) {
-      TORCH_CHECK(pending->drained || pending->failed, "pipegear: rank ", rank_,
-                  ": the backward of the previous forward (step ",
-                  pending->seq, ") has not run; every rank must run it before "
-                  "the next forward (use no_grad for forwards without backward)");
+    if (auto pending = undrained_.lock(); pending && !pending->drained) {
+      std::exception_ptr error;
+      try {
+        TORCH_CHECK(false, "pipegear: rank ", rank_, ": the backward of the "
+                    "previous forward (step ", pending->seq, ") has not run; "
+                    "every rank must run it before the next forward (use "
+                    "no_grad for forwards without backward)");
+      } catch (...) {
+        error = std::current_exception();
+      }
+      abandon_drain(*pending, error);
     }
     placeholder_ = torch::Tensor();
-    state = begin(Face::kModule, training, input, nullptr);
+    state = begin(Face::kModule, training, input, local_error);
     if (state->pre_error) {
       fail_early(*state);
     }
@@ -1401,6 +1712,9 @@ Batch DistributedCore::forward(const Batch& input, bool training) {
 
 Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   std::lock_guard<std::mutex> call(call_mutex_);
+  TORCH_CHECK(!state.abandoned, "pipegear: rank ", rank_, ": the backward of step ",
+              state.seq, " comes after the next forward, which failed it on "
+              "every rank (see that forward's error)");
   TORCH_CHECK(!state.drained, "pipegear: rank ", rank_, ": the backward of step ",
               state.seq, " ran twice");
   state.drained = true;
@@ -1438,6 +1752,20 @@ Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   }
   finish_pass(state, error, "backward");
   return out;
+}
+
+void DistributedCore::abandon_drain(StepState& state,
+                                    const std::exception_ptr& error) {
+  state.drained = true;
+  state.abandoned = true;
+  placeholder_ = torch::Tensor();
+  check_not_broken();
+  if (!nccl_) {
+    post_agreement(state);
+  }
+  fail(state, error, /*forward=*/false, /*backward=*/true);
+  agree(state, error, torch::Tensor(), "backward");
+  std::rethrow_exception(error);  // agree rethrows it already
 }
 
 void DistributedCore::backward() {
@@ -1519,6 +1847,18 @@ torch::Tensor DistributedPipeline::step(const Batch& input, const Batch& target,
 
 Batch DistributedPipeline::forward(const Batch& input, bool training) {
   return core_->forward(input, training);
+}
+
+void DistributedPipeline::fail_step(std::exception_ptr error) {
+  TORCH_CHECK_VALUE(error, "fail_step needs the error of this rank, got none");
+  core_->step({}, {}, nullptr, {}, error);
+  std::rethrow_exception(error);  // step() throws already
+}
+
+void DistributedPipeline::fail_forward(std::exception_ptr error) {
+  TORCH_CHECK_VALUE(error, "fail_forward needs the error of this rank, got none");
+  core_->forward({}, true, error);
+  std::rethrow_exception(error);  // forward() throws already
 }
 
 void DistributedPipeline::backward() { core_->backward(); }

@@ -4,6 +4,7 @@
 // docs/distributed.md.
 
 #include <chrono>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -42,11 +43,16 @@ struct DistributedOptions {
   /// Where this rank's slice runs (Sequential and factory constructors).
   /// Default: cpu for Gloo, the current CUDA device for NCCL.
   TORCH_ARG(std::optional<c10::Device>, device) = std::nullopt;
-  /// Bound of every wait for a peer (step header, activations, gradients,
-  /// the loss): a peer that died or hangs makes the call throw after at
-  /// most this long instead of blocking forever. It must exceed the longest
-  /// time between two ranks' calls (data loading included).
+  /// Bound of every wait for a peer within a step (activations, gradients,
+  /// the loss, the end of a pass): a peer that died or hangs makes the call
+  /// throw after at most this long instead of blocking forever.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::seconds(30);
+  /// Bound of the wait for the other ranks to start the next step: between
+  /// steps a rank may be busy for long (saving a checkpoint, evaluating,
+  /// loading data) while the others wait. The default is torch's default
+  /// timeout of a process group (30 min); a rank that does not come within
+  /// it is taken as lost, and the others throw.
+  TORCH_ARG(std::chrono::milliseconds, idle_timeout) = std::chrono::minutes(30);
 };
 
 namespace detail {
@@ -114,6 +120,15 @@ class DistributedPipeline {
                      const LossFn& loss_fn, LossReduction reduction) {
     return step(input, target, loss_fn, StepOptions().reduction(reduction));
   }
+
+  /// Takes part in a step that this rank cannot run because of a mistake
+  /// found before it (its target or loss do not fit, say): every rank's
+  /// step() throws at once, before any cell runs, and the group stays
+  /// usable. This rank throws `error` itself; the others throw naming this
+  /// rank and `error`'s message. Call it where step() would be called.
+  [[noreturn]] void fail_step(std::exception_ptr error);
+  /// The same in module style, where forward() would be called.
+  [[noreturn]] void fail_forward(std::exception_ptr error);
 
   /// Module style, fill pass: every rank calls it, `input` is used on rank
   /// 0. The last rank gets the gathered output; the other ranks get one
