@@ -28,12 +28,15 @@ order, and the sums after the drain run in a fixed order.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import datetime
+
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["Tie", "Ties", "find_ties", "needs_copy", "untie_replicas"]
+__all__ = ["DistributedTies", "Tie", "Ties", "find_ties", "needs_copy",
+           "untie_replicas"]
 
 
 def needs_copy(owner: torch.device, device: torch.device) -> bool:
@@ -241,3 +244,168 @@ def untie_replicas(named: list[tuple[str, nn.Module]],
             if path:
                 module = module.get_submodule(path)
             module._parameters[attr] = master
+
+
+# ---- across ranks (DistributedGPipe) --------------------------------------
+
+
+def _layer_of(name: str) -> str:
+    return name.partition(".")[0]
+
+
+class DistributedTies:
+    """Parameters tied across the ranks of a :class:`DistributedGPipe`.
+
+    Each rank holds its own copy of a tied parameter (its slice is all it
+    has). The ranks holding one (the tie's *members*) share a process
+    group of just them, made with ``torch.distributed.new_group`` as
+    Megatron-LM makes its embedding group: at construction the first
+    member broadcasts the value, and after every drain the members sum the
+    step's gradient over that group, so every copy receives the gradient
+    of all uses and, updated by the same optimizer, stays equal.
+
+    ``groups``: the ties, each a list of qualified parameter names (layer
+    name, then the path inside the layer); ``layer_names``: every layer's
+    name, in order; ``rank``'s parameters by name in ``local``.
+    """
+
+    def __init__(self, groups: list[list[str]], layer_names: list[str],
+                 balance: list[int], rank: int,
+                 local: dict[str, nn.Parameter], process_group: Any,
+                 timeout: float) -> None:
+        import torch.distributed as dist
+
+        self.ties: list[tuple[list[str], list[int], Optional[nn.Parameter],
+                              Any]] = []
+        self._stashed: list[Optional[torch.Tensor]] = []
+        if not groups:  # no collective at all: any process group works
+            return
+        stage_of = {}
+        offset = 0
+        for stage, size in enumerate(balance):
+            for name in layer_names[offset:offset + size]:
+                stage_of[name] = stage
+            offset += size
+        # (member ranks, this rank's parameter or None) per tie; every rank
+        # computes the members of every tie from the names alone.
+        resolved = []
+        for i, group in enumerate(groups):
+            if isinstance(group, (str, bytes)) or len(group) < 2:
+                raise ValueError(f"tied_parameters[{i}] must name at least 2 "
+                                 f"parameters, got {group!r}")
+            for name in group:
+                if _layer_of(name) not in stage_of:
+                    raise ValueError(
+                        f"tied_parameters[{i}] names {name!r}, but the model "
+                        f"has no layer {_layer_of(name)!r} (layers: "
+                        f"{', '.join(layer_names)})")
+            members = sorted({stage_of[_layer_of(n)] for n in group})
+            resolved.append((list(group), members))
+
+        # What this rank holds of each tie it is a member of; gathered from
+        # every rank so that each raises the same error for a mistake only
+        # one rank can see (a missing parameter, another shape).
+        mine: dict[int, Any] = {}
+        params: dict[int, nn.Parameter] = {}
+        for i, (group, members) in enumerate(resolved):
+            if rank not in members:
+                continue
+            held = [n for n in group if stage_of[_layer_of(n)] == rank]
+            missing = [n for n in held if n not in local]
+            found = [local[n] for n in held if n in local]
+            distinct = len({id(p) for p in found})
+            mine[i] = dict(names=held, missing=missing, distinct=distinct,
+                           shape=tuple(found[0].shape) if found else None,
+                           dtype=str(found[0].dtype) if found else None)
+            if found and not missing and distinct == 1:
+                params[i] = found[0]
+        reports: list = [None] * process_group.size()
+        dist.all_gather_object(reports, mine, group=process_group)
+        for i, (group, members) in enumerate(resolved):
+            seen = [(r, reports[r][i]) for r in members]
+            for r, info in seen:
+                if info["missing"]:
+                    raise ValueError(
+                        f"tied_parameters[{i}]: rank {r} holds layer "
+                        f"{_layer_of(info['missing'][0])!r} but it has no "
+                        f"parameter {info['missing'][0]!r}")
+                if info["distinct"] > 1:
+                    raise ValueError(
+                        f"tied_parameters[{i}]: {', '.join(info['names'])} "
+                        f"are {info['distinct']} different parameters on "
+                        f"rank {r}; within a rank, tie them as modules do "
+                        "(b.weight = a.weight)")
+            first_rank, first = seen[0]
+            for r, info in seen[1:]:
+                for what in ("shape", "dtype"):
+                    if info[what] != first[what]:
+                        raise ValueError(
+                            f"tied_parameters[{i}]: a tie across ranks needs "
+                            f"one {what}, but {first['names'][0]!r} on rank "
+                            f"{first_rank} has {what} {first[what]} and "
+                            f"{info['names'][0]!r} on rank {r} has {what} "
+                            f"{info[what]}")
+
+        # One group per set of members; made in the same order everywhere.
+        whole = process_group.size() == dist.get_world_size()
+        self._groups: dict[tuple[int, ...], Any] = {}
+        seconds = datetime.timedelta(seconds=timeout)
+        for i, (group, members) in enumerate(resolved):
+            if len(members) < 2:
+                continue  # all on one rank: one parameter there already
+            key = tuple(members)
+            if key not in self._groups:
+                ranks = [dist.get_global_rank(process_group, r)
+                         for r in members]
+                if whole:  # every rank of the job creates every group
+                    self._groups[key] = dist.new_group(ranks, timeout=seconds)
+                elif rank in members:  # only the members, in the same order
+                    self._groups[key] = dist.new_group(
+                        ranks, timeout=seconds,
+                        use_local_synchronization=True)
+            if rank in members:
+                self.ties.append((group, members, params[i],
+                                  self._groups[key]))
+        # The first member's value, everywhere.
+        with torch.no_grad():
+            for group, members, param, sub in self.ties:
+                src = dist.get_global_rank(process_group, members[0])
+                dist.broadcast(param.data, src=src, group=sub)
+
+    def __bool__(self) -> bool:
+        return bool(self.ties)
+
+    def begin(self) -> None:
+        """Before a step: sets each tied parameter's gradient aside, so
+        that the sum after the drain adds only this step's (a gradient
+        accumulated over earlier steps was summed then already)."""
+        self._stashed = []
+        for _, _, param, _ in self.ties:
+            self._stashed.append(param.grad)
+            param.grad = None
+
+    def end(self, ok: bool = True) -> None:
+        """After the drain (every member calls it): sums the step's
+        gradient of each tied parameter over its members and adds back what
+        was set aside. ``ok=False`` (the step failed on every rank) sums
+        nothing, only adds back."""
+        import torch.distributed as dist
+
+        stashed, self._stashed = self._stashed, []
+        with torch.no_grad():
+            for (_, _, param, sub), before in zip(self.ties, stashed or
+                                                  [None] * len(self.ties)):
+                grad = param.grad
+                if ok:
+                    # Every member takes part, whether or not it has a
+                    # gradient (a member whose uses got none adds zeros).
+                    if grad is None:
+                        grad = torch.zeros_like(param)
+                    dist.all_reduce(grad, group=sub)
+                    if not param.requires_grad:
+                        grad = None
+                if before is not None and grad is not None:
+                    grad = before.add_(grad)
+                elif before is not None:
+                    grad = before
+                param.grad = grad
