@@ -7,7 +7,7 @@ JOBS ?= $(shell nproc)
 TORCH_PREFIX = $(shell $(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')
 CMAKE_ARGS ?=
 
-.PHONY: env build demo test test-cpp test-python consumer bench sanitize lint clean
+.PHONY: env build demo gpt2 test test-cpp test-python consumer bench sanitize lint clean
 
 env:
 	@scripts/setup_env.sh
@@ -22,6 +22,10 @@ build: env $(BUILD)/build.ninja
 
 demo: build
 	$(PY) examples/python/train_mlp.py
+
+# Hugging Face GPT-2 on the standard library's sources, K=2 (docs/gpt2.md).
+gpt2: build
+	$(PY) examples/python/train_gpt2.py
 
 test-cpp: build
 	cd $(BUILD) && ctest --output-on-failure

@@ -16,6 +16,8 @@ from torch import nn
 
 from pipegear import _C
 from pipegear.loss import Count, plan_loss
+from pipegear import tied
+from pipegear.tied import Ties, find_ties, untie_replicas
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 Device = Union[torch.device, str, int]
@@ -321,6 +323,16 @@ class GPipe(_Placed):
     layer is ``pipe[i]`` / ``pipe._modules[name]``. The pipeline starts in
     ``module``'s mode (``training``).
 
+    A parameter held by modules of several partitions (an output head tied
+    to the embedding, ``head.weight = embed.weight``) stays one parameter:
+    ``parameters()`` yields it once, ``state_dict()`` lists it under each
+    name, as the plain model's. The partitions after the first one using it
+    compute with replicas (an alias of its storage on the same device, a
+    copy refreshed before every forward on another), whose gradients are
+    added into the parameter's after every drain (docs/engine.md, "Tied
+    parameters"). A module holding parameters may not be in two
+    partitions.
+
     The partitions stay on ``devices``: ``.to(device)``, ``.cuda()``,
     ``.cpu()`` to another device raise ``TypeError`` (build a new
     ``GPipe(..., devices=[...])``); dtype casts (``.double()``) work.
@@ -377,18 +389,10 @@ class GPipe(_Placed):
                                  f"{seen[id(layer)]!r}; a pipeline needs "
                                  "distinct layers")
             seen[id(layer)] = name
-        owner: dict[int, int] = {}
-        offset = 0
-        for i, size in enumerate(balance):
-            for _, layer in named[offset:offset + size]:
-                for p in layer.parameters():
-                    j = owner.setdefault(id(p), i)
-                    if j != i:
-                        raise ValueError(
-                            f"a parameter is shared by partition {j} and "
-                            f"partition {i}; partitions on different workers "
-                            "cannot share one")
-            offset += size
+        # A parameter held by modules of two partitions is tied (tied.py);
+        # a module holding parameters in two partitions is refused here,
+        # before anything is converted or moved.
+        find_ties(named, balance)
         devices = _resolve_devices(devices, len(balance))
 
         # Everything is checked before the module is converted or moved.
@@ -407,6 +411,10 @@ class GPipe(_Placed):
             part = _Partition(OrderedDict(named[offset:offset + size]))
             partitions.append(part)
             offset += size
+        # Replicas of tied parameters go into the partitions on other
+        # devices before the partitions move (moving a partition that still
+        # held the owner's parameter would move it off the owner's device).
+        ties = Ties(find_ties(named, balance), devices, tied.needs_copy)
         for part, device in zip(partitions, devices):
             part.to(device)
         stages = [(part, str(device), self._hooks(part))
@@ -420,6 +428,8 @@ class GPipe(_Placed):
         self._checkpoint = checkpoint
         self._schedule = schedule
         self._worker_threads = worker_threads
+        self._ties = ties
+        ties.refresh()  # aliases moved with their partitions share again
         # Not a child: the layers are this module's children, under their
         # names in the module (state_dict keys as the plain model's).
         object.__setattr__(self, "_partitions", nn.ModuleList(partitions))
@@ -462,7 +472,7 @@ class GPipe(_Placed):
                       schedule=self._schedule,
                       worker_threads=self._worker_threads)
         return (_restore, (type(self), list(self._modules.items()), config,
-                           self.training))
+                           self.training, self._ties.spec()))
 
     # -- configuration (read-only) ---------------------------------------
     @property
@@ -505,6 +515,42 @@ class GPipe(_Placed):
         self._partitions.train(mode)  # the containers too, not only layers
         return self
 
+    # -- tied parameters (tied.py) -----------------------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True
+                         ) -> Iterator[tuple[str, nn.Parameter]]:
+        """``nn.Module.named_parameters``, as the plain model's: a parameter
+        tied across partitions is yielded once (with ``remove_duplicate``),
+        under its first name, and never as a partition's replica of it.
+        ``parameters()`` (and so the optimizer, ``zero_grad``) go through
+        here."""
+        seen: set[int] = set()
+        for name, p in super().named_parameters(prefix, recurse,
+                                                remove_duplicate=False):
+            p = self._ties.master_of(p)
+            if remove_duplicate:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+            yield name, p
+
+    def state_dict(self, *args: Any, destination: Any = None,
+                   prefix: str = "", keep_vars: bool = False) -> Any:
+        """``nn.Module.state_dict``, as the plain model's: a parameter tied
+        across partitions is listed under every name holding it, with its
+        own value (not a partition replica's, which may be a step old
+        between an optimizer step and the next forward)."""
+        result = super().state_dict(*args, destination=destination,
+                                    prefix=prefix, keep_vars=keep_vars)
+        # The deprecated positional form: (destination, prefix, keep_vars).
+        if len(args) > 1:
+            prefix = args[1]
+        if len(args) > 2:
+            keep_vars = args[2]
+        for name, master in self._ties.replica_names():
+            result[prefix + name] = master if keep_vars else master.detach()
+        return result
+
     # -- the Sequential face ---------------------------------------------
     def __len__(self) -> int:
         return len(self._modules)
@@ -538,7 +584,20 @@ class GPipe(_Placed):
         In eval mode nothing is checkpointed.
         """
         _check_input("input", input)
-        return self._pipeline.forward(input, training=self.training)
+        ties = self._ties
+        if not ties:
+            return self._pipeline.forward(input, training=self.training)
+        ties.refresh()
+        output = self._pipeline.forward(input, training=self.training)
+        # The drain runs in the backward of the pipeline's autograd node
+        # (every output's grad_fn): a hook after it adds the replicas'
+        # gradients into the tied parameters, once per step.
+        for t in output if isinstance(output, tuple) else (output,):
+            if t.grad_fn is not None:
+                t.grad_fn.register_hook(
+                    lambda grad_inputs, grad_outputs: ties.accumulate())
+                break
+        return output
 
     def step(self, input: Tensors, target: Optional[Tensors],
              loss_fn: Callable[..., torch.Tensor], *,
@@ -592,8 +651,14 @@ class GPipe(_Placed):
             raise TypeError("loss_fn must be callable, got "
                             f"{type(loss_fn).__name__}")
         reduction, count = plan_loss(loss_fn, target, reduction, count)
-        return self._pipeline.step(input, target, loss_fn, reduction,
+        ties = self._ties
+        if ties:
+            ties.refresh()
+        loss = self._pipeline.step(input, target, loss_fn, reduction,
                                    count=count, training=self.training)
+        if ties:
+            ties.accumulate()  # the drain is over
+        return loss
 
     @property
     def last_trace(self) -> Trace:
@@ -613,13 +678,17 @@ class GPipe(_Placed):
 
 
 def _restore(cls: type, named: list[tuple[str, nn.Module]],
-             config: dict[str, Any], training: bool) -> GPipe:
+             config: dict[str, Any], training: bool,
+             ties: Optional[list] = None) -> GPipe:
     """Unpickles a :class:`GPipe` (see ``GPipe.__reduce_ex__``): a new
     pipeline over `named` with the configuration it was saved with. The
     devices are checked again (the process may be another); BatchNorm layers
     are taken as they are (converted, or warned about, when first built)."""
     pipe = cls.__new__(cls)
     nn.Module.__init__(pipe)
+    # The copied layers hold copies of the replicas: the tied parameter goes
+    # back into their slots, and _build ties it again.
+    untie_replicas(named, ties)
     balance = config["balance"]
     pipe._build(named, balance, _resolve_devices(config["devices"],
                                                  len(balance)),

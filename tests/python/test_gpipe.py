@@ -284,9 +284,11 @@ def test_layer_used_twice_and_shared_parameter():
     with pytest.raises(ValueError, match="same module"):
         pipegear.GPipe(nn.Sequential(relu, relu), [1, 1])
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    b.weight = a.weight
-    with pytest.raises(ValueError, match="shared by partition 0 and partition 1"):
-        pipegear.GPipe(nn.Sequential(a, b), [1, 1])
+    b.weight = a.weight  # a tie (test_tied.py), not a module used twice
+    pipe = pipegear.GPipe(nn.Sequential(a, b), [1, 1])
+    assert len(list(pipe.parameters())) == 3
+    with pytest.raises(ValueError, match="cannot be in two partitions"):
+        pipegear.GPipe(nn.Sequential(a, nn.Sequential(b, a)), [1, 1])
 
 
 def test_bad_calls():
