@@ -248,11 +248,6 @@ class DistributedGPipe(_Placed):
 
     # -- configuration (read-only) ---------------------------------------
     @property
-    def balance(self) -> list:
-        """Layers per partition (one partition per rank)."""
-        return list(self._balance)
-
-    @property
     def rank(self) -> int:
         """This rank, the partition it runs."""
         return self._rank
@@ -261,21 +256,6 @@ class DistributedGPipe(_Placed):
     def world_size(self) -> int:
         """The ranks of the group: the number of partitions."""
         return self._world_size
-
-    @property
-    def chunks(self) -> int:
-        """Micro-batches per mini-batch."""
-        return self._chunks
-
-    @property
-    def checkpoint(self) -> str:
-        """``'always'``, ``'except_last'`` or ``'never'``."""
-        return self._checkpoint
-
-    @property
-    def schedule(self) -> str:
-        """``'gpipe'`` or ``'1f1b'``."""
-        return self._schedule
 
     @property
     def timeout(self) -> float:

@@ -210,7 +210,9 @@ class _Partition(nn.Sequential):
 
 
 class _Placed(nn.Module):
-    """A module whose layers a pipeline placed on its devices.
+    """A pipeline as a module: its configuration (``balance``, ``chunks``,
+    ``checkpoint``, ``schedule``; read-only) and its layers, which it placed
+    on its devices.
 
     Casts of the floating-point dtype (``.double()``, ``.half()``,
     ``.to(torch.float16)``) work as on any module; moving the layers to
@@ -219,6 +221,27 @@ class _Placed(nn.Module):
     each partition where it was placed. A move to the device every
     partition already sits on changes nothing.
     """
+
+    # -- the configuration both pipelines share (read-only) --------------
+    @property
+    def balance(self) -> list[int]:
+        """Layers per partition."""
+        return list(self._balance)
+
+    @property
+    def chunks(self) -> int:
+        """Micro-batches per mini-batch."""
+        return self._chunks
+
+    @property
+    def checkpoint(self) -> str:
+        """``'always'``, ``'except_last'`` or ``'never'``."""
+        return self._checkpoint
+
+    @property
+    def schedule(self) -> str:
+        """``'gpipe'`` or ``'1f1b'``."""
+        return self._schedule
 
     def _placement(self) -> tuple[list[torch.device], str]:
         """The devices the layers sit on, and how to use other ones."""
@@ -476,29 +499,9 @@ class GPipe(_Placed):
 
     # -- configuration (read-only) ---------------------------------------
     @property
-    def balance(self) -> list[int]:
-        """Layers per partition."""
-        return list(self._balance)
-
-    @property
     def devices(self) -> list[torch.device]:
         """The device of each partition."""
         return list(self._devices)
-
-    @property
-    def chunks(self) -> int:
-        """Micro-batches per mini-batch."""
-        return self._chunks
-
-    @property
-    def checkpoint(self) -> str:
-        """``'always'``, ``'except_last'`` or ``'never'``."""
-        return self._checkpoint
-
-    @property
-    def schedule(self) -> str:
-        """``'gpipe'`` or ``'1f1b'``."""
-        return self._schedule
 
     @property
     def partitions(self) -> nn.ModuleList:
