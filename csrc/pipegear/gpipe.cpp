@@ -1,5 +1,6 @@
 #include <pipegear/gpipe.h>
 
+#include <map>
 #include <numeric>
 #include <set>
 
@@ -74,11 +75,26 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
                       "layer ", i, " appears more than once in the module; "
                       "a pipeline needs distinct layers");
   }
+  // The Sequential's own names ("0", "1", ... or those given to push_back),
+  // so that the pipeline's parameters are named as the plain model's.
+  std::vector<std::string> names;
+  {
+    std::map<const torch::nn::Module*, std::string> name_of;
+    for (const auto& child : module->named_children()) {
+      name_of.emplace(child.value().get(), child.key());
+    }
+    for (int64_t i = 0; i < layers; ++i) {
+      const auto it = name_of.find(module->ptr(i).get());
+      TORCH_CHECK_VALUE(it != name_of.end(), "layer ", i, " of the module is "
+                        "not registered as its child; build the Sequential "
+                        "with its constructor or push_back");
+      names.push_back(it->second);
+    }
+  }
   if (options_.deferred_batch_norm()) {
     module = convert_deferred_batch_norm(module, options_.chunks());
   }
 
-  partitions_ = register_module("partitions", torch::nn::ModuleList());
   std::vector<std::shared_ptr<Stage>> stages;
   std::map<const void*, size_t> owner;  // parameter storage -> stage
   std::vector<torch::nn::Sequential> parts;
@@ -86,7 +102,7 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
   for (size_t s = 0; s < options_.balance().size(); ++s) {
     torch::nn::Sequential part;
     for (int64_t l = offset; l < offset + options_.balance()[s]; ++l) {
-      part->push_back(std::to_string(l), *(module->begin() + l));
+      part->push_back(names[l], *(module->begin() + l));
     }
     for (const auto& p : part->parameters()) {
       auto [it, fresh] = owner.emplace(p.unsafeGetTensorImpl(), s);
@@ -98,6 +114,9 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
     parts.push_back(part);
   }
   // Checked everything before moving anything: a rejected module is intact.
+  for (int64_t l = 0; l < layers; ++l) {
+    register_module(names[l], module->ptr(l));
+  }
   int64_t first_layer = 0;
   for (size_t s = 0; s < parts.size(); ++s) {
     auto& part = parts[s];
@@ -107,6 +126,7 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
         std::make_shared<SequentialStage>(part, devices_[s], first_layer));
     first_layer += static_cast<int64_t>(part->size());
   }
+  partitions_->train(is_training());
   engine_ = std::make_unique<Engine>(
       std::move(stages), EngineOptions()
                              .chunks(options_.chunks())
@@ -161,6 +181,28 @@ LossCount count_class_targets(int64_t ignore_index, torch::Tensor weight) {
     const auto classes = t.masked_select(valid);
     return weight.to(t.device()).index_select(0, classes).sum().item<double>();
   };
+}
+
+void GPipeImpl::train(bool on) {
+  torch::nn::Module::train(on);
+  partitions_->train(on);
+}
+
+void GPipeImpl::load(torch::serialize::InputArchive& archive) {
+  torch::nn::Module::load(archive);
+  for (size_t s = 0; s < devices_.size(); ++s) {
+    partitions_[s]->to(devices_[s]);
+  }
+}
+
+void GPipeImpl::pretty_print(std::ostream& stream) const {
+  stream << "pipegear::GPipe(balance=" << c10::IntArrayRef(options_.balance())
+         << ", devices=[";
+  for (size_t s = 0; s < devices_.size(); ++s) {
+    stream << (s == 0 ? "" : ", ") << devices_[s];
+  }
+  stream << "], chunks=" << options_.chunks()
+         << ", checkpoint=" << to_string(options_.checkpoint()) << ")";
 }
 
 std::string GPipeImpl::schedule_table(int64_t micro_batches) const {
