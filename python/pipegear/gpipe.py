@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import re
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -314,7 +315,8 @@ class GPipe(_Placed):
 
     The layers are the pipeline's children under their names in ``module``,
     so the pipeline's ``state_dict`` keys are ``module``'s and a state saved
-    from either loads into the other. A layer may be named like an
+    from either loads into the other; so does a torchgpipe checkpoint
+    (``partitions.<j>.<name>.`` keys, renamed by a load pre-hook). A layer may be named like an
     attribute of the pipeline (``checkpoint``, ``step``, ...): the
     configuration (``balance``, ``devices``, ``chunks``, ``checkpoint``,
     ``schedule``, ``partitions``) and the methods keep their meaning, the
@@ -428,6 +430,7 @@ class GPipe(_Placed):
         for name, layer in named:
             # add_module() refuses a name that is an attribute of GPipe.
             self._modules[name] = layer
+        self.register_load_state_dict_pre_hook(_rename_partition_keys)
         self.training = training
         self._partitions.training = training
         for part in partitions:
@@ -610,6 +613,45 @@ class GPipe(_Placed):
         return (f"balance={self._balance}, "
                 f"devices={[str(d) for d in self._devices]}, "
                 f"chunks={self._chunks}, checkpoint={self._checkpoint!r}")
+
+
+_PARTITION_KEY = re.compile(r"partitions\.(\d+)\.([^.]+)\.(.+)")
+
+
+def _rename_partition_keys(pipe: GPipe, state_dict: dict[str, Any],
+                           prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook: accepts the keys of torchgpipe's GPipe
+    (and of the C++ GPipe of earlier pipegear versions, read in Python with
+    torch.jit.load), which register their partitions:
+    ``partitions.<j>.<name>.weight`` for the layer ``<name>`` of the plain
+    model in partition j. torchgpipe keeps the layers' names inside its
+    partitions, so the key is ``<name>.weight`` here whatever the balance
+    the checkpoint was saved with. Only keys whose ``<name>`` is a layer of
+    this pipeline are renamed (others stay, and ``strict`` reports them);
+    none when a layer is itself named ``partitions``. A key present in both
+    layouts is a ValueError."""
+    if "partitions" in pipe._modules:
+        return
+    metadata = getattr(state_dict, "_metadata", None)
+    head = prefix + "partitions."
+    for key in [k for k in state_dict if k.startswith(head)]:
+        match = _PARTITION_KEY.fullmatch(key[len(prefix):])
+        if match is None or match.group(2) not in pipe._modules:
+            continue
+        stage, name, rest = match.groups()
+        new = f"{prefix}{name}.{rest}"
+        if new in state_dict:
+            raise ValueError(
+                f"the state dict holds both {key!r} (torchgpipe's layout, "
+                f"partition {stage}) and {new!r}; keep one of them")
+        state_dict[new] = state_dict.pop(key)
+        if metadata is not None:
+            # Per-module metadata (BatchNorm's version) moves along.
+            old = f"{prefix}partitions.{stage}.{name}"
+            for mkey in [k for k in metadata
+                         if k == old or k.startswith(old + ".")]:
+                metadata.setdefault(f"{prefix}{name}{mkey[len(old):]}",
+                                    metadata[mkey])
 
 
 def _restore(cls: type, named: list[tuple[str, nn.Module]],
