@@ -6,6 +6,7 @@
 
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/cuda.h>
+#include <torch/nn/modules/batchnorm.h>
 
 #include <pipegear/nn/deferred_batch_norm.h>
 
@@ -55,6 +56,30 @@ std::vector<c10::Device> resolve_devices(const std::vector<c10::Device>& given,
   return devices;
 }
 
+// The BatchNorm layers (at any depth) that update running statistics in
+// training.
+template <typename BatchNormImpl>
+bool tracks_running_stats(const std::shared_ptr<torch::nn::Module>& module) {
+  const auto bn = std::dynamic_pointer_cast<BatchNormImpl>(module);
+  return bn != nullptr && bn->options.track_running_stats();
+}
+
+// Python's GPipe warns the same way (gpipe.py, _prepare_batch_norm).
+void warn_plain_batch_norm(const torch::nn::Module& model, int64_t chunks) {
+  for (const auto& m : model.named_modules("", /*include_self=*/false)) {
+    if (tracks_running_stats<torch::nn::BatchNorm1dImpl>(m.value()) ||
+        tracks_running_stats<torch::nn::BatchNorm2dImpl>(m.value()) ||
+        tracks_running_stats<torch::nn::BatchNorm3dImpl>(m.value())) {
+      TORCH_WARN("pipegear::GPipe: the BatchNorm layer '", m.key(),
+                 "' with running statistics is pipelined with chunks=", chunks,
+                 ": its running statistics will be updated once per "
+                 "micro-batch; pass GPipeOptions::deferred_batch_norm(true) "
+                 "for the statistics of the whole mini-batch");
+      return;  // once per pipeline
+    }
+  }
+}
+
 } // namespace
 
 GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
@@ -93,6 +118,8 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
   }
   if (options_.deferred_batch_norm()) {
     module = convert_deferred_batch_norm(module, options_.chunks());
+  } else if (options_.chunks() > 1) {
+    warn_plain_batch_norm(*module, options_.chunks());
   }
 
   std::vector<std::shared_ptr<Stage>> stages;

@@ -80,6 +80,12 @@ struct GPipeOptions {
 ///   auto y = pipe->forward(x);                                // module style
 ///   torch::mse_loss(y, t).backward();
 ///   auto loss = pipe->step(x, t, torch::nn::MSELoss());      // step style
+///
+/// A plain BatchNorm (track_running_stats) in a pipeline with chunks > 1
+/// updates its running statistics once per micro-batch (a warning says so
+/// at construction; deferred_batch_norm(true) gives those of the whole
+/// mini-batch); recomputations of checkpointed micro-batches do not update
+/// them again.
 class GPipeImpl : public torch::nn::Module {
  public:
   GPipeImpl(torch::nn::Sequential module, GPipeOptions options);

@@ -6,9 +6,10 @@ caller waits, so stages overlap wherever ATen kernels run.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
-import warnings
 import re
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -162,10 +163,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         b.index if b.index is not None else current)
 
 
-def _prepare_batch_norm(module: nn.Module, chunks: int, checkpoint: str,
-                        deferred: bool, who: str = "") -> nn.Module:
+def _prepare_batch_norm(module: nn.Module, chunks: int, deferred: bool,
+                        who: str = "") -> nn.Module:
     """Converts BatchNorm layers to DeferredBatchNorm (``deferred``), or
-    warns that plain ones count every micro-batch (and recomputation)."""
+    warns that plain ones count every micro-batch (as the C++ GPipe does)."""
     if deferred:
         from pipegear.batchnorm import convert_deferred_batch_norm
 
@@ -176,11 +177,9 @@ def _prepare_batch_norm(module: nn.Module, chunks: int, checkpoint: str,
         warnings.warn(
             f"{who}a BatchNorm layer with running statistics is pipelined "
             f"with chunks={chunks}: its running statistics will be "
-            "updated once per micro-batch"
-            + (", and once more by every recomputation"
-               if checkpoint != "never" else "")
-            + "; pass deferred_batch_norm=True for the statistics of the "
-            "whole mini-batch", UserWarning, stacklevel=3)
+            "updated once per micro-batch (recomputations do not count); "
+            "pass deferred_batch_norm=True for the statistics of the whole "
+            "mini-batch", UserWarning, stacklevel=3)
     return module
 
 
@@ -194,14 +193,52 @@ def _check_input(name: str, value: Any) -> None:
                     f"got {type(value).__name__}")
 
 
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def _running_stats_hidden(module: nn.Module) -> Iterator[None]:
+    """While a checkpointed forward is recomputed: the norm layers of
+    `module` in training mode that track running statistics (BatchNorm,
+    SyncBatchNorm, InstanceNorm) see none, so the recomputation neither
+    moves them nor counts the micro-batch again, and normalises with the
+    micro-batch's own statistics as the forward did. The C++ stage does
+    the same (stage.cpp, HideRunningStats)."""
+    hidden = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._NormBase)
+              and m.training and m.track_running_stats]
+    saved = [{k: m._buffers[k] for k in _RUNNING_STATS if k in m._buffers}
+             for m in hidden]
+    try:
+        for m, buffers in zip(hidden, saved):
+            # BatchNorm passes no running statistics when it does not track
+            # them (SyncBatchNorm asserts a count when it does); InstanceNorm
+            # passes its buffers whatever the flag, hence both.
+            m.track_running_stats = False
+            for k in buffers:
+                m._buffers[k] = None
+        yield
+    finally:
+        for m, buffers in zip(hidden, saved):
+            m.track_running_stats = True
+            m._buffers.update(buffers)
+
+
 class _Partition(nn.Sequential):
     """One stage's layers. Inside a cell, each layer draws its random
     numbers from a stream of its own (keyed by its index in the whole
     model, docs/engine.md "Randomness"), so the same seed gives the same
     masks whatever the balance; outside a pipeline it is an nn.Sequential.
-    Hooks registered on it run as on any module."""
+    Hooks registered on it run as on any module. A recomputation leaves
+    the running statistics of plain norm layers alone."""
 
     def forward(self, input):  # noqa: A002
+        if _C.is_recomputing():
+            with _running_stats_hidden(self):
+                return self._run(input)
+        return self._run(input)
+
+    def _run(self, input):  # noqa: A002
         for i, module in enumerate(self):
             _C.set_random_layer(i)
             input = module(input)
@@ -394,8 +431,7 @@ class GPipe(_Placed):
         devices = _resolve_devices(devices, len(balance))
 
         # Everything is checked before the module is converted or moved.
-        module = _prepare_batch_norm(module, chunks, checkpoint,
-                                     deferred_batch_norm)
+        module = _prepare_batch_norm(module, chunks, deferred_batch_norm)
         self._build(list(module._modules.items()), balance, devices, chunks,
                     checkpoint, schedule, worker_threads, module.training)
 
