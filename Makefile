@@ -27,9 +27,12 @@ test-cpp: build
 	cd $(BUILD) && ctest --output-on-failure
 
 # The C++ examples are separate CMake projects: built against the installed
-# package with find_package(pipegear), then run.
+# package with find_package(pipegear), then run (the C++17 one's files are
+# read back in Python); then the same package copied elsewhere, with torch
+# at another path (scripts/test_relocation.sh).
 consumer: build
-	scripts/build_examples.sh $(BUILD)/install "$(TORCH_PREFIX)"
+	PYTHON=$(abspath $(PY)) scripts/build_examples.sh $(BUILD)/install "$(TORCH_PREFIX)"
+	scripts/test_relocation.sh $(BUILD)/install "$(TORCH_PREFIX)"
 
 test-python: build
 	$(PY) -m pytest -q tests/python
@@ -73,4 +76,4 @@ sanitize: env
 	fi
 
 clean:
-	rm -rf $(BUILD) $(BUILD)-asan python/pipegear/*.so*
+	rm -rf $(BUILD) $(BUILD)-asan python/pipegear/*.so* python/pipegear/lib
