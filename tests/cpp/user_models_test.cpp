@@ -238,13 +238,17 @@ TEST_CASE("user models: eval() never checkpoints", "[user]") {
   pipe->eval();
   auto y = pipe->forward(torch::randn({8, 6}, torch::kFloat64));
   y.sum().backward();
-  for (const auto& e : pipe->last_trace().events()) {
+  // last_trace() returns a copy: keep it alive while iterating its events
+  // (a range-for over a temporary's member reads freed memory before C++23).
+  const auto eval_trace = pipe->last_trace();
+  for (const auto& e : eval_trace.events()) {
     CHECK_FALSE(e.recompute);
   }
   pipe->train();
   pipe->forward(torch::randn({8, 6}, torch::kFloat64)).sum().backward();
   bool recomputed = false;
-  for (const auto& e : pipe->last_trace().events()) {
+  const auto train_trace = pipe->last_trace();
+  for (const auto& e : train_trace.events()) {
     recomputed = recomputed || e.recompute;
   }
   CHECK(recomputed);
