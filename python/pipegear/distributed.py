@@ -194,7 +194,7 @@ class DistributedGPipe(_Placed):
                                     f"{type(layer).__name__}, not an nn.Module")
             mine.append((name, layer))
         partition = _Partition(OrderedDict(mine))
-        partition = _prepare_batch_norm(partition, chunks, checkpoint,
+        partition = _prepare_batch_norm(partition, chunks,
                                         deferred_batch_norm, f"rank {rank}: ")
         if device is None:
             backend = dist.get_backend(process_group)

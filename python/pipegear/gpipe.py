@@ -6,7 +6,9 @@ caller waits, so stages overlap wherever ATen kernels run.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
+import re
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -163,10 +165,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         b.index if b.index is not None else current)
 
 
-def _prepare_batch_norm(module: nn.Module, chunks: int, checkpoint: str,
-                        deferred: bool, who: str = "") -> nn.Module:
+def _prepare_batch_norm(module: nn.Module, chunks: int, deferred: bool,
+                        who: str = "") -> nn.Module:
     """Converts BatchNorm layers to DeferredBatchNorm (``deferred``), or
-    warns that plain ones count every micro-batch (and recomputation)."""
+    warns that plain ones count every micro-batch (as the C++ GPipe does)."""
     if deferred:
         from pipegear.batchnorm import convert_deferred_batch_norm
 
@@ -177,11 +179,9 @@ def _prepare_batch_norm(module: nn.Module, chunks: int, checkpoint: str,
         warnings.warn(
             f"{who}a BatchNorm layer with running statistics is pipelined "
             f"with chunks={chunks}: its running statistics will be "
-            "updated once per micro-batch"
-            + (", and once more by every recomputation"
-               if checkpoint != "never" else "")
-            + "; pass deferred_batch_norm=True for the statistics of the "
-            "whole mini-batch", UserWarning, stacklevel=3)
+            "updated once per micro-batch (recomputations do not count); "
+            "pass deferred_batch_norm=True for the statistics of the whole "
+            "mini-batch", UserWarning, stacklevel=3)
     return module
 
 
@@ -195,14 +195,52 @@ def _check_input(name: str, value: Any) -> None:
                     f"got {type(value).__name__}")
 
 
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def _running_stats_hidden(module: nn.Module) -> Iterator[None]:
+    """While a checkpointed forward is recomputed: the norm layers of
+    `module` in training mode that track running statistics (BatchNorm,
+    SyncBatchNorm, InstanceNorm) see none, so the recomputation neither
+    moves them nor counts the micro-batch again, and normalises with the
+    micro-batch's own statistics as the forward did. The C++ stage does
+    the same (stage.cpp, HideRunningStats)."""
+    hidden = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._NormBase)
+              and m.training and m.track_running_stats]
+    saved = [{k: m._buffers[k] for k in _RUNNING_STATS if k in m._buffers}
+             for m in hidden]
+    try:
+        for m, buffers in zip(hidden, saved):
+            # BatchNorm passes no running statistics when it does not track
+            # them (SyncBatchNorm asserts a count when it does); InstanceNorm
+            # passes its buffers whatever the flag, hence both.
+            m.track_running_stats = False
+            for k in buffers:
+                m._buffers[k] = None
+        yield
+    finally:
+        for m, buffers in zip(hidden, saved):
+            m.track_running_stats = True
+            m._buffers.update(buffers)
+
+
 class _Partition(nn.Sequential):
     """One stage's layers. Inside a cell, each layer draws its random
     numbers from a stream of its own (keyed by its index in the whole
     model, docs/engine.md "Randomness"), so the same seed gives the same
     masks whatever the balance; outside a pipeline it is an nn.Sequential.
-    Hooks registered on it run as on any module."""
+    Hooks registered on it run as on any module. A recomputation leaves
+    the running statistics of plain norm layers alone."""
 
     def forward(self, input):  # noqa: A002
+        if _C.is_recomputing():
+            with _running_stats_hidden(self):
+                return self._run(input)
+        return self._run(input)
+
+    def _run(self, input):  # noqa: A002
         for i, module in enumerate(self):
             _C.set_random_layer(i)
             input = module(input)
@@ -339,7 +377,8 @@ class GPipe(_Placed):
 
     The layers are the pipeline's children under their names in ``module``,
     so the pipeline's ``state_dict`` keys are ``module``'s and a state saved
-    from either loads into the other. A layer may be named like an
+    from either loads into the other; so does a torchgpipe checkpoint
+    (``partitions.<j>.<name>.`` keys, renamed by a load pre-hook). A layer may be named like an
     attribute of the pipeline (``checkpoint``, ``step``, ...): the
     configuration (``balance``, ``devices``, ``chunks``, ``checkpoint``,
     ``schedule``, ``partitions``) and the methods keep their meaning, the
@@ -419,8 +458,7 @@ class GPipe(_Placed):
         devices = _resolve_devices(devices, len(balance))
 
         # Everything is checked before the module is converted or moved.
-        module = _prepare_batch_norm(module, chunks, checkpoint,
-                                     deferred_batch_norm)
+        module = _prepare_batch_norm(module, chunks, deferred_batch_norm)
         self._build(list(module._modules.items()), balance, devices, chunks,
                     checkpoint, schedule, worker_threads, module.training)
 
@@ -461,6 +499,7 @@ class GPipe(_Placed):
         for name, layer in named:
             # add_module() refuses a name that is an attribute of GPipe.
             self._modules[name] = layer
+        self.register_load_state_dict_pre_hook(_rename_partition_keys)
         self.training = training
         self._partitions.training = training
         for part in partitions:
@@ -678,6 +717,45 @@ class GPipe(_Placed):
         return (f"balance={self._balance}, "
                 f"devices={[str(d) for d in self._devices]}, "
                 f"chunks={self._chunks}, checkpoint={self._checkpoint!r}")
+
+
+_PARTITION_KEY = re.compile(r"partitions\.(\d+)\.([^.]+)\.(.+)")
+
+
+def _rename_partition_keys(pipe: GPipe, state_dict: dict[str, Any],
+                           prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook: accepts the keys of torchgpipe's GPipe
+    (and of the C++ GPipe of earlier pipegear versions, read in Python with
+    torch.jit.load), which register their partitions:
+    ``partitions.<j>.<name>.weight`` for the layer ``<name>`` of the plain
+    model in partition j. torchgpipe keeps the layers' names inside its
+    partitions, so the key is ``<name>.weight`` here whatever the balance
+    the checkpoint was saved with. Only keys whose ``<name>`` is a layer of
+    this pipeline are renamed (others stay, and ``strict`` reports them);
+    none when a layer is itself named ``partitions``. A key present in both
+    layouts is a ValueError."""
+    if "partitions" in pipe._modules:
+        return
+    metadata = getattr(state_dict, "_metadata", None)
+    head = prefix + "partitions."
+    for key in [k for k in state_dict if k.startswith(head)]:
+        match = _PARTITION_KEY.fullmatch(key[len(prefix):])
+        if match is None or match.group(2) not in pipe._modules:
+            continue
+        stage, name, rest = match.groups()
+        new = f"{prefix}{name}.{rest}"
+        if new in state_dict:
+            raise ValueError(
+                f"the state dict holds both {key!r} (torchgpipe's layout, "
+                f"partition {stage}) and {new!r}; keep one of them")
+        state_dict[new] = state_dict.pop(key)
+        if metadata is not None:
+            # Per-module metadata (BatchNorm's version) moves along.
+            old = f"{prefix}partitions.{stage}.{name}"
+            for mkey in [k for k in metadata
+                         if k == old or k.startswith(old + ".")]:
+                metadata.setdefault(f"{prefix}{name}{mkey[len(old):]}",
+                                    metadata[mkey])
 
 
 def _restore(cls: type, named: list[tuple[str, nn.Module]],

@@ -241,7 +241,9 @@ TEST_CASE("user models: eval() never checkpoints", "[user]") {
   pipe->eval();
   auto y = pipe->forward(torch::randn({8, 6}, torch::kFloat64));
   y.sum().backward();
-  const auto eval_trace = pipe->last_trace();  // events() refers into it
+  // last_trace() returns a copy: keep it alive while iterating its events
+  // (a range-for over a temporary's member reads freed memory before C++23).
+  const auto eval_trace = pipe->last_trace();
   for (const auto& e : eval_trace.events()) {
     CHECK_FALSE(e.recompute);
   }
