@@ -5,6 +5,7 @@
 #include <set>
 
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/StringUtil.h>
 #include <torch/cuda.h>
 #include <torch/nn/modules/batchnorm.h>
 
@@ -44,6 +45,21 @@ std::vector<c10::Device> resolve_devices(const std::vector<c10::Device>& given,
                     " stages need ", stages, " devices, got ", devices.size());
   devices.erase(devices.begin() + static_cast<std::ptrdiff_t>(stages), devices.end());
   for (size_t i = 0; i < devices.size(); ++i) {
+    TORCH_CHECK_VALUE(!devices[i].is_meta(), "devices[", i, "] is meta: a "
+                      "partition runs on a device that holds data, and meta "
+                      "tensors hold none; use cpu or an accelerator");
+    if (!devices[i].is_cpu() && !devices[i].is_cuda()) {
+      // Another accelerator: it must exist in this process.
+      bool available = false;
+      try {
+        available = torch::empty({0}, torch::TensorOptions().device(devices[i]))
+                        .defined();
+      } catch (const c10::Error&) {
+      }
+      TORCH_CHECK_VALUE(available, "devices[", i, "] is ", devices[i], " but ",
+                        c10::DeviceTypeName(devices[i].type()),
+                        " is not available");
+    }
     if (devices[i].is_cuda()) {
       const auto n = static_cast<int64_t>(torch::cuda::device_count());
       TORCH_CHECK_VALUE(n > 0, "devices[", i, "] is ", devices[i],
@@ -230,6 +246,29 @@ void GPipeImpl::pretty_print(std::ostream& stream) const {
   }
   stream << "], chunks=" << options_.chunks()
          << ", checkpoint=" << to_string(options_.checkpoint()) << ")";
+}
+
+void GPipeImpl::to(torch::Device device, torch::Dtype dtype,
+                   bool non_blocking) {
+  check_stays(device);
+  torch::nn::Module::to(device, dtype, non_blocking);
+}
+
+void GPipeImpl::to(torch::Device device, bool non_blocking) {
+  check_stays(device);
+  torch::nn::Module::to(device, non_blocking);
+}
+
+void GPipeImpl::check_stays(torch::Device device) const {
+  for (const auto& d : devices_) {
+    TORCH_CHECK_TYPE(
+        d.type() == device.type() &&
+            (!device.has_index() || !d.has_index() || d.index() == device.index()),
+        "to(", device, ") would move the layers of this GPipe off the devices "
+        "its stages are placed on (", c10::Join(", ", devices_),
+        "); build a new GPipe with GPipeOptions(balance).devices({...}) to use "
+        "other devices. Casts of the dtype (to(torch::kFloat64)) work");
+  }
 }
 
 std::string GPipeImpl::schedule_table(int64_t micro_batches) const {

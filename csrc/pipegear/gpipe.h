@@ -146,11 +146,21 @@ class GPipeImpl : public torch::nn::Module {
   /// puts a loaded tensor on the device it was saved from when that differs
   /// (a pipeline saved on the CPU, loaded into one on GPUs).
   void load(torch::serialize::InputArchive& archive) override;
+  /// Dtype casts work; a device other than the stages' is a TypeError (the
+  /// stage workers run each stage where it was placed): build a new GPipe
+  /// with other devices. A move to where every stage already is changes
+  /// nothing.
+  void to(torch::Device device, torch::Dtype dtype,
+          bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
+  using torch::nn::Module::to;
   /// pipegear::GPipe(balance=[2, 1], devices=[cpu, cpu], chunks=4,
   /// checkpoint=except_last), as the Python repr.
   void pretty_print(std::ostream& stream) const override;
 
  private:
+  void check_stays(torch::Device device) const;
+
   GPipeOptions options_;
   std::vector<c10::Device> devices_;
   torch::nn::ModuleList partitions_;
