@@ -98,6 +98,16 @@ bool C10dTransport::drain(int64_t src, int64_t j, bool backward) {
   }
 }
 
+void C10dTransport::poisoned(Poison p, const std::string& what) {
+  kind = FailKind::kPeer;
+  origin = p.origin;
+  peer_broken = p.broken;
+  peer_text = std::move(p.text);
+  TORCH_CHECK(false, "pipegear: rank ", link_.rank(), ": rank ", origin,
+              " failed in step ", p.step, ", so this rank stops too (", what,
+              "): ", peer_text);
+}
+
 void C10dTransport::lost(int64_t peer) {
   if (kind == FailKind::kNone) {
     kind = FailKind::kComm;
@@ -201,19 +211,13 @@ Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard)
       ? buffer
       : buffer.narrow(0, 0, std::min<int64_t>(kHeaderBytes, buffer.numel())).cpu();
   const Head h = read_head(head);
-  const std::string here = "pipegear: rank " + std::to_string(link_.rank()) + ": ";
   if (h.kind == kPoison) {
     if (discard) {
       return {};
     }
-    Poison p = read_poison(head);
-    kind = FailKind::kPeer;
-    origin = p.origin;
-    peer_broken = p.broken;
-    peer_text = std::move(p.text);
-    TORCH_CHECK(false, here, "rank ", origin, " failed in step ", p.step,
-                ", so this rank stops too (", what, "): ", peer_text);
+    poisoned(read_poison(head), what);
   }
+  const std::string here = "pipegear: rank " + std::to_string(link_.rank()) + ": ";
   try {
     check_batch_head(h, head.numel());
   } catch (const BadMessage& e) {

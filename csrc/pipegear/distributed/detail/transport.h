@@ -102,6 +102,9 @@ class C10dTransport final : public Transport {
   // " in step N", for the messages of a failure of the transport.
   std::string in_step() const { return " in step " + std::to_string(seq_); }
 
+  // A peer's poison came instead of a message `what`: the step fails as
+  // kPeer, with the origin's error.
+  [[noreturn]] void poisoned(Poison p, const std::string& what);
   // The link to `peer` failed (its error is being raised): the step fails
   // as kComm, unless a peer's poison came first, and nothing more is sent
   // to or taken from that peer.
