@@ -165,7 +165,7 @@ void C10dTransport::send(int64_t dst, int64_t j, bool backward, const Batch& ten
                                                 : "the activations") +
       " of micro-batch " + std::to_string(j);
   link_.prune();
-  Encoded e = encode(tensors, seq_);
+  Encoded e = encode_batch(tensors, seq_);
   const int64_t base = e.base();
   const int64_t total = e.total();
   largest_sent_[backward] = std::max(largest_sent_[backward], total);
@@ -239,7 +239,7 @@ Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard)
   }
   Message m;
   try {
-    m.tensors = decode(head, data, data_offset, device());
+    m.tensors = decode_batch(head, data, data_offset, device());
   } catch (const BadMessage& e) {
     comm_failure(src, here + e.what() + " while " + what);
   }

@@ -23,7 +23,7 @@ std::string get_note(const int64_t* at, int64_t bytes) {
                      static_cast<size_t>(std::clamp<int64_t>(bytes, 0, kNoteBytes)));
 }
 
-Encoded encode(const Batch& tensors, int64_t step) {
+Encoded encode_batch(const Batch& tensors, int64_t step) {
   Encoded e;
   auto& w = e.words;
   w = {kPacked, step, 0, 0,
@@ -85,8 +85,8 @@ void check_batch_head(const Head& h, int64_t available) {
   }
 }
 
-Batch decode(const torch::Tensor& head, const torch::Tensor& data,
-             int64_t data_offset, c10::Device device) {
+Batch decode_batch(const torch::Tensor& head, const torch::Tensor& data,
+                   int64_t data_offset, c10::Device device) {
   const auto* w = reinterpret_cast<const int64_t*>(head.data_ptr<uint8_t>());
   const int64_t words = w[2];
   Batch out;

@@ -68,7 +68,7 @@ struct Encoded {
 
 /// The layout of `tensors` in a message of `step`. ValueError when the
 /// header would exceed kHeaderBytes (too many tensors).
-Encoded encode(const Batch& tensors, int64_t step);
+Encoded encode_batch(const Batch& tensors, int64_t step);
 
 /// The first buffer of a message, on the CPU: `bytes` long, the header
 /// words at its start and zeros up to `zeroed` bytes (the rest is the
@@ -105,8 +105,8 @@ void check_batch_head(const Head& h, int64_t available);
 /// from `data_offset` on, on `device`: views of the message's memory (no
 /// copy), each keeping `data` alive. BadMessage for a header or a tensor
 /// that does not fit.
-Batch decode(const torch::Tensor& head, const torch::Tensor& data,
-             int64_t data_offset, c10::Device device);
+Batch decode_batch(const torch::Tensor& head, const torch::Tensor& data,
+                   int64_t data_offset, c10::Device device);
 
 // ---- poison ----------------------------------------------------------------
 /// What a failure notice says: the rank that failed first, whether its
