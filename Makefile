@@ -7,7 +7,7 @@ JOBS ?= $(shell nproc)
 TORCH_PREFIX = $(shell $(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')
 CMAKE_ARGS ?=
 
-.PHONY: env build demo test test-cpp test-python consumer bench sanitize lint clean
+.PHONY: env build demo gpt2 test test-cpp test-python consumer test-wheel bench sanitize lint clean
 
 env:
 	@scripts/setup_env.sh
@@ -16,20 +16,38 @@ $(BUILD)/build.ninja: | env
 	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" \
 	  -DPython3_EXECUTABLE=$(abspath $(PY)) $(CMAKE_ARGS)
 
+# Installs the C++ package twice: into $(BUILD)/install, and its headers and
+# CMake files into the in-tree Python package (whose lib/ the build fills),
+# so that pipegear.cmake_prefix_path works there as in a wheel.
 build: env $(BUILD)/build.ninja
 	cmake --build $(BUILD) -j $(JOBS)
 	cmake --install $(BUILD) --prefix $(BUILD)/install >/dev/null
+	cmake --install $(BUILD) --prefix python/pipegear \
+	  --component pipegear_development >/dev/null
 
 demo: build
 	$(PY) examples/python/train_mlp.py
+
+# Hugging Face GPT-2 on the standard library's sources, K=2 (docs/gpt2.md).
+gpt2: build
+	$(PY) examples/python/train_gpt2.py
 
 test-cpp: build
 	cd $(BUILD) && ctest --output-on-failure
 
 # The C++ examples are separate CMake projects: built against the installed
-# package with find_package(pipegear), then run.
+# package with find_package(pipegear), then run (the C++17 one's files are
+# read back in Python); then the same package copied elsewhere, with torch
+# at another path (scripts/test_relocation.sh).
 consumer: build
-	scripts/build_examples.sh $(BUILD)/install "$(TORCH_PREFIX)"
+	PYTHON=$(abspath $(PY)) scripts/build_examples.sh $(BUILD)/install "$(TORCH_PREFIX)"
+	scripts/test_relocation.sh $(BUILD)/install "$(TORCH_PREFIX)"
+
+# A wheel (pip wheel --no-build-isolation), installed with torch==2.13.0
+# into a fresh virtual environment, and a C++ consumer built against it
+# through pipegear.cmake_prefix_path. Minutes; not part of `make test`.
+test-wheel: build
+	PYTHON=$(abspath $(PY)) scripts/test_wheel_consumer.sh
 
 test-python: build
 	$(PY) -m pytest -q tests/python
@@ -73,4 +91,5 @@ sanitize: env
 	fi
 
 clean:
-	rm -rf $(BUILD) $(BUILD)-asan python/pipegear/*.so*
+	rm -rf $(BUILD) $(BUILD)-asan python/pipegear/*.so* \
+	  python/pipegear/lib python/pipegear/include python/pipegear/share

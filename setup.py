@@ -2,7 +2,16 @@
 
 `pip install --no-build-isolation .` builds libpipegear and pipegear._C with
 CMake against the torch of the running interpreter and puts both into the
-wheel; `pip install --no-build-isolation -e .` builds them in place.
+wheel, with the C++ package beside them, so that LibTorch programs can use
+the pip-installed pipegear (find_package(pipegear) with
+CMAKE_PREFIX_PATH=pipegear.cmake_prefix_path):
+
+    pipegear/_C.<abi>.so                  links lib/libpipegear.so.0
+    pipegear/lib/libpipegear.so.0         the only copy of the library
+    pipegear/include/pipegear/*.h
+    pipegear/share/cmake/pipegear/*.cmake
+
+`pip install --no-build-isolation -e .` builds them in place.
 """
 import os
 import subprocess
@@ -33,6 +42,8 @@ class CMakeBuild(build_ext):
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DPIPEGEAR_PYTHON_OUT={out}",
             "-DPIPEGEAR_BUILD_TESTS=OFF",
+            # _C finds the library at $ORIGIN/lib (CMakeLists.txt).
+            "-DCMAKE_INSTALL_LIBDIR=lib",
         ]
         if subprocess.call(["ninja", "--version"], stdout=subprocess.DEVNULL) == 0:
             cfg += ["-G", "Ninja"]
@@ -40,6 +51,13 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", str(build), "-j",
                                str(os.cpu_count() or 2), "--target",
                                "pipegear_python"])
+        # The C++ package into the Python one. Not the libpipegear.so link
+        # (component pipegear_namelink): a wheel cannot hold a symbolic
+        # link, so it would be a second copy of the library.
+        for component in ("pipegear_runtime", "pipegear_development"):
+            subprocess.check_call(["cmake", "--install", str(build),
+                                   "--prefix", str(out),
+                                   "--component", component])
 
 
 setup(

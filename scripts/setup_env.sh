@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything pipegear needs, idempotently: Debian packages (catch2,
 # ccache, ninja) when missing and running as root, and a virtual environment
-# .venv with the CPU build of torch==2.13.0 and the Python tools. A second run
+# .venv with the CPU build of torch==2.13.0, the Python tools and the optional
+# model libraries (transformers, for pipegear.models). A second run
 # with nothing to do takes about a second (a stamp records the requirements).
 set -euo pipefail
 cd "$(dirname "$0")/.."

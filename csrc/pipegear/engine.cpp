@@ -116,7 +116,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
       needs = needs || runner->stage().requires_grad();
     }
     prepare_run(*run, num_stages(), std::move(sizes), grad_mode && needs,
-                call_checkpoint(options_.checkpoint(), training), tls);
+                call_checkpoint(options_.checkpoint(), training), tls, training);
     run->size_boxes();
     return run;
   }

@@ -1,10 +1,13 @@
 #include <pipegear/gpipe.h>
 
+#include <map>
 #include <numeric>
 #include <set>
 
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/StringUtil.h>
 #include <torch/cuda.h>
+#include <torch/nn/modules/batchnorm.h>
 
 #include <pipegear/nn/deferred_batch_norm.h>
 
@@ -42,6 +45,21 @@ std::vector<c10::Device> resolve_devices(const std::vector<c10::Device>& given,
                     " stages need ", stages, " devices, got ", devices.size());
   devices.erase(devices.begin() + static_cast<std::ptrdiff_t>(stages), devices.end());
   for (size_t i = 0; i < devices.size(); ++i) {
+    TORCH_CHECK_VALUE(!devices[i].is_meta(), "devices[", i, "] is meta: a "
+                      "partition runs on a device that holds data, and meta "
+                      "tensors hold none; use cpu or an accelerator");
+    if (!devices[i].is_cpu() && !devices[i].is_cuda()) {
+      // Another accelerator: it must exist in this process.
+      bool available = false;
+      try {
+        available = torch::empty({0}, torch::TensorOptions().device(devices[i]))
+                        .defined();
+      } catch (const c10::Error&) {
+      }
+      TORCH_CHECK_VALUE(available, "devices[", i, "] is ", devices[i], " but ",
+                        c10::DeviceTypeName(devices[i].type()),
+                        " is not available");
+    }
     if (devices[i].is_cuda()) {
       const auto n = static_cast<int64_t>(torch::cuda::device_count());
       TORCH_CHECK_VALUE(n > 0, "devices[", i, "] is ", devices[i],
@@ -52,6 +70,30 @@ std::vector<c10::Device> resolve_devices(const std::vector<c10::Device>& given,
     }
   }
   return devices;
+}
+
+// The BatchNorm layers (at any depth) that update running statistics in
+// training.
+template <typename BatchNormImpl>
+bool tracks_running_stats(const std::shared_ptr<torch::nn::Module>& module) {
+  const auto bn = std::dynamic_pointer_cast<BatchNormImpl>(module);
+  return bn != nullptr && bn->options.track_running_stats();
+}
+
+// Python's GPipe warns the same way (gpipe.py, _prepare_batch_norm).
+void warn_plain_batch_norm(const torch::nn::Module& model, int64_t chunks) {
+  for (const auto& m : model.named_modules("", /*include_self=*/false)) {
+    if (tracks_running_stats<torch::nn::BatchNorm1dImpl>(m.value()) ||
+        tracks_running_stats<torch::nn::BatchNorm2dImpl>(m.value()) ||
+        tracks_running_stats<torch::nn::BatchNorm3dImpl>(m.value())) {
+      TORCH_WARN("pipegear::GPipe: the BatchNorm layer '", m.key(),
+                 "' with running statistics is pipelined with chunks=", chunks,
+                 ": its running statistics will be updated once per "
+                 "micro-batch; pass GPipeOptions::deferred_batch_norm(true) "
+                 "for the statistics of the whole mini-batch");
+      return;  // once per pipeline
+    }
+  }
 }
 
 } // namespace
@@ -74,11 +116,28 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
                       "layer ", i, " appears more than once in the module; "
                       "a pipeline needs distinct layers");
   }
+  // The Sequential's own names ("0", "1", ... or those given to push_back),
+  // so that the pipeline's parameters are named as the plain model's.
+  std::vector<std::string> names;
+  {
+    std::map<const torch::nn::Module*, std::string> name_of;
+    for (const auto& child : module->named_children()) {
+      name_of.emplace(child.value().get(), child.key());
+    }
+    for (int64_t i = 0; i < layers; ++i) {
+      const auto it = name_of.find(module->ptr(i).get());
+      TORCH_CHECK_VALUE(it != name_of.end(), "layer ", i, " of the module is "
+                        "not registered as its child; build the Sequential "
+                        "with its constructor or push_back");
+      names.push_back(it->second);
+    }
+  }
   if (options_.deferred_batch_norm()) {
     module = convert_deferred_batch_norm(module, options_.chunks());
+  } else if (options_.chunks() > 1) {
+    warn_plain_batch_norm(*module, options_.chunks());
   }
 
-  partitions_ = register_module("partitions", torch::nn::ModuleList());
   std::vector<std::shared_ptr<Stage>> stages;
   std::map<const void*, size_t> owner;  // parameter storage -> stage
   std::vector<torch::nn::Sequential> parts;
@@ -86,7 +145,7 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
   for (size_t s = 0; s < options_.balance().size(); ++s) {
     torch::nn::Sequential part;
     for (int64_t l = offset; l < offset + options_.balance()[s]; ++l) {
-      part->push_back(std::to_string(l), *(module->begin() + l));
+      part->push_back(names[l], *(module->begin() + l));
     }
     for (const auto& p : part->parameters()) {
       auto [it, fresh] = owner.emplace(p.unsafeGetTensorImpl(), s);
@@ -98,6 +157,9 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
     parts.push_back(part);
   }
   // Checked everything before moving anything: a rejected module is intact.
+  for (int64_t l = 0; l < layers; ++l) {
+    register_module(names[l], module->ptr(l));
+  }
   int64_t first_layer = 0;
   for (size_t s = 0; s < parts.size(); ++s) {
     auto& part = parts[s];
@@ -107,6 +169,7 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
         std::make_shared<SequentialStage>(part, devices_[s], first_layer));
     first_layer += static_cast<int64_t>(part->size());
   }
+  partitions_->train(is_training());
   engine_ = std::make_unique<Engine>(
       std::move(stages), EngineOptions()
                              .chunks(options_.chunks())
@@ -161,6 +224,51 @@ LossCount count_class_targets(int64_t ignore_index, torch::Tensor weight) {
     const auto classes = t.masked_select(valid);
     return weight.to(t.device()).index_select(0, classes).sum().item<double>();
   };
+}
+
+void GPipeImpl::train(bool on) {
+  torch::nn::Module::train(on);
+  partitions_->train(on);
+}
+
+void GPipeImpl::load(torch::serialize::InputArchive& archive) {
+  torch::nn::Module::load(archive);
+  for (size_t s = 0; s < devices_.size(); ++s) {
+    partitions_[s]->to(devices_[s]);
+  }
+}
+
+void GPipeImpl::pretty_print(std::ostream& stream) const {
+  stream << "pipegear::GPipe(balance=" << c10::IntArrayRef(options_.balance())
+         << ", devices=[";
+  for (size_t s = 0; s < devices_.size(); ++s) {
+    stream << (s == 0 ? "" : ", ") << devices_[s];
+  }
+  stream << "], chunks=" << options_.chunks()
+         << ", checkpoint=" << to_string(options_.checkpoint()) << ")";
+}
+
+void GPipeImpl::to(torch::Device device, torch::Dtype dtype,
+                   bool non_blocking) {
+  check_stays(device);
+  torch::nn::Module::to(device, dtype, non_blocking);
+}
+
+void GPipeImpl::to(torch::Device device, bool non_blocking) {
+  check_stays(device);
+  torch::nn::Module::to(device, non_blocking);
+}
+
+void GPipeImpl::check_stays(torch::Device device) const {
+  for (const auto& d : devices_) {
+    TORCH_CHECK_TYPE(
+        d.type() == device.type() &&
+            (!device.has_index() || !d.has_index() || d.index() == device.index()),
+        "to(", device, ") would move the layers of this GPipe off the devices "
+        "its stages are placed on (", c10::Join(", ", devices_),
+        "); build a new GPipe with GPipeOptions(balance).devices({...}) to use "
+        "other devices. Casts of the dtype (to(torch::kFloat64)) work");
+  }
 }
 
 std::string GPipeImpl::schedule_table(int64_t micro_batches) const {

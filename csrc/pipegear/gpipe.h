@@ -12,6 +12,7 @@
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/pimpl.h>
+#include <torch/serialize/input-archive.h>
 
 #include <pipegear/engine.h>
 
@@ -65,16 +66,26 @@ struct GPipeOptions {
 };
 
 /// GPipe pipeline parallelism over a torch::nn::Sequential (arXiv 1811.06965).
-/// The layers are split into K = balance.size() contiguous stages, stage i is
-/// placed on devices[i] and registered as `partitions[i]`, so parameters(),
-/// train()/eval(), zero_grad(), serialization and torch::optim work as on any
-/// module. Do not move the pipeline with to() afterwards: its stages are
-/// placed.
+/// The layers are split into K = balance.size() contiguous stages and stage i
+/// is placed on devices[i]. Each layer is registered on the pipeline under
+/// its name in the Sequential ("0", "1", ... or the names given to
+/// push_back), so parameters(), named_parameters() and buffers have the
+/// plain model's names, and torch::save(pipe) loads into the plain
+/// Sequential, into a pipeline of another balance, and back. train()/eval(),
+/// zero_grad() and torch::optim work as on any module. Do not move the
+/// pipeline with to() afterwards: its stages are placed (load() puts loaded
+/// tensors back on the stages' devices).
 ///
 ///   auto pipe = pipegear::GPipe(model, pipegear::GPipeOptions({2, 2}).chunks(4));
-///   auto y = pipe->forward(x);                  // module style
+///   auto y = pipe->forward(x);                                // module style
 ///   torch::mse_loss(y, t).backward();
-///   auto loss = pipe->step(x, t, torch::mse_loss);  // step style
+///   auto loss = pipe->step(x, t, torch::nn::MSELoss());      // step style
+///
+/// A plain BatchNorm (track_running_stats) in a pipeline with chunks > 1
+/// updates its running statistics once per micro-batch (a warning says so
+/// at construction; deferred_batch_norm(true) gives those of the whole
+/// mini-batch); recomputations of checkpointed micro-batches do not update
+/// them again.
 class GPipeImpl : public torch::nn::Module {
  public:
   GPipeImpl(torch::nn::Sequential module, GPipeOptions options);
@@ -119,6 +130,9 @@ class GPipeImpl : public torch::nn::Module {
   const GPipeOptions& options() const { return options_; }
   const std::vector<int64_t>& balance() const { return options_.balance(); }
   const std::vector<c10::Device>& devices() const { return devices_; }
+  /// One Sequential per stage holding its layers (the same modules, under
+  /// the same names). Not registered on the pipeline: its children are the
+  /// layers themselves, so each parameter has one name, the plain model's.
   const torch::nn::ModuleList& partitions() const { return partitions_; }
   /// The timeline of the last step.
   Trace last_trace() const { return engine_->last_trace(); }
@@ -126,7 +140,27 @@ class GPipeImpl : public torch::nn::Module {
   std::string schedule_table(int64_t micro_batches) const;
   Engine& engine() { return *engine_; }
 
+  /// Also sets the mode of the partitions() containers.
+  void train(bool on = true) override;
+  /// Module::load, then every stage's layers back onto its device: torch
+  /// puts a loaded tensor on the device it was saved from when that differs
+  /// (a pipeline saved on the CPU, loaded into one on GPUs).
+  void load(torch::serialize::InputArchive& archive) override;
+  /// Dtype casts work; a device other than the stages' is a TypeError (the
+  /// stage workers run each stage where it was placed): build a new GPipe
+  /// with other devices. A move to where every stage already is changes
+  /// nothing.
+  void to(torch::Device device, torch::Dtype dtype,
+          bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
+  using torch::nn::Module::to;
+  /// pipegear::GPipe(balance=[2, 1], devices=[cpu, cpu], chunks=4,
+  /// checkpoint=except_last), as the Python repr.
+  void pretty_print(std::ostream& stream) const override;
+
  private:
+  void check_stays(torch::Device device) const;
+
   GPipeOptions options_;
   std::vector<c10::Device> devices_;
   torch::nn::ModuleList partitions_;

@@ -295,9 +295,13 @@ void register_random_kernels() {
   }
 }
 
-uint64_t draw_step_seed() {
+uint64_t draw_step_seed(bool advance) {
   auto gen = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(gen.mutex());
+  if (!advance) {
+    auto copy = gen.clone();
+    return at::check_generator<at::CPUGeneratorImpl>(copy)->random64();
+  }
   return at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
 }
 

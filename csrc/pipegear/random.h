@@ -28,10 +28,13 @@ void set_random_layer(int64_t layer);
 namespace detail {
 
 /// The step's seed: one 64-bit draw from the calling thread's default CPU
-/// generator (torch.manual_seed seeds it). Every step draws exactly one, so
-/// the caller's random stream after a step does not depend on the
-/// schedule, the checkpoint mode or the timing.
-uint64_t draw_step_seed();
+/// generator (torch.manual_seed seeds it). Every training step draws
+/// exactly one, so the caller's random stream after a step does not depend
+/// on the schedule, the checkpoint mode or the timing. With `advance`
+/// false (an eval-mode forward) the draw is made from a copy: the caller's
+/// stream is left as it was, as a plain model without random layers in
+/// eval mode leaves it.
+uint64_t draw_step_seed(bool advance = true);
 
 /// Registers the interception of random operators (idempotent; the first
 /// call scans the dispatcher's operators, ~10 ms).

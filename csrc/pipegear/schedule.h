@@ -13,7 +13,12 @@ enum class Phase : uint8_t { kForward, kBackward };
 struct Cell {
   int64_t micro_batch;
   Phase phase;
-  bool operator==(const Cell& other) const = default;
+  // Written out: a defaulted operator== is C++20, and the public headers
+  // compile as C++17 (what the exported target requires of a consumer).
+  bool operator==(const Cell& other) const {
+    return micro_batch == other.micro_batch && phase == other.phase;
+  }
+  bool operator!=(const Cell& other) const { return !(*this == other); }
 };
 
 /// A schedule is data: for each stage, the cells it runs, in order. The

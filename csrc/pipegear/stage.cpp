@@ -1,8 +1,15 @@
 #include <pipegear/stage.h>
 
-#include <c10/util/Type.h>
-#include <torch/nn/modules/container/any.h>
+#include <optional>
+#include <utility>
+#include <vector>
 
+#include <c10/util/Type.h>
+#include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/container/any.h>
+#include <torch/nn/modules/instancenorm.h>
+
+#include <pipegear/checkpoint.h>
 #include <pipegear/nn/deferred_batch_norm.h>
 #include <pipegear/random.h>
 
@@ -32,6 +39,70 @@ void for_each_deferred_batch_norm(const torch::nn::Sequential& layers, F f) {
   }
 }
 
+// The running_mean, running_var and num_batches_tracked members of `module`
+// when it is a NormImpl (a torch::nn BatchNorm or InstanceNorm) that tracks
+// running statistics; else nothing is added.
+template <typename NormImpl>
+bool add_running_stats(torch::nn::Module& module,
+                       std::vector<torch::Tensor*>& out) {
+  auto* norm = dynamic_cast<NormImpl*>(&module);
+  if (norm == nullptr) {
+    return false;
+  }
+  if (norm->options.track_running_stats()) {
+    out.insert(out.end(), {&norm->running_mean, &norm->running_var,
+                           &norm->num_batches_tracked});
+  }
+  return true;
+}
+
+void add_running_stats(torch::nn::Module& module,
+                       std::vector<torch::Tensor*>& out) {
+  add_running_stats<torch::nn::BatchNorm1dImpl>(module, out) ||
+      add_running_stats<torch::nn::BatchNorm2dImpl>(module, out) ||
+      add_running_stats<torch::nn::BatchNorm3dImpl>(module, out) ||
+      add_running_stats<torch::nn::InstanceNorm1dImpl>(module, out) ||
+      add_running_stats<torch::nn::InstanceNorm2dImpl>(module, out) ||
+      add_running_stats<torch::nn::InstanceNorm3dImpl>(module, out);
+}
+
+// While a checkpointed forward is recomputed, the norm layers in training
+// mode see no running statistics: they normalise with the batch's own
+// statistics either way (so the recomputation computes exactly what the
+// forward did), and with undefined tensors there is nothing to update,
+// neither running_mean/var nor num_batches_tracked (torch's BatchNorm skips
+// the count when it is undefined). A layer in eval mode normalises with its
+// running statistics, updates nothing, and keeps them. Only the modules'
+// tensor members are swapped; the registered buffers (state_dict,
+// named_buffers) are untouched. A stage's layers run on one thread at a
+// time.
+class HideRunningStats {
+ public:
+  explicit HideRunningStats(
+      const std::vector<std::shared_ptr<torch::nn::Module>>& layers) {
+    for (const auto& layer : layers) {
+      if (layer->is_training()) {
+        add_running_stats(*layer, members_);
+      }
+    }
+    saved_.reserve(members_.size());
+    for (auto* member : members_) {
+      saved_.push_back(std::exchange(*member, torch::Tensor()));
+    }
+  }
+  ~HideRunningStats() {
+    for (size_t i = 0; i < members_.size(); ++i) {
+      *members_[i] = std::move(saved_[i]);
+    }
+  }
+  HideRunningStats(const HideRunningStats&) = delete;
+  HideRunningStats& operator=(const HideRunningStats&) = delete;
+
+ private:
+  std::vector<torch::Tensor*> members_;
+  std::vector<torch::Tensor> saved_;
+};
+
 } // namespace
 
 SequentialStage::SequentialStage(torch::nn::Sequential layers,
@@ -40,9 +111,24 @@ SequentialStage::SequentialStage(torch::nn::Sequential layers,
   // The engine commits once every stage's forward succeeded (end_forward).
   for_each_deferred_batch_norm(
       layers_, [](DeferredBatchNormImpl& bn) { bn.set_auto_commit(false); });
+  // DeferredBatchNorm needs none of this: it gathers nothing while
+  // recomputing (is_recomputing()).
+  for (const auto& m : layers_->modules(/*include_self=*/false)) {
+    std::vector<torch::Tensor*> members;
+    add_running_stats(*m, members);
+    if (!members.empty()) {
+      norm_layers_.push_back(m);
+    }
+  }
 }
 
 Batch SequentialStage::forward(const Batch& input) {
+  // A recomputation must not count the micro-batch a second time in the
+  // running statistics of plain norm layers.
+  std::optional<HideRunningStats> hidden;
+  if (!norm_layers_.empty() && is_recomputing()) {
+    hidden.emplace(norm_layers_);
+  }
   torch::nn::AnyValue value = input.is_tuple()
       ? torch::nn::AnyValue(std::vector<torch::Tensor>(input))
       : torch::nn::AnyValue(input.front());

@@ -2,6 +2,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <c10/core/Device.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -83,6 +84,10 @@ class SequentialStage final : public Stage {
   torch::nn::Sequential layers_;
   c10::Device device_;
   int64_t first_layer_;
+  // The plain norm layers that track running statistics (BatchNorm,
+  // InstanceNorm): hidden from them while a forward is recomputed
+  // (stage.cpp).
+  std::vector<std::shared_ptr<torch::nn::Module>> norm_layers_;
 };
 
 } // namespace pipegear

@@ -6,6 +6,8 @@
 >>> pipe = pipegear.GPipe(model, balance=[2, 1], chunks=4)
 >>> y = pipe(torch.randn(16, 8))
 """
+import os as _os
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from pipegear import _C
@@ -15,6 +17,14 @@ from pipegear.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
 from pipegear.gpipe import GPipe, Trace
 
 __version__: str = _C.__version__
+
+#: For LibTorch programs, as ``torch.utils.cmake_prefix_path``: the folder to
+#: put in CMake's ``CMAKE_PREFIX_PATH`` so that ``find_package(pipegear)``
+#: finds the C++ package installed with this one (headers, libpipegear and
+#: ``share/cmake/pipegear``; in a wheel, and in the source tree after
+#: ``make build``).
+cmake_prefix_path: str = _os.path.join(
+    _os.path.dirname(_os.path.abspath(__file__)), "share", "cmake")
 
 
 def is_checkpointing() -> bool:
@@ -37,7 +47,7 @@ def render_schedule(schedule: str, stages: int, micro_batches: int) -> str:
 
 
 __all__ = [
-    "__version__", "GPipe", "Trace", "DeferredBatchNorm",
+    "__version__", "cmake_prefix_path", "GPipe", "Trace", "DeferredBatchNorm",
     "convert_deferred_batch_norm", "balance_by_cost", "balance_by_size",
     "balance_by_time", "profile_layers", "is_checkpointing", "is_recomputing",
     "render_schedule",

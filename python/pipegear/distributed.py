@@ -13,11 +13,13 @@ the step (docs/distributed.md). Launch with torchrun::
 >>> loss = pipe.step(x if pipe.is_first else None,
 ...                  t if pipe.is_last else None, F.cross_entropy)
 """
+import contextlib
 import math
 import os
 from collections import OrderedDict
 from datetime import timedelta
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import (Callable, Iterable, Iterator, Optional, Sequence,
+                    Union)
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe, _Partition,
                             _check_available, _check_int, _parse_device,
                             _Placed, _prepare_batch_norm)
 from pipegear.loss import Count, plan_loss
+from pipegear.tied import DistributedTies, find_ties
 
 __all__ = ["DistributedGPipe", "init_from_env"]
 
@@ -96,6 +99,18 @@ class DistributedGPipe(_Placed):
             to another device (``.to(device)``, ``.cuda()``) is a
             ``ValueError``; dtype casts work.
         schedule: ``'gpipe'`` or ``'1f1b'`` (``'1f1b'``: :meth:`step` only).
+        tied_parameters: parameters that are one parameter of the model
+            though held by layers of several ranks (GPT-2's head reusing the
+            embedding's weight), each tie a list of names as in
+            ``state_dict`` (layer name, then the path inside it:
+            ``[["embed.wte.weight", "lm_head.weight"]]``; a list's layers
+            are named by their index). None: found in an ``nn.Sequential``
+            (or a list of modules) by identity, as :class:`GPipe` does;
+            factories build their layers apart, so their ties must be
+            named. The ranks holding a tie form a process group of their
+            own: the first one's value is broadcast at construction, and
+            after every drain they sum the step's gradient over it
+            (docs/distributed.md, "Tied parameters").
 
     Every rank makes the same calls. Step style::
 
@@ -123,7 +138,9 @@ class DistributedGPipe(_Placed):
                  checkpoint: str = "except_last",
                  deferred_batch_norm: bool = False, timeout: float = 30.0,
                  device=None, schedule: str = "gpipe",
-                 idle_timeout: float = 1800.0) -> None:
+                 idle_timeout: float = 1800.0,
+                 tied_parameters: Optional[Sequence[Sequence[str]]] = None
+                 ) -> None:
         super().__init__()
         if process_group is None:
             if not dist.is_available() or not dist.is_initialized():
@@ -177,7 +194,7 @@ class DistributedGPipe(_Placed):
                                     f"{type(layer).__name__}, not an nn.Module")
             mine.append((name, layer))
         partition = _Partition(OrderedDict(mine))
-        partition = _prepare_batch_norm(partition, chunks, checkpoint,
+        partition = _prepare_batch_norm(partition, chunks,
                                         deferred_batch_norm, f"rank {rank}: ")
         if device is None:
             backend = dist.get_backend(process_group)
@@ -199,6 +216,26 @@ class DistributedGPipe(_Placed):
         self._device = device
         self._process_group = process_group
         object.__setattr__(self, "_partition", partition)
+        # Tied parameters: every rank takes part in checking them (one
+        # collective), the ranks holding one make its group.
+        if tied_parameters is None:
+            groups = ([t.names for t in find_ties(named, balance)]
+                      if all(isinstance(layer, nn.Module)
+                             for _, layer in named) else [])
+        else:
+            if isinstance(tied_parameters, (str, bytes)) or not isinstance(
+                    tied_parameters, Iterable):
+                raise TypeError("tied_parameters must be a list of lists of "
+                                "parameter names, got "
+                                f"{type(tied_parameters).__name__}")
+            groups = [list(g) for g in tied_parameters]
+        local = {f"{name}.{p}": param
+                 for name, layer in partition._modules.items()
+                 for p, param in layer.named_parameters(
+                     remove_duplicate=False)}
+        self._ties = DistributedTies(groups, [n for n, _ in named], balance,
+                                     rank, local, process_group,
+                                     float(timeout))
         self._pipeline = _C._DistributedPipeline(
             process_group, partition, str(device), GPipe._hooks(partition),
             chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
@@ -211,11 +248,6 @@ class DistributedGPipe(_Placed):
 
     # -- configuration (read-only) ---------------------------------------
     @property
-    def balance(self) -> list:
-        """Layers per partition (one partition per rank)."""
-        return list(self._balance)
-
-    @property
     def rank(self) -> int:
         """This rank, the partition it runs."""
         return self._rank
@@ -224,21 +256,6 @@ class DistributedGPipe(_Placed):
     def world_size(self) -> int:
         """The ranks of the group: the number of partitions."""
         return self._world_size
-
-    @property
-    def chunks(self) -> int:
-        """Micro-batches per mini-batch."""
-        return self._chunks
-
-    @property
-    def checkpoint(self) -> str:
-        """``'always'``, ``'except_last'`` or ``'never'``."""
-        return self._checkpoint
-
-    @property
-    def schedule(self) -> str:
-        """``'gpipe'`` or ``'1f1b'``."""
-        return self._schedule
 
     @property
     def timeout(self) -> float:
@@ -301,6 +318,12 @@ class DistributedGPipe(_Placed):
         arguments (a missing target, a reduction the loss contradicts) is
         raised there and makes every other rank raise at once.
         """
+        with self._tied_step():
+            return self._step(input, target, loss_fn, reduction, count)
+
+    def _step(self, input: Optional[Tensors], target: Optional[Tensors],
+              loss_fn: Callable[..., Tensor], reduction: Optional[str],
+              count: Optional[Count]) -> Tensor:
         # A missing input on rank 0 is reported by the pipeline itself, to
         # every rank at once (raising here would leave the others waiting).
         first_input = input if self.is_first else None
@@ -344,8 +367,42 @@ class DistributedGPipe(_Placed):
         its next forward (use ``torch.no_grad()`` for evaluation). In eval
         mode nothing is checkpointed.
         """
-        return self._pipeline.forward(input if self.is_first else None,
-                                      training=self.training)
+        ties = self._ties
+        if not ties:
+            return self._pipeline.forward(input if self.is_first else None,
+                                          training=self.training)
+        ties.begin()
+        try:
+            out = self._pipeline.forward(input if self.is_first else None,
+                                         training=self.training)
+        except BaseException:
+            ties.end(ok=False)
+            raise
+        first = out[0] if isinstance(out, tuple) else out
+        if first.grad_fn is None:  # no graph, no drain: nothing to sum
+            ties.end(ok=False)
+        else:
+            # The drain is this node's backward; the members sum after it.
+            first.grad_fn.register_hook(lambda grad_inputs, grad_outputs:
+                                        ties.end())
+        return out
+
+    @contextlib.contextmanager
+    def _tied_step(self) -> Iterator[None]:
+        """Around a step: the tied parameters' gradients summed over their
+        ranks after a drain that succeeded (on every rank alike: a failed
+        step raises on all of them)."""
+        ties = self._ties
+        if not ties:
+            yield
+            return
+        ties.begin()
+        try:
+            yield
+        except BaseException:
+            ties.end(ok=False)
+            raise
+        ties.end()
 
     def backward(self, loss: Optional[Tensor] = None) -> None:
         """Runs this rank's drain of the last forward: ``loss.backward()``

@@ -6,7 +6,9 @@ caller waits, so stages overlap wherever ATen kernels run.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
+import re
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -16,6 +18,8 @@ from torch import nn
 
 from pipegear import _C
 from pipegear.loss import Count, plan_loss
+from pipegear import tied
+from pipegear.tied import Ties, find_ties, untie_replicas
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 Device = Union[torch.device, str, int]
@@ -161,10 +165,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         b.index if b.index is not None else current)
 
 
-def _prepare_batch_norm(module: nn.Module, chunks: int, checkpoint: str,
-                        deferred: bool, who: str = "") -> nn.Module:
+def _prepare_batch_norm(module: nn.Module, chunks: int, deferred: bool,
+                        who: str = "") -> nn.Module:
     """Converts BatchNorm layers to DeferredBatchNorm (``deferred``), or
-    warns that plain ones count every micro-batch (and recomputation)."""
+    warns that plain ones count every micro-batch (as the C++ GPipe does)."""
     if deferred:
         from pipegear.batchnorm import convert_deferred_batch_norm
 
@@ -175,11 +179,9 @@ def _prepare_batch_norm(module: nn.Module, chunks: int, checkpoint: str,
         warnings.warn(
             f"{who}a BatchNorm layer with running statistics is pipelined "
             f"with chunks={chunks}: its running statistics will be "
-            "updated once per micro-batch"
-            + (", and once more by every recomputation"
-               if checkpoint != "never" else "")
-            + "; pass deferred_batch_norm=True for the statistics of the "
-            "whole mini-batch", UserWarning, stacklevel=3)
+            "updated once per micro-batch (recomputations do not count); "
+            "pass deferred_batch_norm=True for the statistics of the whole "
+            "mini-batch", UserWarning, stacklevel=3)
     return module
 
 
@@ -193,14 +195,52 @@ def _check_input(name: str, value: Any) -> None:
                     f"got {type(value).__name__}")
 
 
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def _running_stats_hidden(module: nn.Module) -> Iterator[None]:
+    """While a checkpointed forward is recomputed: the norm layers of
+    `module` in training mode that track running statistics (BatchNorm,
+    SyncBatchNorm, InstanceNorm) see none, so the recomputation neither
+    moves them nor counts the micro-batch again, and normalises with the
+    micro-batch's own statistics as the forward did. The C++ stage does
+    the same (stage.cpp, HideRunningStats)."""
+    hidden = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._NormBase)
+              and m.training and m.track_running_stats]
+    saved = [{k: m._buffers[k] for k in _RUNNING_STATS if k in m._buffers}
+             for m in hidden]
+    try:
+        for m, buffers in zip(hidden, saved):
+            # BatchNorm passes no running statistics when it does not track
+            # them (SyncBatchNorm asserts a count when it does); InstanceNorm
+            # passes its buffers whatever the flag, hence both.
+            m.track_running_stats = False
+            for k in buffers:
+                m._buffers[k] = None
+        yield
+    finally:
+        for m, buffers in zip(hidden, saved):
+            m.track_running_stats = True
+            m._buffers.update(buffers)
+
+
 class _Partition(nn.Sequential):
     """One stage's layers. Inside a cell, each layer draws its random
     numbers from a stream of its own (keyed by its index in the whole
     model, docs/engine.md "Randomness"), so the same seed gives the same
     masks whatever the balance; outside a pipeline it is an nn.Sequential.
-    Hooks registered on it run as on any module."""
+    Hooks registered on it run as on any module. A recomputation leaves
+    the running statistics of plain norm layers alone."""
 
     def forward(self, input):  # noqa: A002
+        if _C.is_recomputing():
+            with _running_stats_hidden(self):
+                return self._run(input)
+        return self._run(input)
+
+    def _run(self, input):  # noqa: A002
         for i, module in enumerate(self):
             _C.set_random_layer(i)
             input = module(input)
@@ -208,7 +248,9 @@ class _Partition(nn.Sequential):
 
 
 class _Placed(nn.Module):
-    """A module whose layers a pipeline placed on its devices.
+    """A pipeline as a module: its configuration (``balance``, ``chunks``,
+    ``checkpoint``, ``schedule``; read-only) and its layers, which it placed
+    on its devices.
 
     Casts of the floating-point dtype (``.double()``, ``.half()``,
     ``.to(torch.float16)``) work as on any module; moving the layers to
@@ -217,6 +259,27 @@ class _Placed(nn.Module):
     each partition where it was placed. A move to the device every
     partition already sits on changes nothing.
     """
+
+    # -- the configuration both pipelines share (read-only) --------------
+    @property
+    def balance(self) -> list[int]:
+        """Layers per partition."""
+        return list(self._balance)
+
+    @property
+    def chunks(self) -> int:
+        """Micro-batches per mini-batch."""
+        return self._chunks
+
+    @property
+    def checkpoint(self) -> str:
+        """``'always'``, ``'except_last'`` or ``'never'``."""
+        return self._checkpoint
+
+    @property
+    def schedule(self) -> str:
+        """``'gpipe'`` or ``'1f1b'``."""
+        return self._schedule
 
     def _placement(self) -> tuple[list[torch.device], str]:
         """The devices the layers sit on, and how to use other ones."""
@@ -314,12 +377,23 @@ class GPipe(_Placed):
 
     The layers are the pipeline's children under their names in ``module``,
     so the pipeline's ``state_dict`` keys are ``module``'s and a state saved
-    from either loads into the other. A layer may be named like an
+    from either loads into the other; so does a torchgpipe checkpoint
+    (``partitions.<j>.<name>.`` keys, renamed by a load pre-hook). A layer may be named like an
     attribute of the pipeline (``checkpoint``, ``step``, ...): the
     configuration (``balance``, ``devices``, ``chunks``, ``checkpoint``,
     ``schedule``, ``partitions``) and the methods keep their meaning, the
     layer is ``pipe[i]`` / ``pipe._modules[name]``. The pipeline starts in
     ``module``'s mode (``training``).
+
+    A parameter held by modules of several partitions (an output head tied
+    to the embedding, ``head.weight = embed.weight``) stays one parameter:
+    ``parameters()`` yields it once, ``state_dict()`` lists it under each
+    name, as the plain model's. The partitions after the first one using it
+    compute with replicas (an alias of its storage on the same device, a
+    copy refreshed before every forward on another), whose gradients are
+    added into the parameter's after every drain (docs/engine.md, "Tied
+    parameters"). A module holding parameters may not be in two
+    partitions.
 
     The partitions stay on ``devices``: ``.to(device)``, ``.cuda()``,
     ``.cpu()`` to another device raise ``TypeError`` (build a new
@@ -377,23 +451,14 @@ class GPipe(_Placed):
                                  f"{seen[id(layer)]!r}; a pipeline needs "
                                  "distinct layers")
             seen[id(layer)] = name
-        owner: dict[int, int] = {}
-        offset = 0
-        for i, size in enumerate(balance):
-            for _, layer in named[offset:offset + size]:
-                for p in layer.parameters():
-                    j = owner.setdefault(id(p), i)
-                    if j != i:
-                        raise ValueError(
-                            f"a parameter is shared by partition {j} and "
-                            f"partition {i}; partitions on different workers "
-                            "cannot share one")
-            offset += size
+        # A parameter held by modules of two partitions is tied (tied.py);
+        # a module holding parameters in two partitions is refused here,
+        # before anything is converted or moved.
+        find_ties(named, balance)
         devices = _resolve_devices(devices, len(balance))
 
         # Everything is checked before the module is converted or moved.
-        module = _prepare_batch_norm(module, chunks, checkpoint,
-                                     deferred_batch_norm)
+        module = _prepare_batch_norm(module, chunks, deferred_batch_norm)
         self._build(list(module._modules.items()), balance, devices, chunks,
                     checkpoint, schedule, worker_threads, module.training)
 
@@ -407,6 +472,10 @@ class GPipe(_Placed):
             part = _Partition(OrderedDict(named[offset:offset + size]))
             partitions.append(part)
             offset += size
+        # Replicas of tied parameters go into the partitions on other
+        # devices before the partitions move (moving a partition that still
+        # held the owner's parameter would move it off the owner's device).
+        ties = Ties(find_ties(named, balance), devices, tied.needs_copy)
         for part, device in zip(partitions, devices):
             part.to(device)
         stages = [(part, str(device), self._hooks(part))
@@ -420,6 +489,8 @@ class GPipe(_Placed):
         self._checkpoint = checkpoint
         self._schedule = schedule
         self._worker_threads = worker_threads
+        self._ties = ties
+        ties.refresh()  # aliases moved with their partitions share again
         # Not a child: the layers are this module's children, under their
         # names in the module (state_dict keys as the plain model's).
         object.__setattr__(self, "_partitions", nn.ModuleList(partitions))
@@ -428,6 +499,7 @@ class GPipe(_Placed):
         for name, layer in named:
             # add_module() refuses a name that is an attribute of GPipe.
             self._modules[name] = layer
+        self.register_load_state_dict_pre_hook(_rename_partition_keys)
         self.training = training
         self._partitions.training = training
         for part in partitions:
@@ -462,33 +534,13 @@ class GPipe(_Placed):
                       schedule=self._schedule,
                       worker_threads=self._worker_threads)
         return (_restore, (type(self), list(self._modules.items()), config,
-                           self.training))
+                           self.training, self._ties.spec()))
 
     # -- configuration (read-only) ---------------------------------------
-    @property
-    def balance(self) -> list[int]:
-        """Layers per partition."""
-        return list(self._balance)
-
     @property
     def devices(self) -> list[torch.device]:
         """The device of each partition."""
         return list(self._devices)
-
-    @property
-    def chunks(self) -> int:
-        """Micro-batches per mini-batch."""
-        return self._chunks
-
-    @property
-    def checkpoint(self) -> str:
-        """``'always'``, ``'except_last'`` or ``'never'``."""
-        return self._checkpoint
-
-    @property
-    def schedule(self) -> str:
-        """``'gpipe'`` or ``'1f1b'``."""
-        return self._schedule
 
     @property
     def partitions(self) -> nn.ModuleList:
@@ -504,6 +556,42 @@ class GPipe(_Placed):
         super().train(mode)
         self._partitions.train(mode)  # the containers too, not only layers
         return self
+
+    # -- tied parameters (tied.py) -----------------------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True
+                         ) -> Iterator[tuple[str, nn.Parameter]]:
+        """``nn.Module.named_parameters``, as the plain model's: a parameter
+        tied across partitions is yielded once (with ``remove_duplicate``),
+        under its first name, and never as a partition's replica of it.
+        ``parameters()`` (and so the optimizer, ``zero_grad``) go through
+        here."""
+        seen: set[int] = set()
+        for name, p in super().named_parameters(prefix, recurse,
+                                                remove_duplicate=False):
+            p = self._ties.master_of(p)
+            if remove_duplicate:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+            yield name, p
+
+    def state_dict(self, *args: Any, destination: Any = None,
+                   prefix: str = "", keep_vars: bool = False) -> Any:
+        """``nn.Module.state_dict``, as the plain model's: a parameter tied
+        across partitions is listed under every name holding it, with its
+        own value (not a partition replica's, which may be a step old
+        between an optimizer step and the next forward)."""
+        result = super().state_dict(*args, destination=destination,
+                                    prefix=prefix, keep_vars=keep_vars)
+        # The deprecated positional form: (destination, prefix, keep_vars).
+        if len(args) > 1:
+            prefix = args[1]
+        if len(args) > 2:
+            keep_vars = args[2]
+        for name, master in self._ties.replica_names():
+            result[prefix + name] = master if keep_vars else master.detach()
+        return result
 
     # -- the Sequential face ---------------------------------------------
     def __len__(self) -> int:
@@ -538,7 +626,20 @@ class GPipe(_Placed):
         In eval mode nothing is checkpointed.
         """
         _check_input("input", input)
-        return self._pipeline.forward(input, training=self.training)
+        ties = self._ties
+        if not ties:
+            return self._pipeline.forward(input, training=self.training)
+        ties.refresh()
+        output = self._pipeline.forward(input, training=self.training)
+        # The drain runs in the backward of the pipeline's autograd node
+        # (every output's grad_fn): a hook after it adds the replicas'
+        # gradients into the tied parameters, once per step.
+        for t in output if isinstance(output, tuple) else (output,):
+            if t.grad_fn is not None:
+                t.grad_fn.register_hook(
+                    lambda grad_inputs, grad_outputs: ties.accumulate())
+                break
+        return output
 
     def step(self, input: Tensors, target: Optional[Tensors],
              loss_fn: Callable[..., torch.Tensor], *,
@@ -592,8 +693,14 @@ class GPipe(_Placed):
             raise TypeError("loss_fn must be callable, got "
                             f"{type(loss_fn).__name__}")
         reduction, count = plan_loss(loss_fn, target, reduction, count)
-        return self._pipeline.step(input, target, loss_fn, reduction,
+        ties = self._ties
+        if ties:
+            ties.refresh()
+        loss = self._pipeline.step(input, target, loss_fn, reduction,
                                    count=count, training=self.training)
+        if ties:
+            ties.accumulate()  # the drain is over
+        return loss
 
     @property
     def last_trace(self) -> Trace:
@@ -612,14 +719,57 @@ class GPipe(_Placed):
                 f"chunks={self._chunks}, checkpoint={self._checkpoint!r}")
 
 
+_PARTITION_KEY = re.compile(r"partitions\.(\d+)\.([^.]+)\.(.+)")
+
+
+def _rename_partition_keys(pipe: GPipe, state_dict: dict[str, Any],
+                           prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook: accepts the keys of torchgpipe's GPipe
+    (and of the C++ GPipe of earlier pipegear versions, read in Python with
+    torch.jit.load), which register their partitions:
+    ``partitions.<j>.<name>.weight`` for the layer ``<name>`` of the plain
+    model in partition j. torchgpipe keeps the layers' names inside its
+    partitions, so the key is ``<name>.weight`` here whatever the balance
+    the checkpoint was saved with. Only keys whose ``<name>`` is a layer of
+    this pipeline are renamed (others stay, and ``strict`` reports them);
+    none when a layer is itself named ``partitions``. A key present in both
+    layouts is a ValueError."""
+    if "partitions" in pipe._modules:
+        return
+    metadata = getattr(state_dict, "_metadata", None)
+    head = prefix + "partitions."
+    for key in [k for k in state_dict if k.startswith(head)]:
+        match = _PARTITION_KEY.fullmatch(key[len(prefix):])
+        if match is None or match.group(2) not in pipe._modules:
+            continue
+        stage, name, rest = match.groups()
+        new = f"{prefix}{name}.{rest}"
+        if new in state_dict:
+            raise ValueError(
+                f"the state dict holds both {key!r} (torchgpipe's layout, "
+                f"partition {stage}) and {new!r}; keep one of them")
+        state_dict[new] = state_dict.pop(key)
+        if metadata is not None:
+            # Per-module metadata (BatchNorm's version) moves along.
+            old = f"{prefix}partitions.{stage}.{name}"
+            for mkey in [k for k in metadata
+                         if k == old or k.startswith(old + ".")]:
+                metadata.setdefault(f"{prefix}{name}{mkey[len(old):]}",
+                                    metadata[mkey])
+
+
 def _restore(cls: type, named: list[tuple[str, nn.Module]],
-             config: dict[str, Any], training: bool) -> GPipe:
+             config: dict[str, Any], training: bool,
+             ties: Optional[list] = None) -> GPipe:
     """Unpickles a :class:`GPipe` (see ``GPipe.__reduce_ex__``): a new
     pipeline over `named` with the configuration it was saved with. The
     devices are checked again (the process may be another); BatchNorm layers
     are taken as they are (converted, or warned about, when first built)."""
     pipe = cls.__new__(cls)
     nn.Module.__init__(pipe)
+    # The copied layers hold copies of the replicas: the tied parameter goes
+    # back into their slots, and _build ties it again.
+    untie_replicas(named, ties)
     balance = config["balance"]
     pipe._build(named, balance, _resolve_devices(config["devices"],
                                                  len(balance)),

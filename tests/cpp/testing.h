@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace pipegear::testing {
@@ -34,7 +35,29 @@ inline std::vector<int64_t> even_balance(int64_t layers, int64_t k) {
   return b;
 }
 
+/// Collects the warnings raised through c10 (TORCH_WARN) on this thread
+/// while alive, instead of printing them.
+class CollectWarnings : public c10::WarningHandler {
+ public:
+  CollectWarnings() : previous_(c10::WarningUtils::get_warning_handler()) {
+    c10::WarningUtils::set_warning_handler(this);
+  }
+  ~CollectWarnings() override {
+    c10::WarningUtils::set_warning_handler(previous_);
+  }
+  CollectWarnings(const CollectWarnings&) = delete;
+  CollectWarnings& operator=(const CollectWarnings&) = delete;
+  void process(const c10::Warning& warning) override {
+    messages.push_back(warning.msg());
+  }
+  std::vector<std::string> messages;
+
+ private:
+  c10::WarningHandler* previous_;
+};
+
 } // namespace pipegear::testing
 
+using pipegear::testing::CollectWarnings;
 using pipegear::testing::even_balance;
 using pipegear::testing::require_close;

@@ -241,7 +241,9 @@ TEST_CASE("user models: eval() never checkpoints", "[user]") {
   pipe->eval();
   auto y = pipe->forward(torch::randn({8, 6}, torch::kFloat64));
   y.sum().backward();
-  const auto eval_trace = pipe->last_trace();  // events() refers into it
+  // last_trace() returns a copy: keep it alive while iterating its events
+  // (a range-for over a temporary's member reads freed memory before C++23).
+  const auto eval_trace = pipe->last_trace();
   for (const auto& e : eval_trace.events()) {
     CHECK_FALSE(e.recompute);
   }
@@ -310,4 +312,23 @@ TEST_CASE("a pipeline leaves the caller's thread counts as it found them",
   }
   CHECK(at::get_num_threads() == caller);
   CHECK(in_new_thread() == fresh);
+}
+
+TEST_CASE("user models: a pipeline refuses to move, casts its dtype",
+          "[user]") {
+  auto model = classifier(3);
+  auto pipe = GPipe(model, cpu_options({2, 1}, 2));
+  CHECK_THROWS_AS(pipe->to(torch::Device("meta")), c10::TypeError);
+  CHECK_THROWS_WITH(pipe->to(torch::Device("meta"), torch::kFloat32),
+                    Catch::Contains("would move the layers"));
+  pipe->to(torch::kCPU);  // where it is: nothing to do
+  pipe->to(torch::kFloat32);
+  for (const auto& p : pipe->parameters()) {
+    CHECK(p.dtype() == torch::kFloat32);
+    CHECK(p.device().is_cpu());
+  }
+  CHECK_THROWS_WITH(
+      GPipe(classifier(3), GPipeOptions({2, 1}).devices(
+                               {torch::kCPU, torch::Device("meta")})),
+      Catch::Contains("devices[1] is meta"));
 }

@@ -1,7 +1,8 @@
 """pipegear on a CUDA device: transparency with stages sharing the GPU and
 with CPU/GPU pipelines, training with cross-device copies, copies under
 allocator pressure (record_stream), an input still being computed when the
-step starts, CUDA dropout replay, DeferredBatchNorm.
+step starts, CUDA dropout replay, DeferredBatchNorm, a parameter tied
+across a CPU and a GPU partition.
 
 Every test is marked `cuda` and skipped without a CUDA device. On a GPU
 machine: `python3 -m pytest -q -m cuda tests/python/test_cuda.py`, or, where
@@ -394,6 +395,79 @@ def test_deferred_batch_norm_on_the_gpu_matches_whole_batch():
                              f"{tag} running_var", rtol=1e-7, atol=1e-9)
                 assert int(bn_pipe.num_batches_tracked) == 3, tag
                 sync()
+
+
+class _TiedEmbed(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids):
+        return nn.functional.embedding(ids, self.weight)
+
+
+def _tied_lm(vocab=50, width=32):
+    """embed -> 4 x (Linear, Tanh) -> head, the head's weight the
+    embedding's (GPT-2's tie), float64."""
+    torch.manual_seed(4)
+    head = nn.Linear(width, vocab, bias=False)
+    layers = [_TiedEmbed(head.weight)]
+    for _ in range(4):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, head).to(F64)
+
+
+def test_tied_parameter_across_cpu_and_gpu_trains_like_the_plain_model():
+    # The owner's device holds the parameter; a partition on the other
+    # device computes with a copy refreshed before every pass, one on the
+    # owner's device with an alias (docs/engine.md, "Tied parameters").
+    vocab = 50
+    for devices in ([DEV, "cpu"], ["cpu", DEV], [DEV, "cpu", DEV]):
+        for face in ("step", "module"):
+            plain = _tied_lm(vocab)
+            pipe = pipegear.GPipe(copy.deepcopy(plain),
+                                  even_balance(len(plain), len(devices)),
+                                  devices=devices, chunks=3,
+                                  checkpoint="except_last")
+            tag = f"devices={devices} {face}"
+            (tie,) = pipe._ties.ties
+            # The head (last partition): a copy unless on the owner's device.
+            assert [r.copy for r in tie.replicas] == [
+                torch.device(devices[-1]) != torch.device(devices[0])], tag
+            opt1 = torch.optim.AdamW(plain.parameters(), lr=0.01)
+            opt2 = torch.optim.AdamW(pipe.parameters(), lr=0.01)
+            g = torch.Generator().manual_seed(5)
+            for step in range(10):
+                ids = torch.randint(0, vocab, (9, 7), generator=g)
+                t = torch.randint(0, vocab, (9, 7), generator=g)
+
+                def loss_fn(out, t):
+                    return nn.functional.cross_entropy(
+                        out.flatten(0, 1), t.flatten())
+
+                opt1.zero_grad()
+                ref = loss_fn(plain(ids), t)
+                ref.backward()
+                opt1.step()
+                opt2.zero_grad()
+                first = torch.device(devices[0])
+                last = torch.device(devices[-1])
+                if face == "module":
+                    loss = loss_fn(pipe(ids.to(first)), t.to(last))
+                    loss.backward()
+                else:
+                    loss = pipe.step(ids.to(first), t.to(last), loss_fn,
+                                     count=lambda t: t.numel())
+                opt2.step()
+                assert_close(loss, ref, f"{tag} step {step} loss")
+            for (name, p1), (name2, p2) in zip(plain.named_parameters(),
+                                               pipe.named_parameters()):
+                assert name == name2, tag
+                assert_close(p2, p1, f"{tag} param {name}", rtol=1e-8,
+                             atol=1e-10)
+            state = pipe.state_dict()
+            assert list(state) == list(plain.state_dict()), tag
+            sync()
 
 
 def _main() -> int:

@@ -50,10 +50,9 @@ class ReturnsNone(nn.Module):
         return None
 
 
-def _shared_parameter() -> nn.Sequential:
-    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    b.weight = a.weight
-    return nn.Sequential(a, b)
+def _module_in_two_partitions() -> nn.Sequential:
+    a = nn.Linear(2, 2)
+    return nn.Sequential(a, nn.Sequential(nn.ReLU(), a))
 
 
 def _used_twice() -> nn.Sequential:
@@ -108,8 +107,10 @@ CASES = [
      "module must have at least 1 layer"),
     ("layer-used-twice", lambda: pipegear.GPipe(_used_twice(), [1, 1]),
      ValueError, "layer '1' is the same module as layer '0'"),
-    ("parameter-shared", lambda: pipegear.GPipe(_shared_parameter(), [1, 1]),
-     ValueError, "a parameter is shared by partition 0 and partition 1"),
+    ("module-in-two-partitions",
+     lambda: pipegear.GPipe(_module_in_two_partitions(), [1, 1]), ValueError,
+     r"module '1\.1' \(partition 1\) is module '0' \(partition 0\): a "
+     "module with parameters cannot be in two partitions"),
     # -- calling it ----------------------------------------------------------
     ("input-not-tensor", lambda: pipe2()(3), TypeError,
      "input must be a tensor or a non-empty tuple of tensors, got int"),
@@ -349,14 +350,14 @@ def _assert_same(before, after):
     {"balance": [2, 1, 1], "checkpoint": "sometimes"},
     {"balance": [2, 1, 1], "devices": ["cpu", "cpu"]},
     {"balance": [2, 1, 1], "devices": ["cpu", "cpu", "gpu7"]},
-    {"balance": [1, 2, 1]},  # the shared parameter: partitions 0 and 2
+    {"balance": [1, 2, 1]},  # `a` in partitions 0 and 2
 ], ids=["balance", "chunks", "checkpoint", "devices", "device-name",
-        "shared-parameter"])
+        "module-in-two-partitions"])
 def test_rejected_construction_leaves_the_module_intact(kwargs):
     torch.manual_seed(0)
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     if kwargs["balance"] == [1, 2, 1]:
-        b.weight = a.weight  # shared by partitions 0 and 1
+        b = nn.Sequential(a)  # the module `a` in partitions 0 and 2
     module = nn.Sequential(a, nn.BatchNorm1d(3), nn.Linear(3, 3), b)
     module[0].weight.grad = torch.ones(3, 3)
     module.eval()

@@ -2,6 +2,7 @@
 import copy
 import threading
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -205,6 +206,62 @@ def test_state_dict_round_trip_with_the_plain_model():
         assert torch.equal(p1, p2)
 
 
+class TorchgpipeLayout(nn.Module):
+    """How torchgpipe's GPipe registers a model: partitions.<j> is an
+    nn.Sequential of partition j's layers under their names in the model
+    (torchgpipe.gpipe.split_module), so its state_dict keys are
+    partitions.<j>.<name>.<tensor>."""
+
+    def __init__(self, module, balance):
+        super().__init__()
+        named, parts, offset = list(module.named_children()), [], 0
+        for size in balance:
+            parts.append(nn.Sequential(OrderedDict(named[offset:offset + size])))
+            offset += size
+        self.partitions = nn.ModuleList(parts)
+
+
+@pytest.mark.parametrize("names", ["indices", "custom"])
+def test_torchgpipe_state_dict_loads_with_another_balance(names):
+    torch.manual_seed(7)
+
+    def model():
+        layers = [nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(),
+                  nn.Linear(4, 2)]
+        if names == "indices":
+            return nn.Sequential(*layers)
+        return nn.Sequential(OrderedDict(zip(["fc", "bn", "act", "out"],
+                                             layers)))
+
+    saved = model()
+    saved(torch.randn(6, 3))  # running statistics differ from a fresh model's
+    state = TorchgpipeLayout(saved, [2, 2]).state_dict()
+    assert next(iter(state)) == ("partitions.0.0.weight" if names == "indices"
+                                 else "partitions.0.fc.weight")
+    pipe = pipegear.GPipe(model(), [1, 3])
+    pipe.load_state_dict(state)  # strict: every key found
+    for key, value in saved.state_dict().items():
+        assert torch.equal(pipe.state_dict()[key], value), key
+    # Inside a larger module (a prefix), and the plain keys still load.
+    outer = nn.Sequential(OrderedDict(pipe=pipegear.GPipe(model(), [3, 1])))
+    outer.load_state_dict({f"pipe.{k}": v for k, v in state.items()})
+    assert torch.equal(outer.pipe[1].running_mean, saved[1].running_mean)
+    pipe.load_state_dict(saved.state_dict())
+
+
+def test_torchgpipe_keys_of_unknown_layers_stay_unexpected():
+    pipe = pipegear.GPipe(nn.Sequential(nn.Linear(2, 2)), [1])
+    state = {"partitions.0.0.weight": torch.zeros(2, 2),
+             "partitions.0.0.bias": torch.zeros(2),
+             "partitions.0.9.weight": torch.zeros(2, 2)}
+    with pytest.raises(RuntimeError, match="partitions.0.9.weight"):
+        pipe.load_state_dict(state)
+    state = {"partitions.0.0.weight": torch.zeros(2, 2),
+             "0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2)}
+    with pytest.raises(ValueError, match="both 'partitions.0.0.weight'"):
+        pipe.load_state_dict(state)
+
+
 def test_sequential_face():
     layers = [nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)]
     pipe = pipegear.GPipe(nn.Sequential(*layers), [2, 1], chunks=2)
@@ -284,9 +341,11 @@ def test_layer_used_twice_and_shared_parameter():
     with pytest.raises(ValueError, match="same module"):
         pipegear.GPipe(nn.Sequential(relu, relu), [1, 1])
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    b.weight = a.weight
-    with pytest.raises(ValueError, match="shared by partition 0 and partition 1"):
-        pipegear.GPipe(nn.Sequential(a, b), [1, 1])
+    b.weight = a.weight  # a tie (test_tied.py), not a module used twice
+    pipe = pipegear.GPipe(nn.Sequential(a, b), [1, 1])
+    assert len(list(pipe.parameters())) == 3
+    with pytest.raises(ValueError, match="cannot be in two partitions"):
+        pipegear.GPipe(nn.Sequential(a, nn.Sequential(b, a)), [1, 1])
 
 
 def test_bad_calls():

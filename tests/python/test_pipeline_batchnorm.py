@@ -85,17 +85,85 @@ def test_failed_step_leaks_nothing_into_the_next():
     assert int(pipe[1].num_batches_tracked) == 1
 
 
-def test_plain_batchnorm_warns_and_counts_recomputations():
-    """What happens without deferred_batch_norm: documented and tested."""
+def test_plain_batchnorm_warns():
+    """What happens without deferred_batch_norm: a warning, as in C++."""
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    with pytest.warns(UserWarning, match="once more by every recomputation"):
-        pipe = pipegear.GPipe(model, [2], chunks=4, checkpoint="always")
-    pipe(torch.randn(8, 2)).sum().backward()
-    # 4 micro-batches, each counted in the forward and in its recomputation.
-    assert int(model[1].num_batches_tracked) == 8
+    with pytest.warns(UserWarning, match="once per micro-batch "
+                      r"\(recomputations do not count\)"):
+        pipegear.GPipe(model, [2], chunks=4, checkpoint="always")
     with pytest.warns(UserWarning, match="once per micro-batch"):
         pipegear.GPipe(nn.Sequential(nn.BatchNorm1d(2)), [1], chunks=2,
                        checkpoint="never")
+
+
+def plain_norms():
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(),
+        nn.Linear(6, 6), nn.BatchNorm1d(6, momentum=None), nn.Tanh(),
+        nn.Unflatten(1, (2, 3)), nn.InstanceNorm1d(2, track_running_stats=True),
+        nn.Flatten(), nn.Linear(6, 3)).double()
+
+
+@pytest.mark.parametrize("checkpoint", ["always", "except_last", "never"])
+@pytest.mark.parametrize("face", ["module", "step"])
+def test_plain_norms_count_each_micro_batch_once(checkpoint, face):
+    """A recomputation updates no running statistics: after one step with
+    chunks=4 num_batches_tracked is 4 (was 7 with except_last, 8 with
+    always), and the statistics are those of the plain model run on the 4
+    micro-batches in turn."""
+    torch.manual_seed(5)
+    plain = plain_norms()
+    with pytest.warns(UserWarning, match="once per micro-batch"):
+        pipe = pipegear.GPipe(copy.deepcopy(plain), [3, 4, 3], chunks=4,
+                              checkpoint=checkpoint)
+    x, t = torch.randn(8, 4).double(), torch.randn(8, 3).double()
+    if face == "module":
+        nn.functional.mse_loss(pipe(x), t).backward()
+    else:
+        pipe.step(x, t, nn.functional.mse_loss)
+    for part in x.split(2):
+        plain(part)
+    assert int(pipe[1].num_batches_tracked) == 4
+    assert int(pipe[4].num_batches_tracked) == 4
+    assert int(pipe[7].num_batches_tracked) == 0  # InstanceNorm: not counted
+    for (key, got), want in zip(pipe.state_dict().items(),
+                                plain.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=key)
+    for i in (1, 4, 7):  # put back after every recomputation
+        assert pipe[i].track_running_stats
+        assert all(isinstance(pipe[i]._buffers[k], torch.Tensor) for k in
+                   ("running_mean", "running_var", "num_batches_tracked"))
+
+
+def test_recomputed_norms_compute_what_their_forward_did():
+    """With the running statistics hidden, a recomputation normalises with
+    the micro-batch's statistics, as its forward: the same gradients
+    whether micro-batches are recomputed or kept."""
+    grads = []
+    for checkpoint in ["never", "always"]:
+        torch.manual_seed(6)
+        with pytest.warns(UserWarning):
+            pipe = pipegear.GPipe(plain_norms(), [3, 7], chunks=4,
+                                  checkpoint=checkpoint)
+        pipe.step(torch.randn(8, 4).double(), torch.randn(8, 3).double(),
+                  nn.functional.mse_loss)
+        grads.append([p.grad for p in pipe.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_eval_mode_batchnorm_in_a_training_pipeline_keeps_its_stats():
+    torch.manual_seed(7)
+    model = plain_norms()
+    model[1].eval()
+    with pytest.warns(UserWarning):
+        pipe = pipegear.GPipe(model, [2, 8], chunks=2, checkpoint="always")
+    before = model[1].running_mean.clone()
+    pipe.step(torch.randn(4, 4).double(), torch.randn(4, 3).double(),
+              nn.functional.mse_loss)
+    assert torch.equal(model[1].running_mean, before)
+    assert int(model[1].num_batches_tracked) == 0
+    assert int(model[4].num_batches_tracked) == 2
 
 
 @pytest.mark.parametrize("face", ["module", "step"])

@@ -156,6 +156,22 @@ def test_eval_forwards_reproduce_from_a_seed():
         assert torch.equal(pipe(x), a)
 
 
+def test_eval_forwards_leave_the_callers_generator_alone():
+    # A plain model without random layers draws nothing in eval mode; the
+    # pipeline's eval forwards do not advance the caller's stream either, so
+    # evaluating between training steps changes no training mask.
+    pipe = pipegear.GPipe(model(), [8, 8], devices=["cpu", "cpu"],
+                          chunks=4).eval()
+    x = torch.rand(12, 8, dtype=torch.float64)
+    torch.manual_seed(9)
+    expected = torch.rand(3)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        pipe(x)
+    pipe(x)
+    assert torch.equal(torch.rand(3), expected)
+
+
 # -- distributed: 2 ranks seeded alike give the single-process numbers -----
 
 def _worker(rank, world, port, out):

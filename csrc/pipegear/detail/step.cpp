@@ -71,7 +71,8 @@ std::vector<int64_t> scatter_input(StepRun& run, const Batch& input,
 }
 
 void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
-                 bool grad, CheckpointMode mode, const at::ThreadLocalState& tls) {
+                 bool grad, CheckpointMode mode, const at::ThreadLocalState& tls,
+                 bool training) {
   const auto m = static_cast<int64_t>(sizes.size());
   run.stages = stages;
   run.micro_batches = m;
@@ -86,7 +87,7 @@ void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
   run.outputs.resize(m);
   run.input_grads.resize(m);
   run.events.resize(stages);
-  run.rng_seed = draw_step_seed();
+  run.rng_seed = draw_step_seed(/*advance=*/training);
 }
 
 void prepare_loss(StepRun& run, const Batch& target, const LossFn& loss_fn,

@@ -79,8 +79,11 @@ torch::Tensor weighted_loss(const StepRun& run);
 /// Sizes the per-step state for `sizes.size()` micro-batches of K stages,
 /// decides which micro-batches are checkpointed (only when `grad`) and
 /// draws the step's random seed from the calling thread's generator.
+/// `training` false (an eval-mode module): the seed is drawn without
+/// advancing the caller's generator (draw_step_seed).
 void prepare_run(StepRun& run, int64_t stages, std::vector<int64_t> sizes,
-                 bool grad, CheckpointMode mode, const at::ThreadLocalState& tls);
+                 bool grad, CheckpointMode mode, const at::ThreadLocalState& tls,
+                 bool training = true);
 
 /// The checkpoint mode of a call: `mode`, or kNever for an eval-mode module.
 inline CheckpointMode call_checkpoint(CheckpointMode mode, bool training) {
