@@ -21,6 +21,7 @@ $(BUILD)/build.ninja: | env
 # so that pipegear.cmake_prefix_path works there as in a wheel.
 build: env $(BUILD)/build.ninja
 	cmake --build $(BUILD) -j $(JOBS)
+	rm -rf $(BUILD)/install  # no files of an older layout left to be found
 	cmake --install $(BUILD) --prefix $(BUILD)/install >/dev/null
 	cmake --install $(BUILD) --prefix python/pipegear \
 	  --component pipegear_development >/dev/null

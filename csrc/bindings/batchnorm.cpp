@@ -8,7 +8,7 @@
 
 #include <pybind11/stl.h>
 
-#include <pipegear/checkpoint.h>
+#include <pipegear/detail/checkpoint_flags.h>
 #include <pipegear/nn/deferred_batch_norm.h>
 
 namespace pipegear::bindings {

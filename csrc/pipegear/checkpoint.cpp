@@ -1,4 +1,4 @@
-#include <pipegear/checkpoint.h>
+#include <pipegear/detail/checkpoint_flags.h>
 
 #include <c10/util/Exception.h>
 

@@ -30,21 +30,4 @@ bool is_checkpointing();
 /// not act again here.
 bool is_recomputing();
 
-namespace detail {
-
-/// Sets the flag of `is_checkpointing()` / `is_recomputing()` for a scope.
-class CheckpointFlagGuard {
- public:
-  enum class Flag : uint8_t { kCheckpointing, kRecomputing };
-  explicit CheckpointFlagGuard(Flag flag);
-  ~CheckpointFlagGuard();
-  CheckpointFlagGuard(const CheckpointFlagGuard&) = delete;
-  CheckpointFlagGuard& operator=(const CheckpointFlagGuard&) = delete;
-
- private:
-  Flag flag_;
-  bool previous_;
-};
-
-} // namespace detail
 } // namespace pipegear

@@ -17,7 +17,7 @@
 #include <pipegear/detail/mailbox.h>
 #include <pipegear/detail/pipeline_node.h>
 #include <pipegear/detail/workers.h>
-#include <pipegear/random.h>
+#include <pipegear/detail/random.h>
 
 namespace pipegear {
 

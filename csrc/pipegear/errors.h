@@ -1,12 +1,7 @@
 #pragma once
 // The exceptions a pipeline adds to the ones its layers throw.
 
-#include <exception>
 #include <stdexcept>
-#include <string>
-#include <typeinfo>
-
-#include <c10/util/Type.h>
 
 namespace pipegear {
 
@@ -20,20 +15,4 @@ class StageError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-namespace detail {
-
-/// Inside a handler: rethrows the current exception as a StageError with
-/// `context`, the original nested, when it is a std::exception; anything
-/// else unchanged.
-[[noreturn]] inline void rethrow_in_context(const std::string& context) {
-  try {
-    throw;
-  } catch (const std::exception& e) {
-    std::throw_with_nested(StageError(context + ": " +
-                                      c10::demangle(typeid(e).name()) + ": " +
-                                      e.what()));
-  }
-}
-
-} // namespace detail
 } // namespace pipegear

@@ -19,7 +19,7 @@
 // cell's generator state swapped into the device's default generator, under
 // a per-device lock. On the CPU their implementations dispatch their draws
 // (bernoulli_), which the kernels above catch.
-#include <pipegear/random.h>
+#include <pipegear/detail/random.h>
 
 #include <array>
 #include <mutex>

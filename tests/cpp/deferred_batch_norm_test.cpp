@@ -5,6 +5,7 @@
 
 #include <pipegear/checkpoint.h>
 #include <pipegear/microbatch.h>
+#include <pipegear/detail/checkpoint_flags.h>
 #include <pipegear/nn/deferred_batch_norm.h>
 
 using pipegear::DeferredBatchNorm;

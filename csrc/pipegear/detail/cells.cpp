@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <typeinfo>
 #include <optional>
 #include <string>
 
@@ -11,8 +12,11 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <c10/util/Type.h>
+
+#include <pipegear/detail/checkpoint_flags.h>
+#include <pipegear/detail/random.h>
 #include <pipegear/errors.h>
-#include <pipegear/random.h>
 
 namespace pipegear::detail {
 namespace {
@@ -53,6 +57,19 @@ Batch alias_leaves(const Batch& leaves) {
     out.push_back(t.defined() && t.requires_grad() ? Alias::apply(t) : t);
   }
   return out;
+}
+
+/// Inside a handler: rethrows the current exception as a StageError with
+/// `context`, the original nested, when it is a std::exception; anything
+/// else unchanged.
+[[noreturn]] void rethrow_in_context(const std::string& context) {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    std::throw_with_nested(StageError(context + ": " +
+                                      c10::demangle(typeid(e).name()) + ": " +
+                                      e.what()));
+  }
 }
 
 // The guard that makes `device` current for a cell (none on the CPU).

@@ -4,7 +4,7 @@
 
 #include <torch/autograd.h>
 
-#include <pipegear/random.h>
+#include <pipegear/detail/random.h>
 
 namespace pipegear::detail {
 

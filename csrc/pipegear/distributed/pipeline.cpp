@@ -24,7 +24,7 @@
 #include <pipegear/gpipe.h>
 #include <pipegear/microbatch.h>
 #include <pipegear/nn/deferred_batch_norm.h>
-#include <pipegear/random.h>
+#include <pipegear/detail/random.h>
 #include <pipegear/schedule.h>
 
 namespace pipegear {
