@@ -1,0 +1,272 @@
+// One step's messages between this rank and its neighbours: see
+// transport.h.
+#include <pipegear/distributed/detail/transport.h>
+
+#include <algorithm>
+
+namespace pipegear::detail {
+
+namespace {
+
+std::string describe_msg(bool backward, int64_t j, int64_t peer) {
+  return std::string(backward ? "the gradients" : "the activations") +
+      " of micro-batch " + std::to_string(j) + " from rank " + std::to_string(peer);
+}
+
+} // namespace
+
+Message C10dTransport::recv_forward(int64_t s, int64_t j) {
+  received_.insert({false, j});
+  return recv(s - 1, j, false, false);
+}
+
+void C10dTransport::send_forward(int64_t s, int64_t j, Message m) {
+  sent_.insert({false, j});
+  send(s + 1, j, false, m.tensors);
+}
+
+Message C10dTransport::recv_backward(int64_t s, int64_t j) {
+  received_.insert({true, j});
+  return recv(s + 1, j, true, false);
+}
+
+void C10dTransport::send_backward(int64_t s, int64_t j, Message m) {
+  sent_.insert({true, j});
+  send(s - 1, j, true, m.tensors);
+}
+
+void C10dTransport::begin_pass(const std::vector<Cell>& cells, bool forward,
+                               bool backward) {
+  const int64_t rank = link_.rank();
+  const bool last = rank + 1 == link_.world();
+  for (int d = 0; d < 2; ++d) {
+    expected_[d].clear();
+    next_[d] = 0;
+  }
+  for (const auto& c : cells) {
+    const bool bwd = c.phase == Phase::kBackward;
+    if (bwd ? backward && !last : forward && rank > 0) {
+      expected_[bwd].push_back(c.micro_batch);
+    }
+  }
+  if (!link_.nccl()) {
+    for (int d = 0; d < 2; ++d) {
+      for (int i = 0; i < kPrepost; ++i) {
+        post_next(d != 0);
+      }
+    }
+  }
+}
+
+void C10dTransport::grow_capacities(bool forward, bool backward) const {
+  for (int d = 0; d < 2; ++d) {
+    if (d == 0 ? forward : backward) {
+      link_.grow(d != 0, largest_sent_[d], largest_received_[d]);
+    }
+  }
+}
+
+bool C10dTransport::send_poison(int64_t dst, int64_t j, bool backward, int64_t origin,
+                                bool broken, const std::string& text) {
+  sent_.insert({backward, j});
+  if (is_bad(dst)) {
+    return false;
+  }
+  try {
+    const auto notice = encode_poison({seq_, origin, broken, text},
+                                      link_.capacity(backward, /*send=*/true),
+                                      /*fixed=*/link_.nccl());
+    post(notice.to(device()), dst, link_.tag_of(j, backward), "a failure notice");
+    return true;
+  } catch (const std::exception&) {
+    bad_peers_.insert(dst);  // the peer is gone: nothing to tell it
+    return false;
+  }
+}
+
+bool C10dTransport::drain(int64_t src, int64_t j, bool backward) {
+  received_.insert({backward, j});
+  if (is_bad(src)) {
+    return false;
+  }
+  try {
+    recv(src, j, backward, /*discard=*/true);
+    return true;
+  } catch (const std::exception&) {
+    bad_peers_.insert(src);
+    return false;
+  }
+}
+
+void C10dTransport::poisoned(Poison p, const std::string& what) {
+  kind = FailKind::kPeer;
+  origin = p.origin;
+  peer_broken = p.broken;
+  peer_text = std::move(p.text);
+  TORCH_CHECK(false, "pipegear: rank ", link_.rank(), ": rank ", origin,
+              " failed in step ", p.step, ", so this rank stops too (", what,
+              "): ", peer_text);
+}
+
+void C10dTransport::lost(int64_t peer) {
+  if (kind == FailKind::kNone) {
+    kind = FailKind::kComm;
+  }
+  bad_peers_.insert(peer);
+}
+
+void C10dTransport::comm_failure(int64_t peer, const std::string& msg) {
+  lost(peer);
+  TORCH_CHECK(false, msg);
+}
+
+C10dTransport::Posted C10dTransport::post_receive(int64_t src, int64_t j, bool backward,
+                                                  const std::string& what) {
+  auto buffer = torch::empty({link_.capacity(backward, /*send=*/false)},
+                             torch::TensorOptions().dtype(torch::kUInt8).device(device()));
+  return {buffer, post_recv(buffer, src, link_.tag_of(j, backward), what)};
+}
+
+void C10dTransport::post_next(bool backward) {
+  auto& list = expected_[backward];
+  auto& next = next_[backward];
+  if (next >= list.size()) {
+    return;
+  }
+  const int64_t j = list[next++];
+  const int64_t src = peer(backward);
+  if (is_bad(src)) {
+    return;
+  }
+  posted_[{backward, j}] =
+      post_receive(src, j, backward, "receiving " + describe_msg(backward, j, src));
+}
+
+c10::intrusive_ptr<c10d::Work> C10dTransport::post_recv(const torch::Tensor& buffer,
+                                                       int64_t src, int tag,
+                                                       const std::string& what) {
+  return on_link(src, [&] {
+    return link_.recv(buffer, src, tag, what + in_step(), OnError::kThrow);
+  });
+}
+
+void C10dTransport::wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t peer,
+                         const std::string& what) {
+  on_link(peer, [&] { link_.wait(work, peer, what + in_step()); });
+}
+
+void C10dTransport::post(const torch::Tensor& t, int64_t dst, int tag,
+                         const std::string& what) {
+  on_link(dst, [&] { link_.send(t, dst, tag, what, in_step(), OnError::kThrow); });
+}
+
+void C10dTransport::send(int64_t dst, int64_t j, bool backward, const Batch& tensors) {
+  const std::string what = std::string(backward ? "the gradients"
+                                                : "the activations") +
+      " of micro-batch " + std::to_string(j);
+  link_.prune();
+  Encoded e = encode_batch(tensors, seq_);
+  const int64_t base = e.base();
+  const int64_t total = e.total();
+  largest_sent_[backward] = std::max(largest_sent_[backward], total);
+  const int64_t cap = link_.capacity(backward, /*send=*/true);
+  const bool packed = total <= cap;
+  e.words[0] = packed ? kPacked : kSpill;
+  // The header region (and the payload, when packed), built on the CPU
+  // side when the tensors are there, else on the device.
+  const int64_t first = link_.nccl() ? cap : (packed ? total : base);
+  auto head = write_head(e.words, first, link_.nccl() ? first : base);
+  torch::Tensor message = device().is_cpu() ? head : head.to(device());
+  torch::Tensor spill;
+  if (packed) {
+    write_payload(e, message, base);
+  } else {
+    spill = torch::empty({e.payload},
+                         torch::TensorOptions().dtype(torch::kUInt8).device(device()));
+    write_payload(e, spill, 0);
+  }
+  const int tag = link_.tag_of(j, backward);
+  post(message, dst, tag, what);
+  if (!packed) {
+    post(spill, dst, tag, what);
+  }
+}
+
+Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard) {
+  const std::string what = "receiving " + describe_msg(backward, j, src);
+  Posted posted;
+  auto it = posted_.find({backward, j});
+  if (it != posted_.end()) {
+    posted = std::move(it->second);
+    posted_.erase(it);
+  } else {
+    posted = post_receive(src, j, backward, what);
+  }
+  wait(posted.work, src, what);
+  if (!link_.nccl()) {
+    post_next(backward);  // keep the window full
+  }
+  const torch::Tensor& buffer = posted.buffer;
+  const torch::Tensor head = device().is_cpu()
+      ? buffer
+      : buffer.narrow(0, 0, std::min<int64_t>(kHeaderBytes, buffer.numel())).cpu();
+  const Head h = read_head(head);
+  if (h.kind == kPoison) {
+    if (discard) {
+      return {};
+    }
+    poisoned(read_poison(head), what);
+  }
+  const std::string here = "pipegear: rank " + std::to_string(link_.rank()) + ": ";
+  try {
+    check_batch_head(h, head.numel());
+  } catch (const BadMessage& e) {
+    comm_failure(src, here + e.what() + " while " + what);
+  }
+  if (h.step != seq_) {
+    comm_failure(src, here + what + ": got a message of step " +
+                          std::to_string(h.step) + " during step " +
+                          std::to_string(seq_) +
+                          " (module style: did every rank run the backward "
+                          "of the previous forward?)");
+  }
+  largest_received_[backward] =
+      std::max(largest_received_[backward], h.base() + h.payload);
+  const auto [data, data_offset] =
+      payload_of(posted, h, src, link_.tag_of(j, backward), what);
+  if (discard) {
+    return {};
+  }
+  Message m;
+  try {
+    m.tensors = decode_batch(head, data, data_offset, device());
+  } catch (const BadMessage& e) {
+    comm_failure(src, here + e.what() + " while " + what);
+  }
+  return m;
+}
+
+std::pair<torch::Tensor, int64_t> C10dTransport::payload_of(const Posted& posted,
+                                                            const Head& h, int64_t src,
+                                                            int tag,
+                                                            const std::string& what) {
+  const int64_t base = h.base();
+  if (h.kind == kPacked && 2 * (base + h.payload) < posted.buffer.numel()) {
+    // Much smaller than the link's capacity (shapes shrank since a larger
+    // step): a right-sized copy, so that a kept tensor (a checkpointed
+    // stage input) does not hold the whole receive buffer.
+    return {posted.buffer.narrow(0, base, h.payload).clone(), 0};
+  }
+  if (h.kind == kPacked) {
+    return {posted.buffer, base};
+  }
+  if (h.payload == 0) {
+    return {torch::Tensor(), 0};
+  }
+  auto data = torch::empty({h.payload},
+                           torch::TensorOptions().dtype(torch::kUInt8).device(device()));
+  wait(post_recv(data, src, tag, what), src, what);
+  return {data, 0};
+}
+
+} // namespace pipegear::detail
