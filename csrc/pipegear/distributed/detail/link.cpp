@@ -80,6 +80,11 @@ std::map<const void*, int64_t>& next_tags() {
 }
 
 // The tags of a pipeline of `chunks`; ValueError when they do not fit.
+// " in step N", or nothing outside a step.
+std::string in_step(int64_t step) {
+  return step < 0 ? std::string() : " in step " + std::to_string(step);
+}
+
 int64_t tag_stride(int64_t chunks) {
   const int64_t stride = 2 * chunks + kTagKinds;
   TORCH_CHECK_VALUE(stride < kTags, "chunks must be below ", kTags / 2, ", got ",
@@ -139,25 +144,27 @@ void Link::fail(const std::string& doing, int64_t peer, OnError on_error) {
 }
 
 void Link::send(const torch::Tensor& t, int64_t dst, int tag, const std::string& what,
-                const std::string& context, OnError on_error) {
-  const std::string to = what + " to rank " + std::to_string(dst) + context;
+                int64_t step, OnError on_error) {
   std::vector<at::Tensor> v{t};
   c10::intrusive_ptr<c10d::Work> work;
   try {
     work = group_->send(v, static_cast<int>(dst), tag);
   } catch (const std::exception&) {
-    fail("sending " + to, dst, on_error);
+    fail("sending " + what + " to rank " + std::to_string(dst) + in_step(step), dst,
+         on_error);
   }
-  pending_.push_back({std::move(work), dst, to});
+  pending_.push_back(
+      {std::move(work), dst, what + " to rank " + std::to_string(dst) + in_step(step)});
 }
 
 c10::intrusive_ptr<c10d::Work> Link::recv(const torch::Tensor& t, int64_t src, int tag,
-                                          const std::string& doing, OnError on_error) {
+                                          const std::string& doing, int64_t step,
+                                          OnError on_error) {
   std::vector<at::Tensor> v{t};
   try {
     return group_->recv(v, static_cast<int>(src), tag);
   } catch (const std::exception&) {
-    fail(doing, src, on_error);
+    fail(doing + in_step(step), src, on_error);
   }
 }
 
@@ -173,14 +180,14 @@ c10::intrusive_ptr<c10d::Work> Link::allreduce(std::vector<at::Tensor>& v,
 }
 
 void Link::wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t peer,
-                const std::string& doing) {
+                const std::string& doing, int64_t step) {
   const WaitResult r = wait_work(work, timeout_);
   const std::string& error = r.error;
-  TORCH_CHECK(!r.timed_out(), "pipegear: rank ", rank_, ": ", doing,
+  TORCH_CHECK(!r.timed_out(), "pipegear: rank ", rank_, ": ", doing, in_step(step),
               " timed out after ", seconds(timeout_), " (did rank ", peer,
               " die, hang or skip the call?)", error.empty() ? "" : ": " + error);
-  TORCH_CHECK(error.empty(), "pipegear: rank ", rank_, ": ", doing, " failed",
-              closed_by(peer), ": ", error);
+  TORCH_CHECK(error.empty(), "pipegear: rank ", rank_, ": ", doing, in_step(step),
+              " failed", closed_by(peer), ": ", error);
 }
 
 void Link::prune() {

@@ -122,13 +122,18 @@ class Link {
   /// capacity to the largest message it carried, so they agree unasked.
   void grow(bool backward, int64_t largest_sent, int64_t largest_received);
 
-  /// Posts a send of `t` (waited for by flush()). Errors: doing = "sending
-  /// <what> to rank <dst><context>".
+  // `step`: the step a message belongs to (-1: none), which the errors
+  // name; a number, so that a receive or a wait composes no text unless it
+  // fails.
+
+  /// Posts a send of `t` (waited for by flush()). Errors: "sending <what>
+  /// to rank <dst>[ in step <step>]".
   void send(const torch::Tensor& t, int64_t dst, int tag, const std::string& what,
-            const std::string& context, OnError on_error);
-  /// Posts a receive into `t`.
+            int64_t step, OnError on_error);
+  /// Posts a receive into `t`. Errors: "<doing>[ in step <step>]".
   c10::intrusive_ptr<c10d::Work> recv(const torch::Tensor& t, int64_t src, int tag,
-                                      const std::string& doing, OnError on_error);
+                                      const std::string& doing, int64_t step,
+                                      OnError on_error);
   /// A sum over the ranks, bounded by the timeout inside the backend too (a
   /// collective stuck on a dead peer would block the group's worker).
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& v,
@@ -136,7 +141,7 @@ class Link {
   /// Waits up to the timeout for a message `doing` from `peer`; raises
   /// (without marking the links broken) if it timed out or failed.
   void wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t peer,
-            const std::string& doing);
+            const std::string& doing, int64_t step);
 
   /// Surfaces failed sends among those already completed; keeps the others.
   void prune();

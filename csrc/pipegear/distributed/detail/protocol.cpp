@@ -52,7 +52,7 @@ int64_t Protocol::header_words() const {
 
 void Protocol::send_to(const torch::Tensor& t, int64_t dst, TagKind kind,
                        const std::string& what) {
-  link_.send(t, dst, link_.tag(kind), what, "", OnError::kBreak);
+  link_.send(t, dst, link_.tag(kind), what, /*step=*/-1, OnError::kBreak);
 }
 
 c10::intrusive_ptr<c10d::Work> Protocol::post_recv(const torch::Tensor& t, int64_t src,
@@ -60,7 +60,7 @@ c10::intrusive_ptr<c10d::Work> Protocol::post_recv(const torch::Tensor& t, int64
                                                    const std::string& what) {
   return link_.recv(t, src, link_.tag(kind),
                     "posting the receive of " + what + " from rank " + std::to_string(src),
-                    OnError::kBreak);
+                    /*step=*/-1, OnError::kBreak);
 }
 
 // ---- construction ----------------------------------------------------------

@@ -146,18 +146,18 @@ c10::intrusive_ptr<c10d::Work> C10dTransport::post_recv(const torch::Tensor& buf
                                                        int64_t src, int tag,
                                                        const std::string& what) {
   return on_link(src, [&] {
-    return link_.recv(buffer, src, tag, what + in_step(), OnError::kThrow);
+    return link_.recv(buffer, src, tag, what, seq_, OnError::kThrow);
   });
 }
 
 void C10dTransport::wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t peer,
                          const std::string& what) {
-  on_link(peer, [&] { link_.wait(work, peer, what + in_step()); });
+  on_link(peer, [&] { link_.wait(work, peer, what, seq_); });
 }
 
 void C10dTransport::post(const torch::Tensor& t, int64_t dst, int tag,
                          const std::string& what) {
-  on_link(dst, [&] { link_.send(t, dst, tag, what, in_step(), OnError::kThrow); });
+  on_link(dst, [&] { link_.send(t, dst, tag, what, seq_, OnError::kThrow); });
 }
 
 void C10dTransport::send(int64_t dst, int64_t j, bool backward, const Batch& tensors) {

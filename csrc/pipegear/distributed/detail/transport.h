@@ -99,8 +99,6 @@ class C10dTransport final : public Transport {
     return backward ? link_.rank() + 1 : link_.rank() - 1;
   }
   bool is_bad(int64_t peer) const { return bad_peers_.count(peer) != 0; }
-  // " in step N", for the messages of a failure of the transport.
-  std::string in_step() const { return " in step " + std::to_string(seq_); }
 
   // A peer's poison came instead of a message `what`: the step fails as
   // kPeer, with the origin's error.
@@ -122,7 +120,7 @@ class C10dTransport final : public Transport {
     }
   }
 
-  // The link's operations, for this step: " in step N" added to `what`.
+  // The link's operations, for this step (the errors name it).
   c10::intrusive_ptr<c10d::Work> post_recv(const torch::Tensor& buffer, int64_t src,
                                            int tag, const std::string& what);
   void wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t peer,
