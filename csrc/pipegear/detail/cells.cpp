@@ -77,22 +77,22 @@ std::optional<c10::Device> accelerator(c10::Device device) {
   return device.is_cpu() ? std::nullopt : std::optional<c10::Device>(device);
 }
 
-// Runs f; an exception leaving it names "pipegear: in stage s, <where>": a
+// Runs f; an exception leaving it names "pipegear: in stage s, <where()>": a
 // c10::Error as context, a Python error through the stage's annotate_error
 // (a note), any other std::exception as a StageError with the original
 // nested (errors.h). Aborted (another cell failed) passes untouched.
-template <typename F>
-void in_context(Stage& stage, int64_t index, const std::string& where, F f) {
+template <typename Where, typename F>
+void in_context(Stage& stage, int64_t index, const Where& where, F f) {
   try {
     f();
   } catch (c10::Error& e) {
-    e.add_context("pipegear: in stage " + std::to_string(index) + ", " + where);
+    e.add_context("pipegear: in stage " + std::to_string(index) + ", " + where());
     throw;
   } catch (const Aborted&) {
     throw;
   } catch (...) {
     const std::string context =
-        "pipegear: in stage " + std::to_string(index) + ", " + where;
+        "pipegear: in stage " + std::to_string(index) + ", " + where();
     if (stage.annotate_error(context)) {
       throw;  // the stage's own error (a Python one), now with the context
     }
@@ -112,8 +112,11 @@ void CellRunner::run(StepRun& run, Transport& transport,
   }
   c10::OptionalDeviceGuard device_guard(accelerator(stage_->device()));
   auto is_fwd = [](const Cell& c) { return c.phase == Phase::kForward; };
-  const std::string where = "micro-batch " + std::to_string(cell.micro_batch) +
-      (is_forward ? ", forward" : ", backward");
+  // Built only when a cell fails: the per-cell path formats nothing.
+  const auto where = [&] {
+    return "micro-batch " + std::to_string(cell.micro_batch) +
+        (is_forward ? ", forward" : ", backward");
+  };
   in_context(*stage_, index_, where, [&] {
     if (!is_forward) {
       this->backward(run, transport, cell.micro_batch);
@@ -128,7 +131,8 @@ void CellRunner::run(StepRun& run, Transport& transport,
 
 void CellRunner::end_forward() {
   c10::OptionalDeviceGuard device_guard(accelerator(stage_->device()));
-  in_context(*stage_, index_, "committing the step (end_forward)",
+  in_context(*stage_, index_,
+             [] { return std::string("committing the step (end_forward)"); },
              [&] { stage_->end_forward(); });
 }
 
