@@ -23,8 +23,7 @@ import time
 import torch
 
 import pipegear
-from pipegear.models import (CausalLMLoss, data, gpt2_sequential,
-                             gpt2_state_dict_to_hf)
+from pipegear.models import CausalLMLoss, data, gpt2_sequential
 
 try:
     from tqdm import tqdm
@@ -208,8 +207,8 @@ def main() -> None:
     # -- the plain model takes the trained weights and writes --------------
     if args.sample > 0:
         plain = transformers.GPT2LMHeadModel(copy.deepcopy(config))
-        plain.load_state_dict(gpt2_state_dict_to_hf(pipe.state_dict()),
-                              strict=True)
+        # The pipeline saves the plain model's keys: no renaming.
+        plain.load_state_dict(pipe.state_dict(), strict=True)
         plain.eval()
         prompt = torch.tensor([list(b"def ")])
         torch.manual_seed(2)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pipegear import _C
 from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe, _Partition,
                             _check_available, _check_int, _parse_device,
-                            _Placed, _prepare_batch_norm)
+                            _Placed, _prepare_batch_norm, state_dict_hooks)
 from pipegear.loss import Count, plan_loss
 from pipegear.tied import DistributedTies, find_ties
 
@@ -245,6 +245,9 @@ class DistributedGPipe(_Placed):
         # name that is an attribute of DistributedGPipe.
         for name, layer in partition._modules.items():
             self._modules[name] = layer
+        if isinstance(module, nn.Module):
+            # The model's own state-dict hooks (GPipe does the same).
+            state_dict_hooks(module).register(self)
 
     # -- configuration (read-only) ---------------------------------------
     @property

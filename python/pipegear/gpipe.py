@@ -460,11 +460,13 @@ class GPipe(_Placed):
         # Everything is checked before the module is converted or moved.
         module = _prepare_batch_norm(module, chunks, deferred_batch_norm)
         self._build(list(module._modules.items()), balance, devices, chunks,
-                    checkpoint, schedule, worker_threads, module.training)
+                    checkpoint, schedule, worker_threads, module.training,
+                    state_dict_hooks(module))
 
     def _build(self, named: list[tuple[str, nn.Module]], balance: list[int],
                devices: list[torch.device], chunks: int, checkpoint: str,
-               schedule: str, worker_threads: int, training: bool) -> None:
+               schedule: str, worker_threads: int, training: bool,
+               hooks: "StateDictHooks") -> None:
         """Places the checked layers and starts the engine."""
         partitions = []
         offset = 0
@@ -500,6 +502,12 @@ class GPipe(_Placed):
             # add_module() refuses a name that is an attribute of GPipe.
             self._modules[name] = layer
         self.register_load_state_dict_pre_hook(_rename_partition_keys)
+        # The tied parameters' own values go in before the module's hooks
+        # see the state (they may rename its keys).
+        self.register_state_dict_pre_hook(_remember_keep_vars)
+        self.register_state_dict_post_hook(_tied_values)
+        self._state_dict_hooks_of_module = hooks
+        hooks.register(self)
         self.training = training
         self._partitions.training = training
         for part in partitions:
@@ -534,7 +542,8 @@ class GPipe(_Placed):
                       schedule=self._schedule,
                       worker_threads=self._worker_threads)
         return (_restore, (type(self), list(self._modules.items()), config,
-                           self.training, self._ties.spec()))
+                           self.training, self._ties.spec(),
+                           self._state_dict_hooks_of_module))
 
     # -- configuration (read-only) ---------------------------------------
     @property
@@ -575,23 +584,6 @@ class GPipe(_Placed):
                     continue
                 seen.add(id(p))
             yield name, p
-
-    def state_dict(self, *args: Any, destination: Any = None,
-                   prefix: str = "", keep_vars: bool = False) -> Any:
-        """``nn.Module.state_dict``, as the plain model's: a parameter tied
-        across partitions is listed under every name holding it, with its
-        own value (not a partition replica's, which may be a step old
-        between an optimizer step and the next forward)."""
-        result = super().state_dict(*args, destination=destination,
-                                    prefix=prefix, keep_vars=keep_vars)
-        # The deprecated positional form: (destination, prefix, keep_vars).
-        if len(args) > 1:
-            prefix = args[1]
-        if len(args) > 2:
-            keep_vars = args[2]
-        for name, master in self._ties.replica_names():
-            result[prefix + name] = master if keep_vars else master.detach()
-        return result
 
     # -- the Sequential face ---------------------------------------------
     def __len__(self) -> int:
@@ -719,6 +711,68 @@ class GPipe(_Placed):
                 f"chunks={self._chunks}, checkpoint={self._checkpoint!r}")
 
 
+class StateDictHooks:
+    """The state-dict hooks registered on a model itself (not on its
+    layers, which the pipeline holds as they are), so that a pipeline over
+    it saves and loads the state as the model does: a model whose hooks
+    rename its keys (``pipegear.models.gpt2_sequential`` gives the plain
+    ``GPT2LMHeadModel``'s) keeps its keys through ``GPipe`` and
+    ``DistributedGPipe``. The load pre-hooks are kept unwrapped (a wrapped
+    one holds a weak reference to the model), so a pipeline re-registers
+    them on itself and pickles them with its layers."""
+
+    def __init__(self, save_pre: Sequence[Callable] = (),
+                 save_post: Sequence[Callable] = (),
+                 load_pre: Sequence[tuple[Callable, bool]] = (),
+                 load_post: Sequence[Callable] = ()) -> None:
+        self.save_pre = list(save_pre)
+        self.save_post = list(save_post)
+        self.load_pre = list(load_pre)
+        self.load_post = list(load_post)
+
+    def register(self, target: nn.Module) -> None:
+        """Registers the hooks on `target`, after its own, in their order."""
+        from torch.utils.hooks import RemovableHandle
+
+        for table, hooks in ((target._state_dict_pre_hooks, self.save_pre),
+                             (target._state_dict_hooks, self.save_post)):
+            for hook in hooks:
+                # Inserted as registered, so that a public post-hook keeps
+                # its "returns None" contract and a private one may return
+                # a new dict, as on the model.
+                table[RemovableHandle(table).id] = hook
+        for hook, with_module in self.load_pre:
+            target._register_load_state_dict_pre_hook(hook, with_module)
+        for hook in self.load_post:
+            table = target._load_state_dict_post_hooks
+            table[RemovableHandle(table).id] = hook
+
+
+def state_dict_hooks(module: nn.Module) -> StateDictHooks:
+    """The state-dict hooks registered on `module` itself."""
+    return StateDictHooks(
+        module._state_dict_pre_hooks.values(),
+        module._state_dict_hooks.values(),
+        [(getattr(h, "hook", h), getattr(h, "with_module", False))
+         for h in module._load_state_dict_pre_hooks.values()],
+        list(module._load_state_dict_post_hooks.values()))
+
+
+def _remember_keep_vars(pipe: GPipe, prefix: str, keep_vars: bool) -> None:
+    pipe._keep_vars = keep_vars  # for _tied_values, which is not told
+
+
+def _tied_values(pipe: GPipe, state_dict: dict[str, Any], prefix: str,
+                 local_metadata: Any) -> None:
+    """``state_dict`` post-hook: a parameter tied across partitions is
+    listed under every name holding it, with its own value (not a partition
+    replica's, which may be a step old between an optimizer step and the
+    next forward), as in the plain model."""
+    keep_vars = getattr(pipe, "_keep_vars", False)
+    for name, master in pipe._ties.replica_names():
+        state_dict[prefix + name] = master if keep_vars else master.detach()
+
+
 _PARTITION_KEY = re.compile(r"partitions\.(\d+)\.([^.]+)\.(.+)")
 
 
@@ -760,7 +814,8 @@ def _rename_partition_keys(pipe: GPipe, state_dict: dict[str, Any],
 
 def _restore(cls: type, named: list[tuple[str, nn.Module]],
              config: dict[str, Any], training: bool,
-             ties: Optional[list] = None) -> GPipe:
+             ties: Optional[list] = None,
+             hooks: Optional["StateDictHooks"] = None) -> GPipe:
     """Unpickles a :class:`GPipe` (see ``GPipe.__reduce_ex__``): a new
     pipeline over `named` with the configuration it was saved with. The
     devices are checked again (the process may be another); BatchNorm layers
@@ -774,5 +829,6 @@ def _restore(cls: type, named: list[tuple[str, nn.Module]],
     pipe._build(named, balance, _resolve_devices(config["devices"],
                                                  len(balance)),
                 config["chunks"], config["checkpoint"], config["schedule"],
-                config["worker_threads"], training)
+                config["worker_threads"], training,
+                hooks if hooks is not None else StateDictHooks())
     return pipe

@@ -9,14 +9,14 @@ is bounded in time; the whole file takes about a minute and a half on 2 cores.
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 from torch import nn
+
+from ranks import launch
 
 D, H, O = 6, 8, 3
 
@@ -553,38 +553,12 @@ def _mismatches(rank, world):
 
 
 # ------------------------------------------------------------------ tests
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(kind, world, out, env_extra=None, timeout=120, wait_for=None):
     """Starts `world` ranks of this file; waits for all of them, or only for
     the ranks in `wait_for` (the others are killed afterwards)."""
-    import pipegear
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(pipegear.__file__)),
-         env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(env_extra or {})
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, kind, str(r), str(world), str(port), out],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for r in range(world)]
-    logs = [""] * world
-    try:
-        for r in (range(world) if wait_for is None else wait_for):
-            logs[r] = procs[r].communicate(timeout=timeout)[0].decode(
-                errors="replace")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [p.returncode for p in procs], logs
+    return launch(__file__, world,
+                  lambda r, port: [kind, r, world, port, out],
+                  timeout=timeout, env_extra=env_extra, wait_for=wait_for)
 
 
 def _reference(c):

@@ -10,19 +10,17 @@ its weight, as GPT-2's); 2 and 3 ranks over Gloo, each rank a process:
   parameters equal the plain model's (float64, 1e-12), and the copies of
   the tied weight on the two ranks are equal bit for bit;
 - gradients accumulated over two steps without zero_grad are summed once;
-- GPT-2 (transformers) over 2 ranks against the plain GPT2LMHeadModel;
 - a tie whose copies have different shapes, a name that is no layer's or
   no parameter's: the same ValueError on every rank.
+
+GPT-2 itself across ranks: test_distributed_gpt2.py.
 
 This file is also the worker script: ``python test_distributed_tied.py
 RANK WORLD PORT OUT``.
 """
 import copy
-import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
 from collections import OrderedDict
 
@@ -33,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipegear
+from ranks import run_ranks
 
 V, D, T, ROWS = 11, 6, 5, 6
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -177,70 +176,9 @@ def _worker(rank, world, port, out):
         except (TypeError, ValueError) as e:
             report["mistakes"][name] = f"{type(e).__name__}: {e}"
 
-    if world == 2:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            report["gpt2"] = None
-        else:
-            report["gpt2"] = _gpt2(rank)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
-
-
-def _gpt2_model():
-    import transformers
-    from pipegear.models import data
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=data.VOCAB_SIZE, n_positions=16, n_embd=16, n_layer=2,
-        n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=data.PAD, eos_token_id=data.PAD)
-    return transformers.GPT2LMHeadModel(config).double()
-
-
-def _gpt2_batches():
-    from pipegear.models import data
-
-    x, y = data.pack(data.stdlib_text(3 * 6 * 16 - 4), 16)
-    return [(x[i * 6:(i + 1) * 6], y[i * 6:(i + 1) * 6]) for i in range(3)]
-
-
-def _gpt2(rank):
-    from pipegear.models import CausalLMLoss, gpt2_sequential
-
-    pipe = pipegear.DistributedGPipe(gpt2_sequential(_gpt2_model()), [2, 3],
-                                     chunks=3, timeout=30.0)
-    opt = torch.optim.AdamW(pipe.parameters(), lr=1e-2)
-    losses = []
-    for x, y in _gpt2_batches():
-        losses.append(float(pipe.step(x if pipe.is_first else None,
-                                      y if pipe.is_last else None,
-                                      CausalLMLoss())))
-        opt.step()
-        opt.zero_grad()
-    return {"losses": losses, "state": _state(pipe)}
-
-
-def _run(world, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(pipegear.__file__)),
-         os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world),
-                               str(port), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    logs = [p.communicate(timeout=240)[0].decode(errors="replace")
-            for p in procs]
-    assert [p.returncode for p in procs] == [0] * world, "\n".join(logs)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text())
-            for r in range(world)]
 
 
 def _plain_run(model, style="step", steps=STEPS, zero=True):
@@ -273,7 +211,7 @@ def _assert_states(reports, key, plain_state, tol=TOL):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_a_tie_across_ranks_trains_like_the_plain_model(world, tmp_path):
-    reports = _run(world, tmp_path)
+    reports = run_ranks(__file__, world, tmp_path)
     for style in ("step", "module"):
         key = f"sequential-{style}"
         plain = lm()
@@ -332,29 +270,6 @@ def test_a_tie_across_ranks_trains_like_the_plain_model(world, tmp_path):
     }
     for report in reports:
         assert report["mistakes"] == expected
-
-    if world == 2:  # GPT-2 ran where transformers is installed
-        assert (reports[0]["gpt2"] is None) == (
-            importlib.util.find_spec("transformers") is None)
-    if world == 2 and reports[0]["gpt2"] is not None:
-        from pipegear.models import CausalLMLoss, gpt2_state_dict_from_hf
-
-        model = _gpt2_model()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        ref = []
-        for x, y in _gpt2_batches():
-            loss = CausalLMLoss()(model(x).logits, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            ref.append(loss.item())
-        torch.testing.assert_close(
-            torch.tensor(reports[-1]["gpt2"]["losses"]), torch.tensor(ref),
-            rtol=1e-9, atol=1e-9)
-        seen = _assert_states(
-            reports, "gpt2", gpt2_state_dict_from_hf(model.state_dict()),
-            tol=dict(rtol=1e-9, atol=1e-9))
-        assert torch.equal(seen["embed.wte.weight"], seen["lm_head.weight"])
 
 
 if __name__ == "__main__":

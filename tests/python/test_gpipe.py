@@ -2,6 +2,7 @@
 import copy
 import threading
 import time
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -204,6 +205,72 @@ def test_state_dict_round_trip_with_the_plain_model():
     pipe.load_state_dict(other.state_dict())
     for p1, p2 in zip(other.parameters(), pipe.parameters()):
         assert torch.equal(p1, p2)
+
+
+def _prefixed(prefix, key):
+    return key[len(prefix):] if key.startswith(prefix) else None
+
+
+def _save_as_v2(module, state, prefix, metadata):
+    """A public post-hook: "0.weight" -> "v2.0.weight", in place."""
+    items = list(state.items())
+    state.clear()
+    for k, v in items:
+        rest = _prefixed(prefix, k)
+        state[k if rest is None else f"{prefix}v2.{rest}"] = v
+
+
+def _load_v2(module, state, prefix, *_):
+    for k in [k for k in state if _prefixed(prefix, k) is not None]:
+        if k[len(prefix):].startswith("v2."):
+            state[prefix + k[len(prefix) + 3:]] = state.pop(k)
+
+
+def _save_with_step(module, state, prefix, metadata):
+    """A private hook (the old API) may return a new dict."""
+    return OrderedDict(list(state.items()) + [(prefix + "step", 7)])
+
+
+def _loaded(module, incompatible):
+    module.loaded = getattr(module, "loaded", 0) + 1
+
+
+def _v2_model():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model.register_state_dict_post_hook(_save_as_v2)
+    model._register_state_dict_hook(_save_with_step)
+    model.register_load_state_dict_pre_hook(_load_v2)
+    model.register_load_state_dict_post_hook(_loaded)
+    return model
+
+
+def test_the_models_state_dict_hooks_hold_for_the_pipeline():
+    """A model whose own hooks rename its state (gpt2_sequential gives the
+    Hugging Face model's keys) keeps that state through the pipeline:
+    saved, loaded, inside a larger module, copied and pickled."""
+    plain = _v2_model()
+    keys = list(plain.state_dict())
+    assert keys == ["v2.0.weight", "v2.0.bias", "v2.2.weight", "v2.2.bias",
+                    "step"]
+    pipe = pipegear.GPipe(_v2_model(), [2, 1])
+    assert list(pipe.state_dict()) == keys
+    state = {k: v + 1 if torch.is_tensor(v) else v
+             for k, v in plain.state_dict().items() if k != "step"}
+    pipe.load_state_dict(state)  # strict, through the load pre-hook
+    assert pipe.loaded == 1
+    assert torch.equal(pipe[2].bias, state["v2.2.bias"])
+    plain.load_state_dict(pipe.state_dict(), strict=False)
+    for name in ("copy", "pickle"):
+        other = (copy.deepcopy(pipe) if name == "copy"
+                 else pickle.loads(pickle.dumps(pipe)))
+        assert list(other.state_dict()) == keys, name
+        assert torch.equal(other.state_dict()["v2.0.weight"],
+                           state["v2.0.weight"]), name
+    outer = nn.Sequential(OrderedDict(pipe=pipe))
+    assert list(outer.state_dict()) == [f"pipe.{k}" for k in keys[:-1]]
+    outer.load_state_dict({f"pipe.{k}": v for k, v in state.items()})
+    assert pipe.loaded == 2
 
 
 class TorchgpipeLayout(nn.Module):

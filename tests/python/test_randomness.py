@@ -12,8 +12,6 @@ This file is also the worker script of its distributed test:
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipegear
+from ranks import run_ranks
 
 
 class Jittery(nn.Module):
@@ -191,21 +190,13 @@ def _worker(rank, world, port, out):
                          t if pipe.is_last else None, F.mse_loss)
         results[checkpoint] = [loss.item()] + [
             p.grad.sum().item() for p in pipe.parameters()]
-    with open(out, "w") as f:
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
 
 
 def test_distributed_ranks_seeded_alike_match_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port),
-                               str(tmp_path / f"r{r}.json")])
-             for r in range(2)]
-    for p in procs:
-        assert p.wait(timeout=120) == 0
-    ranks = [json.load(open(tmp_path / f"r{r}.json")) for r in range(2)]
+    ranks = run_ranks(__file__, 2, tmp_path, timeout=120)
     for checkpoint in ("never", "always"):
         pipe = pipegear.GPipe(model(), [8, 8], devices=["cpu", "cpu"],
                               chunks=4, checkpoint=checkpoint)

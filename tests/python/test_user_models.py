@@ -21,8 +21,6 @@ import json
 import os
 import pickle
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +35,7 @@ from torch.nn import functional as F
 
 import pipegear
 from pipegear.loss import plan_loss
+from ranks import run_ranks
 
 D, C, N = 6, 5, 10  # features, classes, rows (micro-batches of 3,3,2,2 / 4,3,3)
 PAD = -100
@@ -722,21 +721,7 @@ def _worker(rank, world, port, out):
 
 
 def test_a_mistake_of_the_last_rank_fails_every_rank_at_once(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(pipegear.__file__)),
-         os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2",
-                               str(port), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
-    logs = [p.communicate(timeout=60)[0].decode(errors="replace")
-            for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text())
-               for r in range(2)]
+    reports = run_ranks(__file__, 2, tmp_path, timeout=60)
     rank0, rank1 = reports
     assert rank1["no-target"].startswith(
         "ValueError: step got target=None but the loss CrossEntropyLoss "

@@ -5,10 +5,10 @@ own (``transformers`` for GPT-2) when called, so ``import pipegear`` and
 ``import pipegear.models`` work without them.
 
 - :func:`gpt2_sequential`: Hugging Face ``GPT2LMHeadModel`` as embeddings,
-  blocks, final norm and the head tied to the embedding;
-  :func:`gpt2_state_dict_to_hf` / :func:`gpt2_state_dict_from_hf` rename
-  its state_dict keys to the plain model's and back; :class:`CausalLMLoss`
-  the next-token loss for ``step``;
+  blocks, final norm and the head tied to the embedding, saving and loading
+  the plain model's state_dict keys; :func:`gpt2_state_dict_to_hf` /
+  :func:`gpt2_state_dict_from_hf` rename between the layers' names and
+  the model's; :class:`CausalLMLoss` the next-token loss for ``step``;
 - :mod:`pipegear.models.data`: byte-level text from Python's standard
   library sources, packed into padded sequences.
 """

@@ -10,7 +10,8 @@ layers, each taking the previous one's tensor::
 
 The layers *are* the model's modules (no copy): the sequential computes
 what ``model(input_ids).logits`` computes, with the same parameters, and
-``lm_head.weight is embed.wte.weight`` as in the model. A pipeline keeps
+``lm_head.weight is embed.wte.weight`` as in the model; its state_dict
+has the model's keys. A pipeline keeps
 that tie as one parameter across its stages (docs/engine.md, "Tied
 parameters").
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -94,10 +95,14 @@ def gpt2_sequential(model: nn.Module) -> nn.Sequential:
     ``model(input_ids).logits`` gives, in train and eval mode. The layers are
     the model's modules, shared, not copied (``copy.deepcopy(model)`` first
     to keep a separate plain model): ``lm_head.weight`` is
-    ``embed.wte.weight`` when the model ties them. The state_dict keys are
-    the sequential's (``embed.wte.weight``, ``h0.block.attn.c_attn.weight``,
-    ...); :func:`gpt2_state_dict_to_hf` and :func:`gpt2_state_dict_from_hf`
-    rename them to the model's and back.
+    ``embed.wte.weight`` when the model ties them. Its ``state_dict`` has
+    the model's keys (``transformer.h.0.attn.c_attn.weight``, not the
+    layers' ``h0.block.attn.c_attn.weight``), through state-dict hooks that
+    :class:`pipegear.GPipe` and :class:`pipegear.DistributedGPipe` adopt:
+    a pipeline's checkpoint loads into ``GPT2LMHeadModel`` with
+    ``strict=True``, and the model's into the pipeline (which also takes
+    the layers' keys). :func:`gpt2_state_dict_to_hf` and
+    :func:`gpt2_state_dict_from_hf` rename between the two explicitly.
 
     Raises:
         TypeError: `model` is not a GPT2LMHeadModel.
@@ -122,6 +127,10 @@ def gpt2_sequential(model: nn.Module) -> nn.Sequential:
     layers += [("ln_f", t.ln_f), ("lm_head", model.lm_head)]
     seq = nn.Sequential(OrderedDict(layers))
     seq.train(model.training)
+    # The model's keys, in the sequential and in any pipeline over it
+    # (pipelines adopt the hooks of the module they split).
+    seq.register_state_dict_post_hook(_save_hf_keys)
+    seq.register_load_state_dict_pre_hook(_load_hf_keys)
     return seq
 
 
@@ -135,30 +144,70 @@ _RENAMES = [
 _TO_HF = [(re.compile(a), b) for a, b in _RENAMES]
 
 
-def _rename(key: str, rules: list[tuple[re.Pattern, str]],
-            what: str) -> str:
+def _try_rename(key: str, rules: list[tuple[re.Pattern, str]]
+                ) -> Optional[str]:
     for pattern, replacement in rules:
         match = pattern.fullmatch(key)
         if match:
             return match.expand(replacement)
+    return None
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str]],
+            already: list[tuple[re.Pattern, str]], what: str) -> str:
+    """`key` renamed by `rules`; a key `already` in the target naming (one
+    the inverse rules would rename) stays as it is."""
+    new = _try_rename(key, rules)
+    if new is not None:
+        return new
+    if _try_rename(key, already) is not None:
+        return key
     raise ValueError(f"{what}: {key!r} is not a key of the GPT-2 "
                      "state_dict this function renames")
 
 
+def _save_hf_keys(module: nn.Module, state_dict: dict[str, Any],
+                  prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` post-hook of :func:`gpt2_sequential`: the layers'
+    keys under ``prefix`` become the plain model's, in place and in order
+    (a public post-hook may not return a new dict)."""
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        if key.startswith(prefix):
+            new = _try_rename(key[len(prefix):], _TO_HF)
+            key = key if new is None else prefix + new
+        state_dict[key] = value
+
+
+def _load_hf_keys(module: nn.Module, state_dict: dict[str, Any],
+                  prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook of :func:`gpt2_sequential`: the plain
+    model's keys under ``prefix`` become the layers'. Keys in the layers'
+    naming (saved before the sequential named its state as the model) load
+    too; any other key stays, for ``strict`` to report."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = _try_rename(key[len(prefix):], _FROM_HF_RULES)
+        if new is not None and prefix + new != key:
+            state_dict[prefix + new] = state_dict.pop(key)
+
+
 def gpt2_state_dict_to_hf(state_dict: Mapping[str, Any]
                           ) -> "OrderedDict[str, Any]":
-    """The state_dict of :func:`gpt2_sequential`'s layers (of the
-    sequential, a :class:`pipegear.GPipe` over it, or one rank's slice of a
-    :class:`pipegear.DistributedGPipe`) under the plain
-    ``GPT2LMHeadModel``'s keys: ``embed.wte.weight`` ->
-    ``transformer.wte.weight``, ``h3.block.ln_1.bias`` ->
-    ``transformer.h.3.ln_1.bias``, ``lm_head.weight`` stays. The whole
-    pipeline's loads into the model with ``strict=True``.
+    """A state_dict under :func:`gpt2_sequential`'s layer keys (from
+    ``named_parameters``, or saved by pipegear before the sequential named
+    its state as the model) under the plain ``GPT2LMHeadModel``'s keys:
+    ``embed.wte.weight`` -> ``transformer.wte.weight``,
+    ``h3.block.ln_1.bias`` -> ``transformer.h.3.ln_1.bias``,
+    ``lm_head.weight`` stays. Keys already the model's stay as they are
+    (``state_dict()`` of the sequential and of pipelines over it already
+    gives them).
 
     Raises:
-        ValueError: a key that is not one of those layers'.
+        ValueError: a key that is neither the layers' nor the model's.
     """
-    return OrderedDict((_rename(k, _TO_HF, "gpt2_state_dict_to_hf"), v)
+    return OrderedDict((_rename(k, _TO_HF, _FROM_HF_RULES,
+                                "gpt2_state_dict_to_hf"), v)
                        for k, v in state_dict.items())
 
 
@@ -173,13 +222,14 @@ _FROM_HF_RULES = [
 def gpt2_state_dict_from_hf(state_dict: Mapping[str, Any]
                             ) -> "OrderedDict[str, Any]":
     """The inverse of :func:`gpt2_state_dict_to_hf`: a ``GPT2LMHeadModel``
-    state_dict under :func:`gpt2_sequential`'s keys, to load into the
-    sequential or a pipeline over it (``strict=True``).
+    state_dict under :func:`gpt2_sequential`'s layer keys (the names of
+    ``named_parameters``); keys already the layers' stay. The sequential
+    and pipelines over it load either.
 
     Raises:
-        ValueError: a key that is not one of GPT2LMHeadModel's.
+        ValueError: a key that is neither the model's nor the layers'.
     """
-    return OrderedDict((_rename(k, _FROM_HF_RULES,
+    return OrderedDict((_rename(k, _FROM_HF_RULES, _TO_HF,
                                 "gpt2_state_dict_from_hf"), v)
                        for k, v in state_dict.items())
 

@@ -1,0 +1,65 @@
+"""Starting the ranks of a multi-process test: each rank is a process
+running a test file as a script, on 127.0.0.1, one intra-op thread each,
+with this checkout's pipegear first on its path."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Callable, Optional, Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, world: int, argv: Callable[[int, int], Sequence[str]],
+           *, timeout: float = 120, env_extra: Optional[dict] = None,
+           wait_for: Optional[Sequence[int]] = None
+           ) -> tuple[list[Optional[int]], list[str]]:
+    """Runs `script` as `world` processes with arguments ``argv(rank,
+    port)``; waits for all of them, or only for the ranks in `wait_for`
+    (the others are killed afterwards). Returns the exit codes and the
+    output of each rank."""
+    import pipegear
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(pipegear.__file__)),
+         env.get("PYTHONPATH", "")])
+    env.update(env_extra or {})
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, script,
+                               *map(str, argv(r, port))],
+                              env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+             for r in range(world)]
+    logs = [""] * world
+    try:
+        for r in (range(world) if wait_for is None else wait_for):
+            logs[r] = procs[r].communicate(timeout=timeout)[0].decode(
+                errors="replace")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], logs
+
+
+def run_ranks(script: str, world: int, out: "os.PathLike[str]", *extra: str,
+              timeout: float = 240) -> list:
+    """Runs ``script RANK WORLD PORT OUT *extra`` as `world` ranks, checks
+    that every one exits with 0 (showing their output otherwise) and
+    returns the JSON each wrote to ``OUT/rank<r>.json``."""
+    codes, logs = launch(script, world,
+                         lambda r, port: [r, world, port, out, *extra],
+                         timeout=timeout)
+    assert codes == [0] * world, "\n".join(logs)
+    reports = []
+    for r in range(world):
+        with open(os.path.join(out, f"rank{r}.json")) as f:
+            reports.append(json.load(f))
+    return reports
