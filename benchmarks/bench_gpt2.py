@@ -1,7 +1,9 @@
 """Hugging Face GPT-2 on CPU: tokens/s of the plain model and of pipegear
-K=2, and the peak memory of each stage (issue #20).
+K=2, the peak memory of each stage, and torch.distributed.pipelining on
+the same model (issue #20).
 
-    .venv/bin/python benchmarks/bench_gpt2.py [--steps 6] [--quick]
+    .venv/bin/python benchmarks/bench_gpt2.py [--steps 6] [--quick] \
+        [--only throughput|memory|versus]
 
 The model: ``transformers.GPT2LMHeadModel``, 4 blocks, width 256, 8 heads,
 sequences of 128 byte tokens (vocabulary 257, the head tied to the
@@ -22,6 +24,11 @@ backward (``CausalLMLoss``) and AdamW.
    step's start (``VmHWM``, reset through ``/proc/self/clear_refs``),
    beside the plain model's and the in-process GPipe's (one process, both
    stages). Each configuration runs in fresh processes.
+3. Against torch.distributed.pipelining on 2 ranks: its ``PipelineStage``
+   and ``ScheduleGPipe`` / ``Schedule1F1B`` over the same slices, the tied
+   weight's gradient summed by hand, taking turns with DistributedGPipe
+   step by step: tokens/s, and the first step's gradient of the tied
+   weight against the plain model's on a batch with padding.
 
 Requires transformers (requirements-dev.txt).
 """
@@ -330,6 +337,174 @@ def memory(quick: bool) -> None:
     print()
 
 
+# ---- 3. against torch.distributed.pipelining (2 ranks) -------------------
+
+
+def _padded(batch):
+    """`batch` with its last sequence ending half way (padding: its last
+    T/2 targets ignored), as the last batch of a text usually does."""
+    x, y = batch[0].clone(), batch[1].clone()
+    x[-1, T // 2:] = data.PAD
+    y[-1, T // 2:] = data.IGNORE
+    return x, y
+
+
+def versus_worker(rank: int, world: int, port: int, steps: int,
+                  quick: bool) -> None:
+    """One rank of section 3: pipegear's DistributedGPipe and
+    torch.distributed.pipelining's PipelineStage + ScheduleGPipe /
+    Schedule1F1B on the same slice of the same GPT-2, taking turns step by
+    step; the first step's gradient of the tied weight against the plain
+    model's on a padded batch."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
+                                              ScheduleGPipe)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    balance = json.loads(os.environ["BENCH_BALANCE"])
+    loss_fn = CausalLMLoss()
+    work = batches(steps + 2)
+    check = _padded(work[0])
+    base = model(quick)
+    plain = copy.deepcopy(base).eval()  # no dropout in the check
+    loss_fn(plain(check[0]).logits, check[1]).backward()
+    ref = plain.transformer.wte.weight.grad
+    first, last = rank == 0, rank == world - 1
+    offset = sum(balance[:rank])
+    # The tied weight: the embedding's on rank 0, the head's on rank 1.
+    tied_name = "embed.wte.weight" if first else "lm_head.weight"
+    # Every rank of both pipelines is the same group: one all-reduce of the
+    # tied weight's gradient (the sum of both uses) on both ranks after the
+    # backward is what pipegear does after its drain, by hand.
+    tie_group = dist.new_group([0, world - 1])
+
+    def ours(chunks, schedule):
+        pipe = pipegear.DistributedGPipe(
+            gpt2_sequential(copy.deepcopy(base)), balance, chunks=chunks,
+            checkpoint="except_last", schedule=schedule, timeout=600)
+        opt = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
+        tied = dict(pipe.named_parameters())[tied_name]
+
+        def step(x, y, update=True):
+            pipe.step(x if first else None, y if last else None, loss_fn)
+            grad = tied.grad.clone()
+            if update:
+                opt.step()
+            opt.zero_grad()
+            return grad
+        step.module = pipe
+        return step
+
+    def theirs(chunks, schedule):
+        # Manual stages over the same slice of gpt2_sequential as
+        # pipegear's; each end holds its own copy of the tied weight, and
+        # its gradient is summed by hand.
+        seq = gpt2_sequential(copy.deepcopy(base))
+        part = torch.nn.Sequential(*list(seq)[offset:offset + balance[rank]])
+        stage = PipelineStage(part, rank, world, torch.device("cpu"))
+        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        sched = kind(stage, chunks, loss_fn=loss_fn)
+        opt = torch.optim.AdamW(part.parameters(), lr=1e-3)
+        tied = (part[0].wte.weight if first else part[-1].weight)
+
+        def step(x, y, update=True):
+            if first:
+                sched.step(x)
+            elif last:
+                sched.step(target=y)
+            else:
+                sched.step()
+            dist.all_reduce(tied.grad, group=tie_group)
+            grad = tied.grad.clone()
+            if update:
+                opt.step()
+            opt.zero_grad()
+            return grad
+        step.module = part
+        return step
+
+    rows = []
+    for chunks, schedule in ((1, "gpipe"), (4, "gpipe"), (8, "gpipe"),
+                             (8, "1f1b")):
+        variants = {"pipegear": ours(chunks, schedule),
+                    "torch.pipelining": theirs(chunks, schedule)}
+        row = {"chunks": chunks, "schedule": schedule}
+        for name, step in variants.items():
+            step.module.eval()  # dropout off, as in the plain model's check
+            grad = step(*check, update=False)
+            step.module.train()
+            row[name + " error"] = ((grad - ref).abs().max()
+                                    / ref.abs().max()).item()
+        times = {name: [] for name in variants}
+        for i, (x, y) in enumerate(work):
+            for name, step in variants.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                step(x, y)
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+        for name in variants:
+            row[name] = statistics.median(times[name])
+        rows.append(row)
+    if last:
+        print(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def versus(steps: int, quick: bool) -> None:
+    import torch.distributed.pipelining  # noqa: F401 (fail early)
+
+    print("## 3. Against torch.distributed.pipelining, 2 ranks\n")
+    sample = gpt2_sequential(model(quick))
+    torch.set_num_threads(1)
+    balance = pipegear.balance_by_time(2, sample, batches(1)[0][0],
+                                       repeats=2)
+    env = dict(os.environ, BENCH_BALANCE=json.dumps(balance),
+               OMP_NUM_THREADS="1")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--versus-worker", str(r), "2", str(port),
+         str(steps)] + (["--quick"] if quick else []),
+        env=env, stdout=subprocess.PIPE, text=True) for r in range(2)]
+    out = [p.communicate(timeout=1800)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit("versus worker failed")
+    rows = json.loads(out[-1].strip().splitlines()[-1])
+    tokens = BATCH * T
+    print(f"Balance {balance}, one process per stage (Gloo on loopback, 1 "
+          "thread each), checkpoint 'except_last' (pipegear; "
+          "torch.pipelining has none), AdamW; median of "
+          f"{steps} steps after 2 of warm-up, the two taking turns step by "
+          "step. torch.distributed.pipelining: manual `PipelineStage`s over "
+          "the same slices of `gpt2_sequential`, so that both run the same "
+          "layers (its tracer, `pipeline()`, also splits `GPT2LMHeadModel` "
+          "once the config says `use_cache=False`: a `DynamicCache` in the "
+          "output is not a pytree), each end holding its own copy of the "
+          "tied weight whose gradient the benchmark sums with an all-reduce "
+          "after `step` (pipegear does it after its drain). *grad error*: the first step's "
+          "gradient of the tied weight, on a batch whose last sequence is "
+          "half padding, against the plain model's (max abs difference "
+          "over max abs value).\n")
+    print("| schedule | chunks | pipegear tokens/s | torch.pipelining "
+          "tokens/s | ratio | pipegear grad error | torch.pipelining grad "
+          "error |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ours_ = tokens / r["pipegear"]
+        theirs_ = tokens / r["torch.pipelining"]
+        print(f"| {r['schedule']} | {r['chunks']} | {ours_:.0f} | "
+              f"{theirs_:.0f} | {ours_ / theirs_:.2f}x | "
+              f"{r['pipegear error']:.1e} | "
+              f"{r['torch.pipelining error']:.1e} |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
@@ -337,15 +512,22 @@ def main() -> None:
                         help="a smaller model (a smoke test of the script)")
     parser.add_argument("--worker", nargs=4, type=int,
                         metavar=("RANK", "WORLD", "PORT", "CHUNKS"))
-    parser.add_argument("--only", choices=["throughput", "memory"])
+    parser.add_argument("--versus-worker", nargs=4, type=int,
+                        metavar=("RANK", "WORLD", "PORT", "STEPS"))
+    parser.add_argument("--only", choices=["throughput", "memory", "versus"])
     args = parser.parse_args()
     if args.worker:
         memory_worker(*args.worker, quick=args.quick)
         return
-    if args.only != "memory":
+    if args.versus_worker:
+        versus_worker(*args.versus_worker, quick=args.quick)
+        return
+    if args.only in (None, "throughput"):
         throughput(args.steps, args.quick)
-    if args.only != "throughput":
+    if args.only in (None, "memory"):
         memory(args.quick)
+    if args.only in (None, "versus"):
+        versus(args.steps, args.quick)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ plots the loss curve, and hands the trained weights to the plain
 
     .venv/bin/python examples/python/train_gpt2.py [--steps 200] [--out out/]
 
-Writes ``out/gpt2_loss.png`` (with matplotlib) and ``out/gpt2_loss.csv``.
+or one stage per process, with ``DistributedGPipe`` over Gloo:
+
+    .venv/bin/torchrun --nproc_per_node=2 examples/python/train_gpt2.py
+
+Writes ``out/gpt2_loss.png`` (with matplotlib) and ``out/gpt2_loss.csv``
+(rank 0 under torchrun).
 """
 import argparse
 import copy
@@ -63,16 +68,23 @@ def progress(total: int):
     return _Progress(total)
 
 
+def feed(pipe, x, y):
+    """The step's input and target for this rank: a DistributedGPipe's
+    first rank takes the input, its last the target; GPipe takes both."""
+    return (x if getattr(pipe, "is_first", True) else None,
+            y if getattr(pipe, "is_last", True) else None)
+
+
 def evaluate(pipe, inputs, targets, batch):
     """Mean loss per target byte over the held-out sequences (padding
-    ignored), in eval mode: no dropout, nothing checkpointed."""
+    ignored), in eval mode: no dropout, nothing checkpointed, no graph."""
     pipe.eval()
     total, count = 0.0, 0
     loss_fn = CausalLMLoss(reduction="sum")
     with torch.no_grad():
         for i in range(0, len(inputs), batch):
             x, y = inputs[i:i + batch], targets[i:i + batch]
-            total += loss_fn(pipe(x), y).item()
+            total += pipe.step(*feed(pipe, x, y), loss_fn).item()
             count += int((y != data.IGNORE).sum())
     pipe.train()
     return total / count
@@ -100,6 +112,16 @@ def main() -> None:
     import transformers
     transformers.logging.set_verbosity_error()
 
+    # Under torchrun: one stage per process (Gloo); rank 0 reports.
+    group = None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from pipegear.distributed import init_from_env
+        group = init_from_env()
+        args.stages = group.size()
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    reporting = group is None or group.rank() == 0
+    log = print if reporting else (lambda *a, **k: None)
+
     # -- data: the standard library's sources, byte tokens ---------------
     # The first sequences are held out; the text ends half-way through the
     # last training sequence, which is padded (ignored targets).
@@ -109,7 +131,7 @@ def main() -> None:
     inputs, targets = data.pack(text, args.seq_len)
     eval_x, eval_y = inputs[:held_out], targets[:held_out]
     train_x, train_y = inputs[held_out:], targets[held_out:]
-    print(f"data: {len(text) / 1e6:.2f} MB of the standard library's "
+    log(f"data: {len(text) / 1e6:.2f} MB of the standard library's "
           f"sources ({len(data.stdlib_files())} files), byte tokens: "
           f"{held_out} held-out and {len(train_x)} training sequences of "
           f"{args.seq_len}, the last padded "
@@ -126,16 +148,32 @@ def main() -> None:
     model = transformers.GPT2LMHeadModel(config)
     seq = gpt2_sequential(model)
     params = sum(p.numel() for p in seq.parameters())
-    print(f"model: GPT-2, {args.layers} blocks, width {args.width}, "
+    log(f"model: GPT-2, {args.layers} blocks, width {args.width}, "
           f"{params / 1e6:.2f} M parameters (lm_head tied to embed.wte)")
 
     balance = pipegear.balance_by_time(args.stages, seq,
                                        train_x[:args.batch], repeats=2)
-    pipe = pipegear.GPipe(seq, balance, devices=["cpu"] * args.stages,
-                          chunks=args.chunks, checkpoint="except_last")
-    print(f"balance {balance}: " + " | ".join(
-        ", ".join(part._modules) for part in pipe.partitions))
-    print(pipe.schedule_table())
+    if group is None:
+        pipe = pipegear.GPipe(seq, balance, devices=["cpu"] * args.stages,
+                              chunks=args.chunks, checkpoint="except_last")
+        print(f"balance {balance}: " + " | ".join(
+            ", ".join(part._modules) for part in pipe.partitions))
+        print(pipe.schedule_table())
+    else:
+        import torch.distributed as dist
+
+        # Timings differ from rank to rank: every rank takes rank 0's
+        # balance (the ranks must agree on it).
+        shared = [balance]
+        dist.broadcast_object_list(shared, src=0, group=group)
+        balance = shared[0]
+        # The tie (lm_head.weight is embed.wte.weight) spans the first and
+        # the last rank: each holds a copy, their gradients are summed.
+        pipe = pipegear.DistributedGPipe(seq, balance, process_group=group,
+                                         chunks=args.chunks,
+                                         checkpoint="except_last")
+        log(f"balance {balance} over {args.stages} ranks")
+        print(f"rank {group.rank()}: {', '.join(pipe._modules)}", flush=True)
 
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=args.lr,
                                   weight_decay=0.01)
@@ -149,29 +187,44 @@ def main() -> None:
 
     # -- training ----------------------------------------------------------
     losses, evals = [], []
-    bar = progress(args.steps)
+    bar = progress(args.steps) if reporting else None
     start = time.time()
     for step in range(1, args.steps + 1):
         rows = order[(step - 1) * args.batch % len(order):][:args.batch]
-        loss = pipe.step(train_x[rows], train_y[rows], loss_fn)
+        # Every rank gets the loss of the step.
+        loss = pipe.step(*feed(pipe, train_x[rows], train_y[rows]), loss_fn)
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
         losses.append(loss.item())
-        bar.set_postfix_str(f"loss {losses[-1]:.3f}")
-        bar.update(1)
+        if bar is not None:
+            bar.set_postfix_str(f"loss {losses[-1]:.3f}")
+            bar.update(1)
         if step == 1 or step % args.eval_every == 0 or step == args.steps:
             evals.append((step, evaluate(pipe, eval_x, eval_y, args.batch)))
             recent = sum(losses[-10:]) / len(losses[-10:])
-            bar.write(f"step {step:4d}  train loss {recent:.3f}  held-out "
-                      f"{evals[-1][1]:.3f} ({evals[-1][1] / math.log(2):.2f} "
-                      "bits/byte)")
-    bar.close()
+            if bar is not None:
+                bar.write(f"step {step:4d}  train loss {recent:.3f}  "
+                          f"held-out {evals[-1][1]:.3f} "
+                          f"({evals[-1][1] / math.log(2):.2f} bits/byte)")
+    if bar is not None:
+        bar.close()
     elapsed = time.time() - start
     tokens = args.steps * args.batch * args.seq_len
-    print(f"{args.steps} steps in {elapsed:.0f} s: {tokens / elapsed:.0f} "
-          "tokens/s; last step's bubble fraction "
-          f"{pipe.last_trace.bubble_fraction:.2f}")
+    log(f"{args.steps} steps in {elapsed:.0f} s: {tokens / elapsed:.0f} "
+        "tokens/s" + ("" if group is not None else
+                      "; last step's bubble fraction "
+                      f"{pipe.last_trace.bubble_fraction:.2f}"))
+
+    # The whole state: one rank's slice each under torchrun (its keys are
+    # the plain model's; the tied weight is on the first and the last).
+    state = pipe.state_dict()
+    if group is not None:
+        slices = [None] * group.size() if reporting else None
+        dist.gather_object(state, slices, dst=0, group=group)
+        if not reporting:
+            return
+        state = {k: v for part in slices for k, v in part.items()}
 
     # -- the loss curve ----------------------------------------------------
     os.makedirs(args.out, exist_ok=True)
@@ -208,7 +261,7 @@ def main() -> None:
     if args.sample > 0:
         plain = transformers.GPT2LMHeadModel(copy.deepcopy(config))
         # The pipeline saves the plain model's keys: no renaming.
-        plain.load_state_dict(pipe.state_dict(), strict=True)
+        plain.load_state_dict(state, strict=True)
         plain.eval()
         prompt = torch.tensor([list(b"def ")])
         torch.manual_seed(2)
