@@ -284,13 +284,15 @@ void register_random_kernels() {
     for (const auto& a : op->schema().arguments()) {
       draws = draws || is_generator(a);
     }
-    auto& lib = library_of(std::string(*ns));
+    // A library only for a namespace that gets an impl: most have none.
     if (draws) {
-      lib.impl(full.c_str(),
-               torch::CppFunction::makeFromBoxedFunction<&with_cell_generator>());
+      library_of(std::string(*ns)).impl(
+          full.c_str(),
+          torch::CppFunction::makeFromBoxedFunction<&with_cell_generator>());
     } else if (is_stateful_random(name)) {
-      lib.impl(full.c_str(),
-               torch::CppFunction::makeFromBoxedFunction<&with_cell_state>());
+      library_of(std::string(*ns)).impl(
+          full.c_str(),
+          torch::CppFunction::makeFromBoxedFunction<&with_cell_state>());
     }
   }
 }
