@@ -9,9 +9,189 @@
 #include <torch/cuda.h>
 #include <torch/nn/modules/batchnorm.h>
 
+#include <torch/csrc/autograd/function_hook.h>
+
+#include <pipegear/detail/cells.h>
 #include <pipegear/nn/deferred_batch_norm.h>
 
 namespace pipegear {
+
+namespace detail {
+
+/// Parameters held by layers of several stages (GPT-2's head reusing the
+/// embedding's weight): one parameter, as in the plain model, whose
+/// gradient sums every use once per step.
+///
+/// Every stage computes with the parameter itself: a C++ layer reads its
+/// own member (LinearImpl::weight), which cannot be swapped for a replica
+/// as the Python GPipe does, so the stages must share its device, and the
+/// CPU, where autograd runs a stage's backward on the stage's worker
+/// thread, so that running_stage() tells the stages apart. The first stage
+/// using the parameter (its owner) accumulates into .grad as usual; a hook
+/// moves every other stage's gradient into a buffer of that stage (handing
+/// autograd zeros, which add nothing), and add() sums the buffers into
+/// .grad in stage order after the drain. Each buffer accumulates in its
+/// stage's schedule order, so the sum is the same bit for bit run to run,
+/// which two workers adding into one .grad as their timing goes would not
+/// give (the Python GPipe's replicas do the same: engine.md, "Tied
+/// parameters").
+class TiedGrads {
+ public:
+  struct Tie {
+    torch::Tensor param;
+    std::string name;  // its name in the owner
+    int64_t owner = 0;
+    // One buffer per later stage using it; the keys never change after
+    // construction and each is written by its stage's worker only.
+    std::map<int64_t, torch::Tensor> grads;
+    unsigned hook = 0;
+    bool hooked = false;
+  };
+
+  ~TiedGrads() {
+    for (auto& tie : ties_) {
+      if (tie->hooked) {
+        tie->param.remove_hook(tie->hook);
+      }
+    }
+  }
+
+  /// Finds the parameters held by more than one stage of `parts` and
+  /// checks that those stages share the CPU; changes nothing when it
+  /// throws. Then call hook().
+  void find(const std::vector<torch::nn::Sequential>& parts,
+            const std::vector<c10::Device>& devices) {
+    struct Use {
+      size_t stage;
+      std::string name;
+    };
+    std::map<const c10::TensorImpl*, std::vector<Use>> uses;
+    std::vector<const c10::TensorImpl*> order;
+    for (size_t s = 0; s < parts.size(); ++s) {
+      for (const auto& p : parts[s]->named_parameters()) {
+        auto& list = uses[p.value().unsafeGetTensorImpl()];
+        if (list.empty()) {
+          order.push_back(p.value().unsafeGetTensorImpl());
+        }
+        if (list.empty() || list.back().stage != s) {
+          list.push_back({s, p.key()});
+        }
+      }
+    }
+    for (const auto* impl : order) {
+      const auto& list = uses[impl];
+      if (list.size() < 2) {
+        continue;
+      }
+      const auto& first = list.front();
+      for (const auto& use : list) {
+        TORCH_CHECK_VALUE(
+            devices[use.stage] == devices[first.stage] &&
+                devices[use.stage].is_cpu(),
+            "parameter '", use.name, "' of stage ", use.stage, " is '",
+            first.name, "' of stage ", first.stage, ": the C++ GPipe ties a "
+            "parameter across stages on the CPU only (stage ", first.stage,
+            " is on ", devices[first.stage], ", stage ", use.stage, " on ",
+            devices[use.stage], "); the Python GPipe ties parameters on any "
+            "devices");
+      }
+      auto tie = std::make_unique<Tie>();
+      for (size_t s = 0; s < parts.size(); ++s) {
+        for (const auto& p : parts[s]->parameters()) {
+          if (p.unsafeGetTensorImpl() == impl) {
+            tie->param = p;
+          }
+        }
+      }
+      tie->name = first.name;
+      tie->owner = static_cast<int64_t>(first.stage);
+      for (size_t i = 1; i < list.size(); ++i) {
+        tie->grads.emplace(static_cast<int64_t>(list[i].stage),
+                           torch::Tensor());
+      }
+      ties_.push_back(std::move(tie));
+    }
+  }
+
+  bool empty() const { return ties_.empty(); }
+
+  void hook() {
+    for (auto& tie : ties_) {
+      if (!tie->param.requires_grad()) {
+        continue;  // no gradient to sum (requires_grad_ later: refused)
+      }
+      Tie* t = tie.get();
+      tie->hook = tie->param.register_hook([t](const torch::Tensor& grad) {
+        const int64_t s = running_stage();
+        auto it = t->grads.find(s);
+        if (it == t->grads.end()) {
+          return torch::Tensor();  // the owner, or outside the pipeline
+        }
+        it->second = it->second.defined() ? it->second + grad : grad.clone();
+        return torch::zeros_like(grad);
+      });
+      tie->hooked = true;
+    }
+  }
+
+  /// Before a pass: what a failed drain left in the buffers is dropped
+  /// (the parameter keeps what the owner accumulated: zero the gradients
+  /// before retrying, as after any failed step). Checks that a parameter
+  /// that needed no gradient at construction still needs none.
+  void begin() {
+    for (auto& tie : ties_) {
+      TORCH_CHECK_VALUE(
+          tie->hooked || !tie->param.requires_grad(),
+          "parameter '", tie->name, "' (of stage ", tie->owner, ", tied "
+          "across stages) started requiring gradients after the GPipe was "
+          "built; build the GPipe after setting requires_grad");
+      for (auto& [stage, grad] : tie->grads) {
+        grad = torch::Tensor();
+      }
+    }
+  }
+
+  /// After the drain: each later stage's gradient into .grad, in stage
+  /// order.
+  void add() {
+    torch::NoGradGuard no_grad;
+    for (auto& tie : ties_) {
+      for (auto& [stage, grad] : tie->grads) {
+        if (!grad.defined()) {
+          continue;
+        }
+        auto& total = tie->param.mutable_grad();
+        if (total.defined()) {
+          total.add_(grad);
+        } else {
+          total = grad;
+        }
+        grad = torch::Tensor();
+      }
+    }
+  }
+
+ private:
+  std::vector<std::unique_ptr<Tie>> ties_;
+};
+
+namespace {
+
+// After the module-style drain (the backward of the pipeline's node).
+struct AddTiedGrads : torch::autograd::FunctionPostHook {
+  explicit AddTiedGrads(std::shared_ptr<TiedGrads> ties)
+      : ties(std::move(ties)) {}
+  torch::autograd::variable_list operator()(
+      const torch::autograd::variable_list& grad_inputs,
+      const torch::autograd::variable_list& /*grad_outputs*/) override {
+    ties->add();
+    return grad_inputs;
+  }
+  std::shared_ptr<TiedGrads> ties;
+};
+
+} // namespace
+} // namespace detail
 
 void check_balance(const std::vector<int64_t>& balance, int64_t layers) {
   TORCH_CHECK_VALUE(!balance.empty(), "balance must have at least 1 stage");
@@ -139,7 +319,6 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
   }
 
   std::vector<std::shared_ptr<Stage>> stages;
-  std::map<const void*, size_t> owner;  // parameter storage -> stage
   std::vector<torch::nn::Sequential> parts;
   int64_t offset = 0;
   for (size_t s = 0; s < options_.balance().size(); ++s) {
@@ -147,15 +326,11 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
     for (int64_t l = offset; l < offset + options_.balance()[s]; ++l) {
       part->push_back(names[l], *(module->begin() + l));
     }
-    for (const auto& p : part->parameters()) {
-      auto [it, fresh] = owner.emplace(p.unsafeGetTensorImpl(), s);
-      TORCH_CHECK_VALUE(fresh || it->second == s, "a parameter is shared by "
-                        "stage ", it->second, " and stage ", s,
-                        "; stages on different workers cannot share one");
-    }
     offset += options_.balance()[s];
     parts.push_back(part);
   }
+  auto ties = std::make_shared<detail::TiedGrads>();
+  ties->find(parts, devices_);
   // Checked everything before moving anything: a rejected module is intact.
   for (int64_t l = 0; l < layers; ++l) {
     register_module(names[l], module->ptr(l));
@@ -170,6 +345,10 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
     first_layer += static_cast<int64_t>(part->size());
   }
   partitions_->train(is_training());
+  ties->hook();
+  if (!ties->empty()) {
+    ties_ = std::move(ties);
+  }
   engine_ = std::make_unique<Engine>(
       std::move(stages), EngineOptions()
                              .chunks(options_.chunks())
@@ -179,14 +358,27 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
 }
 
 torch::Tensor GPipeImpl::forward(torch::Tensor input) {
-  auto out = engine_->forward({std::move(input)}, is_training());
+  auto out = forward_batch({std::move(input)});
   TORCH_CHECK_VALUE(out.size() == 1, "the last stage returned ", out.size(),
                     " tensors; use forward_batch for tuples");
   return out.front();
 }
 
 Batch GPipeImpl::forward_batch(const Batch& input) {
-  return engine_->forward(input, is_training());
+  if (!ties_) {
+    return engine_->forward(input, is_training());
+  }
+  ties_->begin();
+  auto out = engine_->forward(input, is_training());
+  // The outputs share one node, the pipeline's: its backward is the drain.
+  for (const auto& t : out) {
+    if (t.defined() && t.grad_fn()) {
+      t.grad_fn()->add_post_hook(
+          std::make_unique<detail::AddTiedGrads>(ties_));
+      break;
+    }
+  }
+  return out;
 }
 
 torch::Tensor GPipeImpl::step(
@@ -205,8 +397,15 @@ torch::Tensor GPipeImpl::step(
                       "micro-batching splits dim 0");
     targets.push_back(std::move(target));
   }
-  return engine_->step({std::move(input)}, targets, fn,
-                       options.training(is_training()));
+  if (ties_) {
+    ties_->begin();
+  }
+  auto loss = engine_->step({std::move(input)}, targets, fn,
+                            options.training(is_training()));
+  if (ties_) {
+    ties_->add();
+  }
+  return loss;
 }
 
 LossCount count_class_targets(int64_t ignore_index, torch::Tensor weight) {

@@ -86,6 +86,10 @@ struct GPipeOptions {
 /// at construction; deferred_batch_norm(true) gives those of the whole
 /// mini-batch); recomputations of checkpointed micro-batches do not update
 /// them again.
+namespace detail {
+class TiedGrads;
+} // namespace detail
+
 class GPipeImpl : public torch::nn::Module {
  public:
   GPipeImpl(torch::nn::Sequential module, GPipeOptions options);
@@ -164,6 +168,9 @@ class GPipeImpl : public torch::nn::Module {
   GPipeOptions options_;
   std::vector<c10::Device> devices_;
   torch::nn::ModuleList partitions_;
+  // Parameters held by layers of several stages (gpipe.cpp); null when
+  // there are none.
+  std::shared_ptr<detail::TiedGrads> ties_;
   std::unique_ptr<Engine> engine_;
 };
 

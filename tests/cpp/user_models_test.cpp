@@ -3,6 +3,7 @@
 // number). docs/errors.md lists the errors.
 #include "testing.h"
 
+#include <map>
 #include <stdexcept>
 #include <thread>
 
@@ -331,4 +332,124 @@ TEST_CASE("user models: a pipeline refuses to move, casts its dtype",
       GPipe(classifier(3), GPipeOptions({2, 1}).devices(
                                {torch::kCPU, torch::Device("meta")})),
       Catch::Contains("devices[1] is meta"));
+}
+
+namespace {
+
+// A language model's ends as C++ users tie them: the head registers the
+// embedding's weight as its own parameter (one tensor, two modules).
+struct TokenEmbedImpl : torch::nn::Module {
+  explicit TokenEmbedImpl(torch::Tensor w) {
+    weight = register_parameter("weight", std::move(w));
+  }
+  torch::Tensor forward(torch::Tensor ids) {
+    return torch::embedding(weight, ids);
+  }
+  torch::Tensor weight;
+};
+TORCH_MODULE(TokenEmbed);
+
+struct TiedHeadImpl : torch::nn::Module {
+  explicit TiedHeadImpl(torch::Tensor w) {
+    weight = register_parameter("weight", std::move(w));
+  }
+  torch::Tensor forward(torch::Tensor x) { return x.matmul(weight.t()); }
+  torch::Tensor weight;
+};
+TORCH_MODULE(TiedHead);
+
+constexpr int64_t kVocab = 11, kWidth = 6;
+
+// embed, (Linear, Tanh) x 2, head tied to embed: 6 layers.
+torch::nn::Sequential tied_lm() {
+  torch::manual_seed(5);
+  auto w = torch::randn({kVocab, kWidth}, torch::kFloat64);
+  torch::nn::Sequential m;
+  m->push_back("embed", TokenEmbed(w));
+  for (int i = 0; i < 2; ++i) {
+    m->push_back("fc" + std::to_string(i), torch::nn::Linear(kWidth, kWidth));
+    m->push_back("act" + std::to_string(i), torch::nn::Tanh());
+  }
+  m->push_back("head", TiedHead(w));
+  m->to(torch::kFloat64);
+  return m;
+}
+
+// The gradients by name (the tie under both of its names, as in the plain
+// model's parameters()).
+std::map<std::string, torch::Tensor> grads_of(const torch::nn::Module& m) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& p : m.named_parameters()) {
+    out[p.key()] = p.value().grad().clone();
+  }
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("user models: a parameter tied across stages sums every use",
+          "[user][tied]") {
+  auto ids = torch::randint(0, kVocab, {10, 4});
+  auto t = torch::randint(0, kVocab, {10, 4});
+  t.index_put_({9, torch::indexing::Slice(2)}, -100);  // padding
+  auto loss_of = [](const torch::Tensor& logits, const torch::Tensor& target) {
+    return torch::nn::functional::cross_entropy(logits.flatten(0, 1),
+                                                target.flatten());
+  };
+  auto plain = tied_lm();
+  auto ref = loss_of(plain->forward(ids), t);
+  ref.backward();
+  const auto expected = grads_of(*plain);
+  REQUIRE(expected.count("head.weight") == 1);
+  auto ce = torch::nn::CrossEntropyLoss();
+  auto flat_ce = [&](const torch::Tensor& o, const torch::Tensor& tt) {
+    return ce->forward(o.flatten(0, 1), tt.flatten());
+  };
+  for (std::vector<int64_t> balance :
+       {std::vector<int64_t>{6}, {1, 5}, {3, 3}, {2, 2, 2}, {1, 2, 2, 1}}) {
+    for (auto mode : {CheckpointMode::kNever, CheckpointMode::kExceptLast,
+                      CheckpointMode::kAlways}) {
+      for (auto schedule : {ScheduleKind::kGPipe, ScheduleKind::k1F1B}) {
+        for (int64_t chunks : {1, 3, 4}) {
+          INFO("balance " << c10::IntArrayRef(balance) << ", chunks "
+                          << chunks << ", " << pipegear::to_string(mode));
+          auto pipe = GPipe(tied_lm(),
+                            cpu_options(balance, chunks, mode, schedule));
+          // The loss counts the targets that are not ignored, as the plain
+          // model's mean does.
+          auto got = pipe->step(
+              ids, t, flat_ce,
+              pipegear::StepOptions().count(
+                  pipegear::count_class_targets(-100)));
+          require_close(got, ref, 1e-12);
+          auto grads = grads_of(*pipe);
+          REQUIRE(grads.size() == expected.size());
+          for (const auto& [name, g] : expected) {
+            INFO(name);
+            require_close(grads.at(name), g, 1e-12);
+          }
+          // The same again, bit for bit: each stage sums its uses in its
+          // schedule's order, the stages in stage order.
+          pipe->zero_grad();
+          pipe->step(ids, t, flat_ce,
+                     pipegear::StepOptions().count(
+                         pipegear::count_class_targets(-100)));
+          REQUIRE(torch::equal(grads_of(*pipe).at("embed.weight"),
+                               grads.at("embed.weight")));
+        }
+      }
+    }
+  }
+  // Module style: the sum is in .grad once loss.backward() returns.
+  auto pipe = GPipe(tied_lm(), cpu_options({2, 2, 2}, 3));
+  loss_of(pipe->forward(ids), t).backward();
+  for (const auto& [name, g] : expected) {
+    INFO(name);
+    require_close(grads_of(*pipe).at(name), g, 1e-12);
+  }
+  // Two steps without zero_grad: each step's sum is added once.
+  pipe->step(ids, t, flat_ce,
+             pipegear::StepOptions().count(pipegear::count_class_targets(-100)));
+  require_close(grads_of(*pipe).at("head.weight"),
+                2 * expected.at("head.weight"), 1e-12);
 }

@@ -35,6 +35,29 @@ int64_t now_ns() {
 
 namespace {
 
+thread_local int64_t tls_running_stage = -1;
+
+// Sets running_stage() for the duration of a cell (restored after, for a
+// cell that would run inside another's backward).
+class RunningStage {
+ public:
+  explicit RunningStage(int64_t stage) : previous_(tls_running_stage) {
+    tls_running_stage = stage;
+  }
+  ~RunningStage() { tls_running_stage = previous_; }
+  RunningStage(const RunningStage&) = delete;
+  RunningStage& operator=(const RunningStage&) = delete;
+
+ private:
+  int64_t previous_;
+};
+
+} // namespace
+
+int64_t running_stage() { return tls_running_stage; }
+
+namespace {
+
 // Identity whose output is not a leaf: a stage's first layer may then work
 // in place on its input (nn.ReLU(inplace=True)), which autograd forbids on
 // the leaf itself.
@@ -111,6 +134,7 @@ void CellRunner::run(StepRun& run, Transport& transport,
     return;
   }
   c10::OptionalDeviceGuard device_guard(accelerator(stage_->device()));
+  RunningStage running(index_);
   auto is_fwd = [](const Cell& c) { return c.phase == Phase::kForward; };
   // Built only when a cell fails: the per-cell path formats nothing.
   const auto where = [&] {

@@ -19,6 +19,12 @@ namespace pipegear::detail {
 
 int64_t now_ns();
 
+/// The index of the stage whose cell this thread is running, -1 outside a
+/// cell (set by CellRunner::run). Autograd runs a CPU graph on the thread
+/// that called backward, so hooks of CPU parameters can tell which stage's
+/// backward they are in (tied parameters of the C++ GPipe, gpipe.cpp).
+int64_t running_stage();
+
 // Thrown inside a worker when another cell failed: unwinds quietly.
 struct Aborted {};
 

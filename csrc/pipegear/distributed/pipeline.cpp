@@ -26,6 +26,7 @@
 #include <pipegear/nn/deferred_batch_norm.h>
 #include <pipegear/detail/random.h>
 #include <pipegear/schedule.h>
+#include <pipegear/distributed/detail/tied.h>
 
 namespace pipegear {
 namespace detail {
@@ -46,6 +47,10 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   void backward();
   // Module style, the drain pass of `state` (from the autograd node).
   Batch drain(StepState& state, const Batch& grads);
+  // Parameters this rank shares with others (the Sequential form): agreed
+  // on and given the first holder's value now (a collective), their
+  // gradients summed after every drain.
+  void tie(std::vector<TiedParameter> ties);
 
   int64_t rank() const { return link_.rank(); }
   int64_t world() const { return link_.world(); }
@@ -91,6 +96,8 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   Link link_;
   Protocol protocol_;
 
+  std::unique_ptr<TiedAcrossRanks> ties_;  // null: none
+
   std::mutex call_mutex_;  // one call (step, forward, drain) at a time
   std::weak_ptr<StepState> undrained_;  // module style: fill done, drain not
   torch::Tensor placeholder_;           // module style: for backward()
@@ -100,6 +107,35 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
 };
 
 namespace {
+
+// A step's use of the tied parameters: their gradients set aside at the
+// start, summed over the ranks (commit) or only given back (a failed pass).
+class TiedStep {
+ public:
+  // `begin`: false in a module-style drain, whose forward set them aside.
+  explicit TiedStep(TiedAcrossRanks* ties, bool begin = true) : ties_(ties) {
+    if (ties_ && begin) {
+      ties_->begin();
+    }
+  }
+  ~TiedStep() {
+    if (ties_) {
+      ties_->end(false);
+    }
+  }
+  TiedStep(const TiedStep&) = delete;
+  TiedStep& operator=(const TiedStep&) = delete;
+  void commit(bool sum) {
+    if (auto* ties = std::exchange(ties_, nullptr)) {
+      ties->end(sum);
+    }
+  }
+  // Module style: the drain ends the step (DistributedCore::drain).
+  void release() { ties_ = nullptr; }
+
+ private:
+  TiedAcrossRanks* ties_;
+};
 
 c10::Device default_device(const c10d::ProcessGroup& group) {
   if (group.getBackendName() != "nccl") {
@@ -218,6 +254,15 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
   protocol_.connect();
 }
 
+void DistributedCore::tie(std::vector<TiedParameter> ties) {
+  std::lock_guard<std::mutex> call(call_mutex_);
+  auto t = std::make_unique<TiedAcrossRanks>(link_, std::move(ties));
+  t->start();  // every rank, even one that holds none (a collective)
+  if (!t->empty()) {
+    ties_ = std::move(t);
+  }
+}
+
 std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
                                                   const Batch& input,
                                                   std::exception_ptr local_error) {
@@ -325,6 +370,7 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
   if (state->pre_error) {
     fail_early(*state);
   }
+  TiedStep tied(ties_.get());
   auto& run = state->run;
   // Everything after the header that may fail is a failure of the step: the
   // failure protocol tells the peers.
@@ -356,6 +402,7 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
   }
   // Every rank learns who failed, and the loss of the last rank.
   const auto [value, dtype] = protocol_.agree(*state, error, loss, "step");
+  tied.commit(run.grad);  // every rank's drain succeeded: sum (collective)
   runner_.end_forward();  // every rank succeeded: commit (DeferredBatchNorm)
   state->transport->grow_capacities(true, true);
   link_.flush();
@@ -381,6 +428,8 @@ Batch DistributedCore::forward(const Batch& input, bool training,
     if (state->pre_error) {
       fail_early(*state);
     }
+    // The tied gradients stay set aside until the drain.
+    TiedStep tied(state->run.grad ? ties_.get() : nullptr);
     auto error = run_cells(*state, /*forward=*/true, /*backward=*/false);
     if (!error) {
       try {
@@ -400,6 +449,7 @@ Batch DistributedCore::forward(const Batch& input, bool training,
     if (!state->run.grad) {
       return out;
     }
+    tied.release();
     undrained_ = state;
   }
   auto step = c10::make_intrusive<RankStep>();
@@ -461,12 +511,15 @@ Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   if (!error && rank() == 0) {
     out = gather_input_grads(run);
   }
+  TiedStep tied(ties_.get(), /*begin=*/false);
   finish_pass(state, error, "backward");
+  tied.commit(true);  // every rank's drain succeeded: sum (collective)
   return out;
 }
 
 void DistributedCore::abandon_drain(StepState& state,
                                     const std::exception_ptr& error) {
+  TiedStep tied(ties_.get(), /*begin=*/false);  // gives back what was set aside
   state.drained = true;
   state.abandoned = true;
   placeholder_ = torch::Tensor();
@@ -523,9 +576,12 @@ DistributedPipeline::DistributedPipeline(
   check_balance(options.balance(), static_cast<int64_t>(model->size()));
   auto part = detail::slice_of(options.balance(), group->getRank(),
                                [&](int64_t l) { return *(model->begin() + l); });
+  auto ties = detail::find_tied_parameters(model, options.balance(),
+                                           group->getRank());
   auto stage = detail::make_stage(part, *group, options);
   core_ = std::make_shared<detail::DistributedCore>(
       std::move(group), std::move(stage), part, std::move(options));
+  core_->tie(std::move(ties));
 }
 
 DistributedPipeline::DistributedPipeline(
