@@ -383,22 +383,29 @@ def versus_worker(rank: int, world: int, port: int, steps: int,
     # backward is what pipegear does after its drain, by hand.
     tie_group = dist.new_group([0, world - 1])
 
-    def ours(chunks, schedule):
-        pipe = pipegear.DistributedGPipe(
-            gpt2_sequential(copy.deepcopy(base)), balance, chunks=chunks,
-            checkpoint="except_last", schedule=schedule, timeout=600)
-        opt = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
-        tied = dict(pipe.named_parameters())[tied_name]
-
+    def stepper(module, opt, tied, run):
+        """A training step: `run(x, y)` (forward and backward), then AdamW
+        unless told not to; returns the tied weight's gradient (the sum of
+        both uses)."""
         def step(x, y, update=True):
-            pipe.step(x if first else None, y if last else None, loss_fn)
+            run(x, y)
             grad = tied.grad.clone()
             if update:
                 opt.step()
             opt.zero_grad()
             return grad
-        step.module = pipe
+        step.module = module
         return step
+
+    def ours(chunks, schedule):
+        pipe = pipegear.DistributedGPipe(
+            gpt2_sequential(copy.deepcopy(base)), balance, chunks=chunks,
+            checkpoint="except_last", schedule=schedule, timeout=600)
+        return stepper(
+            pipe, torch.optim.AdamW(pipe.parameters(), lr=1e-3),
+            dict(pipe.named_parameters())[tied_name],
+            lambda x, y: pipe.step(x if first else None,
+                                   y if last else None, loss_fn))
 
     def theirs(chunks, schedule):
         # Manual stages over the same slice of gpt2_sequential as
@@ -409,10 +416,9 @@ def versus_worker(rank: int, world: int, port: int, steps: int,
         stage = PipelineStage(part, rank, world, torch.device("cpu"))
         kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         sched = kind(stage, chunks, loss_fn=loss_fn)
-        opt = torch.optim.AdamW(part.parameters(), lr=1e-3)
-        tied = (part[0].wte.weight if first else part[-1].weight)
+        tied = part[0].wte.weight if first else part[-1].weight
 
-        def step(x, y, update=True):
+        def run(x, y):
             if first:
                 sched.step(x)
             elif last:
@@ -420,13 +426,8 @@ def versus_worker(rank: int, world: int, port: int, steps: int,
             else:
                 sched.step()
             dist.all_reduce(tied.grad, group=tie_group)
-            grad = tied.grad.clone()
-            if update:
-                opt.step()
-            opt.zero_grad()
-            return grad
-        step.module = part
-        return step
+        return stepper(part, torch.optim.AdamW(part.parameters(), lr=1e-3),
+                       tied, run)
 
     rows = []
     for chunks, schedule in ((1, "gpipe"), (4, "gpipe"), (8, "gpipe"),
