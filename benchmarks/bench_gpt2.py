@@ -400,7 +400,7 @@ def versus_worker(rank: int, world: int, port: int, steps: int,
     def ours(chunks, schedule):
         pipe = pipegear.DistributedGPipe(
             gpt2_sequential(copy.deepcopy(base)), balance, chunks=chunks,
-            checkpoint="except_last", schedule=schedule, timeout=600)
+            checkpoint="never", schedule=schedule, timeout=600)
         return stepper(
             pipe, torch.optim.AdamW(pipe.parameters(), lr=1e-3),
             dict(pipe.named_parameters())[tied_name],
@@ -479,8 +479,8 @@ def versus(steps: int, quick: bool) -> None:
     rows = json.loads(out[-1].strip().splitlines()[-1])
     tokens = BATCH * T
     print(f"Balance {balance}, one process per stage (Gloo on loopback, 1 "
-          "thread each), checkpoint 'except_last' (pipegear; "
-          "torch.pipelining has none), AdamW; median of "
+          "thread each), no recomputation (pipegear's checkpoint='never': "
+          "torch.pipelining recomputes nothing), AdamW; median of "
           f"{steps} steps after 2 of warm-up, the two taking turns step by "
           "step. torch.distributed.pipelining: manual `PipelineStage`s over "
           "the same slices of `gpt2_sequential`, so that both run the same "
