@@ -1,6 +1,7 @@
 #include <pipegear/stage.h>
 
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -104,6 +105,60 @@ class HideRunningStats {
 };
 
 } // namespace
+
+const StageSkips& Stage::skips() const {
+  static const StageSkips none;
+  return none;
+}
+
+Batch Stage::forward_skips(const Batch& input,
+                           const std::vector<torch::Tensor>& popped,
+                           std::vector<torch::Tensor>& stashed) {
+  TORCH_CHECK_VALUE(popped.empty() && skips().stash.empty(),
+                    "a stage with skips must implement forward_skips");
+  stashed.clear();
+  return forward(input);
+}
+
+int64_t count_skips(const std::vector<std::shared_ptr<Stage>>& stages) {
+  // [skip] -> stage that stashes / pops it, -1 while none.
+  std::vector<int64_t> stasher, popper;
+  const auto grow = [](std::vector<int64_t>& v, int64_t id) {
+    if (static_cast<int64_t>(v.size()) <= id) {
+      v.resize(id + 1, -1);
+    }
+  };
+  for (size_t s = 0; s < stages.size(); ++s) {
+    const StageSkips& k = stages[s]->skips();
+    for (const auto& [ids, owner, what] :
+         {std::tuple(&k.stash, &stasher, "stashed"),
+          std::tuple(&k.pop, &popper, "popped")}) {
+      for (int64_t id : *ids) {
+        TORCH_CHECK_VALUE(id >= 0, "stage ", s, " lists skip ", id,
+                          "; skip ids are >= 0");
+        grow(stasher, id);
+        grow(popper, id);
+        TORCH_CHECK_VALUE((*owner)[id] < 0, "skip ", id, " is ", what,
+                          " by stage ", (*owner)[id], " and by stage ", s,
+                          "; a skip is ", what, " once");
+        (*owner)[id] = static_cast<int64_t>(s);
+      }
+    }
+  }
+  for (size_t id = 0; id < stasher.size(); ++id) {
+    TORCH_CHECK_VALUE(stasher[id] >= 0 || popper[id] >= 0, "skip ids must be "
+                      "0..n-1 without gaps; no stage lists skip ", id);
+    TORCH_CHECK_VALUE(stasher[id] >= 0, "skip ", id, " is popped by stage ",
+                      popper[id], " but no stage stashes it");
+    TORCH_CHECK_VALUE(popper[id] >= 0, "skip ", id, " is stashed by stage ",
+                      stasher[id], " but no stage pops it");
+    TORCH_CHECK_VALUE(stasher[id] < popper[id], "skip ", id,
+                      " is stashed by stage ", stasher[id],
+                      " and popped by stage ", popper[id],
+                      "; a skip goes from a stage to a later one");
+  }
+  return static_cast<int64_t>(stasher.size());
+}
 
 SequentialStage::SequentialStage(torch::nn::Sequential layers,
                                  c10::Device device, int64_t first_layer)
