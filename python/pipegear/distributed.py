@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipegear import _C
+from pipegear.skip import _skip_problems
 from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe, _Partition,
                             _check_available, _check_int, _parse_device,
                             _Placed, _prepare_batch_norm)
@@ -193,6 +194,15 @@ class DistributedGPipe(_Placed):
                     raise TypeError(f"the factory of layer {name} returned "
                                     f"{type(layer).__name__}, not an nn.Module")
             mine.append((name, layer))
+        crossing = _skip_problems(mine)
+        if crossing:
+            # Skips inside this rank's partition work (the partition hands
+            # them over); across ranks the transport has no skip channel yet.
+            raise ValueError(
+                f"rank {rank}: DistributedGPipe does not carry skip "
+                "connections between ranks yet; the skips of this rank's "
+                "layers must stay inside its partition:\n" +
+                "\n".join(f"* {p}" for p in crossing))
         partition = _Partition(OrderedDict(mine))
         partition = _prepare_batch_norm(partition, chunks,
                                         deferred_batch_norm, f"rank {rank}: ")
