@@ -161,8 +161,21 @@ int64_t count_skips(const std::vector<std::shared_ptr<Stage>>& stages) {
 }
 
 SequentialStage::SequentialStage(torch::nn::Sequential layers,
-                                 c10::Device device, int64_t first_layer)
-    : layers_(std::move(layers)), device_(device), first_layer_(first_layer) {
+                                 c10::Device device, int64_t first_layer,
+                                 StageSkipKeys skips)
+    : layers_(std::move(layers)),
+      device_(device),
+      first_layer_(first_layer),
+      skip_keys_(std::move(skips)) {
+  skips_.pop = skip_keys_.pop_ids;
+  skips_.stash = skip_keys_.stash_ids;
+  TORCH_CHECK_VALUE(skips_.pop.size() == skip_keys_.pop.size() &&
+                        skips_.stash.size() == skip_keys_.stash.size(),
+                    "StageSkipKeys needs one id per key");
+  for (const auto& layer : *layers_) {
+    has_skippables_ = has_skippables_ ||
+        dynamic_cast<const Skippable*>(layer.ptr().get()) != nullptr;
+  }
   // The engine commits once every stage's forward succeeded (end_forward).
   for_each_deferred_batch_norm(
       layers_, [](DeferredBatchNormImpl& bn) { bn.set_auto_commit(false); });
@@ -178,6 +191,33 @@ SequentialStage::SequentialStage(torch::nn::Sequential layers,
 }
 
 Batch SequentialStage::forward(const Batch& input) {
+  if (!has_skippables_) {
+    return run_layers(input);
+  }
+  SkipTracker tracker;  // skips between this stage's own layers
+  SkipTrackerGuard guard(tracker);
+  return run_layers(input);
+}
+
+Batch SequentialStage::forward_skips(const Batch& input,
+                                     const std::vector<torch::Tensor>& popped,
+                                     std::vector<torch::Tensor>& stashed) {
+  SkipTracker tracker;
+  for (size_t i = 0; i < skip_keys_.pop.size() && i < popped.size(); ++i) {
+    tracker.save(skip_keys_.pop[i], popped[i]);
+  }
+  SkipTrackerGuard guard(tracker);
+  Batch out = run_layers(input);
+  stashed.clear();
+  for (const auto& key : skip_keys_.stash) {
+    TORCH_CHECK_VALUE(tracker.contains(key), "skip '", key.second,
+                      "' was declared but not stashed by its layer");
+    stashed.push_back(tracker.load(key));
+  }
+  return out;
+}
+
+Batch SequentialStage::run_layers(const Batch& input) {
   // A recomputation must not count the micro-batch a second time in the
   // running statistics of plain norm layers.
   std::optional<HideRunningStats> hidden;

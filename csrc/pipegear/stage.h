@@ -8,6 +8,7 @@
 #include <torch/nn/modules/container/sequential.h>
 
 #include <pipegear/microbatch.h>
+#include <pipegear/skip.h>
 
 namespace pipegear {
 
@@ -94,11 +95,16 @@ int64_t count_skips(const std::vector<std::shared_ptr<Stage>>& stages);
 class SequentialStage final : public Stage {
  public:
   /// `first_layer`: the index of `layers`' first layer in the whole model
-  /// (keys the random streams; -1 when unknown).
+  /// (keys the random streams; -1 when unknown). `skips`: the skips
+  /// (skip.h) crossing the stage's boundaries (skip_layout).
   SequentialStage(torch::nn::Sequential layers, c10::Device device,
-                  int64_t first_layer = -1);
+                  int64_t first_layer = -1, StageSkipKeys skips = {});
 
   Batch forward(const Batch& input) override;
+  const StageSkips& skips() const override { return skips_; }
+  Batch forward_skips(const Batch& input,
+                      const std::vector<torch::Tensor>& popped,
+                      std::vector<torch::Tensor>& stashed) override;
   c10::Device device() const override { return device_; }
   bool requires_grad() const override;
   void begin_forward() override;
@@ -108,9 +114,16 @@ class SequentialStage final : public Stage {
   const torch::nn::Sequential& layers() const { return layers_; }
 
  private:
+  Batch run_layers(const Batch& input);
+
   torch::nn::Sequential layers_;
   c10::Device device_;
   int64_t first_layer_;
+  StageSkipKeys skip_keys_;
+  StageSkips skips_;
+  // Whether a layer is Skippable: the stage's forward then hands skips
+  // over in a tracker of its own.
+  bool has_skippables_ = false;
   // The plain norm layers that track running statistics (BatchNorm,
   // InstanceNorm): hidden from them while a forward is recomputed
   // (stage.cpp).
