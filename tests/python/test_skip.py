@@ -420,3 +420,23 @@ def test_skippable_outside_pipeline_and_repr():
     torch.testing.assert_close(model(x), model(x))
     assert repr(model[0]).startswith("@skippable(Down(")
 
+
+
+def test_profiler_counts_skips_on_their_two_layers():
+    """balance_by_time profiles skippable layers (a popped skip is a leaf
+    of its own, so each backward stops at its layer); the skip's bytes are
+    counted on the stashing and the popping layer, not on those between."""
+    from pipegear.balance import balance_by_size, balance_by_time, profile_layers
+
+    model = unet()
+    x = torch.randn(4, WIDTH)
+    profiles = profile_layers(model, x, repeats=1)
+    row = 4 * WIDTH * 4  # one skip: 4 rows of WIDTH float32
+    assert [p.skip_bytes for p in profiles] == [row, row, row, 0, row, row,
+                                                row, 0]
+    assert len(balance_by_time(2, model, x, repeats=1)) == 2
+    assert sum(balance_by_size(3, model, x)) == len(model)
+    # The model is left as it was: no gradients, no tensor left stashed.
+    assert all(p.grad is None for p in model.parameters())
+    from pipegear.skip import current_skip_tracker
+    assert not current_skip_tracker().tensors
