@@ -36,7 +36,7 @@ from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator,
 import torch
 from torch import nn
 
-__all__ = ["Namespace", "SkipTracker", "current_skip_tracker", "pop",
+__all__ = ["Namespace", "SkipError", "SkipTracker", "current_skip_tracker", "pop",
            "skippable", "stash", "use_skip_tracker", "verify_skippables"]
 
 
@@ -61,6 +61,13 @@ class Namespace:
 
     def __lt__(self, other: "Namespace") -> bool:
         return self.id < other.id
+
+
+class SkipError(ValueError, RuntimeError):
+    """A layer stashed or popped what it did not declare, did not stash or
+    pop what it declared, or popped a name nothing stashed. A ValueError
+    (pipegear's type for a user mistake) that is also the RuntimeError
+    torchgpipe raised, so code catching either keeps working."""
 
 
 # Where a layer's skips live unless it was isolated.
@@ -103,7 +110,7 @@ class SkipTracker:
         try:
             return self.tensors.pop(key)
         except KeyError:
-            raise RuntimeError(
+            raise SkipError(
                 f"pop({key[1]!r}) found no tensor stashed under that name: no "
                 "layer ran before it that stashed it (in a pipeline, the "
                 "stash must be in an earlier layer of the same nn.Sequential)"
@@ -178,14 +185,14 @@ class Skippable(nn.Module):
             result = self._drive(result, tracker, stashed, popped)
         missing = self.stashable_names - stashed
         if missing:
-            raise RuntimeError(f"{type(self).__name__} declared "
-                               f"{_names(missing)} as stashable but did not "
-                               "stash them")
+            raise SkipError(f"{type(self).__name__} declared "
+                            f"{_names(missing)} as stashable but did not "
+                            "stash them")
         missing = self.poppable_names - popped
         if missing:
-            raise RuntimeError(f"{type(self).__name__} declared "
-                               f"{_names(missing)} as poppable but did not "
-                               "pop them")
+            raise SkipError(f"{type(self).__name__} declared "
+                            f"{_names(missing)} as poppable but did not "
+                            "pop them")
         return result
 
     def _drive(self, gen: Any, tracker: SkipTracker, stashed: set,
@@ -199,7 +206,7 @@ class Skippable(nn.Module):
             sent = None
             if isinstance(command, stash):
                 if command.name not in self.stashable_names:
-                    raise RuntimeError(
+                    raise SkipError(
                         f"{type(self).__name__} stashed {command.name!r}, which "
                         "it did not declare: @skippable(stash=[...]) lists "
                         f"{_names(self.stashable_names) or 'nothing'}")
@@ -207,7 +214,7 @@ class Skippable(nn.Module):
                 stashed.add(command.name)
             elif isinstance(command, pop):
                 if command.name not in self.poppable_names:
-                    raise RuntimeError(
+                    raise SkipError(
                         f"{type(self).__name__} popped {command.name!r}, which "
                         "it did not declare: @skippable(pop=[...]) lists "
                         f"{_names(self.poppable_names) or 'nothing'}")

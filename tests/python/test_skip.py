@@ -401,8 +401,10 @@ def test_undeclared_and_unused_skips_raise():
             return x + s
 
     pipe = pipegear.GPipe(nn.Sequential(Forgets(), Pops()), [1, 1])
-    with pytest.raises(RuntimeError, match="did not stash"):
+    # A ValueError (a user mistake) that is also torchgpipe's RuntimeError.
+    with pytest.raises(ValueError, match="did not stash") as e:
         pipe(torch.randn(2, 3))
+    assert isinstance(e.value, RuntimeError)
 
     @skippable()
     class Undeclared(nn.Module):
@@ -410,8 +412,10 @@ def test_undeclared_and_unused_skips_raise():
             yield stash("y", x)
             return x
 
-    with pytest.raises(RuntimeError, match="did not declare"):
+    with pytest.raises(ValueError, match="did not declare"):
         Undeclared()(torch.randn(2))
+    with pytest.raises(ValueError, match="found no tensor stashed"):
+        Pops()(torch.randn(2))
 
 
 def test_skippable_outside_pipeline_and_repr():
@@ -440,3 +444,32 @@ def test_profiler_counts_skips_on_their_two_layers():
     assert all(p.grad is None for p in model.parameters())
     from pipegear.skip import current_skip_tracker
     assert not current_skip_tracker().tensors
+
+
+def test_deepcopy_of_a_pipeline_with_skips():
+    torch.manual_seed(0)
+    pipe = pipegear.GPipe(unet(), [3, 5], chunks=2)
+    twin = copy.deepcopy(pipe)
+    x = torch.randn(4, WIDTH)
+    torch.testing.assert_close(twin(x), pipe(x))
+
+
+class _FakeGroup:
+    """Just what DistributedGPipe reads before the skip check."""
+
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def test_distributed_refuses_skips_across_ranks():
+    from pipegear.distributed import DistributedGPipe
+
+    with pytest.raises(ValueError, match="does not carry skip connections "
+                       "between ranks"):
+        DistributedGPipe(unet(), [4, 4], process_group=_FakeGroup(0, 2))
