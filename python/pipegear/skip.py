@@ -26,9 +26,9 @@ through the calling thread's :class:`SkipTracker`, so the plain
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import types
-import uuid
 from contextlib import contextmanager
 from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator,
                     Optional, Tuple, Type)
@@ -43,15 +43,19 @@ __all__ = ["Namespace", "SkipError", "SkipTracker", "current_skip_tracker", "pop
 class Namespace:
     """Isolates skip names: two layers stash ``'x'`` without clashing when
     each pair of stash and pop is isolated in a namespace of its own
-    (``Layer().isolate(ns)``). A copy equals its original."""
+    (``Layer().isolate(ns)``). A copy equals its original.
+
+    Namespaces are numbered in the order a process makes them, so that the
+    ranks of a ``DistributedGPipe``, which build the model alike, name the
+    same namespace alike."""
 
     __slots__ = ("id",)
 
     def __init__(self) -> None:
-        self.id = uuid.uuid4()
+        self.id = next(_namespace_ids)
 
     def __repr__(self) -> str:
-        return f"<Namespace {self.id!s:.8}>"
+        return f"<Namespace {self.id}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Namespace) and self.id == other.id
@@ -61,6 +65,9 @@ class Namespace:
 
     def __lt__(self, other: "Namespace") -> bool:
         return self.id < other.id
+
+
+_namespace_ids = itertools.count(1)
 
 
 class SkipError(ValueError, RuntimeError):
@@ -304,6 +311,78 @@ def _skip_problems(named: list) -> list:
             problems.append(f"no module declared {key[1]!r} as poppable but "
                             f"stashed (by {layer_name!r})")
     return problems
+
+
+def rank_skips(named: list) -> tuple:
+    """One rank's share of the skips of a pipeline across ranks: (its
+    problems, the keys it stashes for later ranks, the keys it pops from
+    earlier ranks), keys in layer order, as (namespace id, name) pairs
+    that mean the same on every rank, and the local key of each."""
+    stashed: Dict[SkipKey, str] = {}
+    problems = []
+    for problem in _skip_problems(named):
+        # A stash popped elsewhere and a pop stashed elsewhere are the
+        # rank's skips across ranks, matched once the ranks compare them.
+        if (" as poppable but it was not stashed" in problem
+                or problem.startswith("no module declared")):
+            continue
+        problems.append(problem)
+    popped_here = set()
+    out, into, local = [], [], {}
+    for _, layer in named:
+        if not isinstance(layer, Skippable):
+            continue
+        for key in layer.poppable():
+            if key in stashed:
+                popped_here.add(key)
+            elif key[1] not in layer.stashable_names:
+                into.append((key[0].id, key[1]))
+                local[(key[0].id, key[1])] = key
+        for key in layer.stashable():
+            if key[1] not in layer.poppable_names:
+                stashed[key] = ""
+    for key in stashed:
+        if key not in popped_here:
+            out.append((key[0].id, key[1]))
+            local[(key[0].id, key[1])] = key
+    return problems, out, into, local
+
+
+def routes_across_ranks(shares: list) -> tuple:
+    """From every rank's (problems, stashes out, pops in) (rank_skips, in
+    rank order): the problems of the whole pipeline, and the skips' routes
+    [(stash rank, pop rank, key)] numbered in stash order."""
+    problems = [f"rank {r}: {p}" for r, (ps, _, _) in enumerate(shares)
+                for p in ps]
+    stash_rank: Dict[tuple, int] = {}
+    routes = []
+    for r, (_, out, _) in enumerate(shares):
+        for key in out:
+            if key in stash_rank:
+                problems.append(f"rank {r} redeclared {key[1]!r} as stashable "
+                                f"(stashed by rank {stash_rank[key]})")
+            else:
+                stash_rank[key] = r
+    popped: Dict[tuple, int] = {}
+    for r, (_, _, into) in enumerate(shares):
+        for key in into:
+            if key in popped:
+                problems.append(f"rank {r} redeclared {key[1]!r} as poppable "
+                                f"(popped by rank {popped[key]})")
+            elif stash_rank.get(key, r) >= r:
+                problems.append(f"rank {r} declared {key[1]!r} as poppable but "
+                                "it was not stashed by an earlier layer")
+            else:
+                popped[key] = r
+    for key, r in stash_rank.items():
+        if key not in popped:
+            problems.append(f"no module declared {key[1]!r} as poppable but "
+                            f"stashed (by rank {r})")
+    for r, (_, out, _) in enumerate(shares):
+        for key in out:
+            if stash_rank.get(key) == r and key in popped:
+                routes.append((r, popped[key], key))
+    return problems, routes
 
 
 def skip_layout(named: list, balance: list) -> list:

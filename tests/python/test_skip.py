@@ -453,23 +453,3 @@ def test_deepcopy_of_a_pipeline_with_skips():
     x = torch.randn(4, WIDTH)
     torch.testing.assert_close(twin(x), pipe(x))
 
-
-class _FakeGroup:
-    """Just what DistributedGPipe reads before the skip check."""
-
-    def __init__(self, rank, size):
-        self._rank, self._size = rank, size
-
-    def rank(self):
-        return self._rank
-
-    def size(self):
-        return self._size
-
-
-def test_distributed_refuses_skips_across_ranks():
-    from pipegear.distributed import DistributedGPipe
-
-    with pytest.raises(ValueError, match="does not carry skip connections "
-                       "between ranks"):
-        DistributedGPipe(unet(), [4, 4], process_group=_FakeGroup(0, 2))

@@ -173,6 +173,30 @@ DistributedOptions checked(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     "idle_timeout must be positive, got ",
                     options.idle_timeout().count(), " ms");
   check_group(group, options);
+  // The skip routes: pairs of ranks, a skip going forward, this rank's
+  // stage popping and stashing what the routes say.
+  const auto& routes = options.skip_routes();
+  const int64_t rank = group->getRank();
+  TORCH_CHECK_VALUE(routes.size() % 2 == 0, "skip_routes holds (stash rank, "
+                    "pop rank) pairs, got ", routes.size(), " numbers");
+  const int64_t skips = static_cast<int64_t>(routes.size()) / 2;
+  for (int64_t id = 0; id < skips; ++id) {
+    const int64_t from = routes[2 * id], to = routes[2 * id + 1];
+    TORCH_CHECK_VALUE(0 <= from && from < to && to < group->getSize(), "skip ",
+                      id, " goes from rank ", from, " to rank ", to,
+                      "; a skip goes to a later rank of the group");
+  }
+  for (const auto& [ids, popper] :
+       {std::pair(&stage->skips().pop, true),
+        std::pair(&stage->skips().stash, false)}) {
+    for (int64_t id : *ids) {
+      TORCH_CHECK_VALUE(0 <= id && id < skips &&
+                            routes[2 * id + (popper ? 1 : 0)] == rank,
+                        "rank ", rank, "'s stage ", popper ? "pops" : "stashes",
+                        " skip ", id, ", which skip_routes does not route ",
+                        popper ? "to" : "from", " it");
+    }
+  }
   if (group->getBackendName() == "nccl") {
     TORCH_CHECK_VALUE(!stage->device().is_cpu(), "rank ", group->getRank(),
                       ": an NCCL process group needs the stage on a CUDA device, got ",
@@ -212,7 +236,8 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
       module_(std::move(module)),
       options_(checked(group, stage_, std::move(options))),
       runner_(stage_, group->getRank()),
-      link_(group, comm_device(*group, *stage_), options_.chunks(), options_.timeout()),
+      link_(group, comm_device(*group, *stage_), options_.chunks(), options_.timeout(),
+            static_cast<int64_t>(options_.skip_routes().size()) / 2),
       protocol_(link_, options_) {
   register_random_kernels();
   protocol_.connect();
@@ -253,7 +278,8 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
               at::ThreadLocalState());
   state->schedule = make_schedule(options_.schedule(), world(),
                                   static_cast<int64_t>(header.sizes.size()));
-  state->transport = std::make_unique<C10dTransport>(link_, seq);
+  state->transport =
+      std::make_unique<C10dTransport>(link_, seq, &options_.skip_routes());
   return state;
 }
 
