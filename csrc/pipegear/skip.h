@@ -55,6 +55,8 @@ class SkipTracker {
   torch::Tensor load(const SkipKey& key);
   bool contains(const SkipKey& key) const { return tensors_.count(key) > 0; }
   size_t size() const { return tensors_.size(); }
+  /// The tensors not popped yet (the profiler detaches them).
+  std::map<SkipKey, torch::Tensor>& tensors() { return tensors_; }
 
  private:
   std::map<SkipKey, torch::Tensor> tensors_;

@@ -1,6 +1,7 @@
 #include "testing.h"
 
 #include <pipegear/gpipe.h>
+#include <pipegear/profile.h>
 #include <pipegear/skip.h>
 
 using pipegear::CheckpointMode;
@@ -193,4 +194,27 @@ TEST_CASE("skips: an undeclared stash or pop is a ValueError", "[skip]") {
   } bad;
   CHECK_THROWS_AS(bad.run(), c10::ValueError);
   CHECK_THROWS_AS(bad.take(), c10::ValueError);
+}
+
+TEST_CASE("skips: the profiler runs skippable layers and counts their skips",
+          "[skip]") {
+  torch::manual_seed(0);
+  auto model = unet();
+  auto x = torch::randn({4, kWidth});
+  auto profiles = pipegear::profile_layers(model, x,
+                                           pipegear::ProfileOptions().repeats(1));
+  const int64_t row = 4 * kWidth * 4;  // one skip: 4 rows of float32
+  std::vector<int64_t> skip_bytes;
+  for (const auto& p : profiles) {
+    skip_bytes.push_back(p.skip_bytes);
+  }
+  CHECK(skip_bytes == std::vector<int64_t>{row, row, row, 0, row, row, row, 0});
+  CHECK(pipegear::balance_by_time(2, model, x,
+                                  pipegear::BalanceByTimeOptions().repeats(1))
+            .size() == 2);
+  CHECK(pipegear::balance_by_size(3, model, x).size() == 3);
+  for (const auto& p : model->parameters()) {
+    CHECK(!p.grad().defined());
+  }
+  CHECK(pipegear::current_skip_tracker().size() == 0);
 }
