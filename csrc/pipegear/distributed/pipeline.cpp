@@ -7,6 +7,7 @@
 // handling: docs/distributed.md.
 #include <pipegear/distributed/pipeline.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -142,7 +143,8 @@ torch::nn::Sequential slice_of(const std::vector<int64_t>& balance, int64_t rank
 
 std::shared_ptr<Stage> make_stage(torch::nn::Sequential& part,
                                   const c10d::ProcessGroup& group,
-                                  const DistributedOptions& options) {
+                                  const DistributedOptions& options,
+                                  StageSkipKeys skips = {}) {
   if (options.deferred_batch_norm()) {
     part = convert_deferred_batch_norm(part, options.chunks());
   }
@@ -154,7 +156,8 @@ std::shared_ptr<Stage> make_stage(torch::nn::Sequential& part,
        ++r) {
     first_layer += balance[r];
   }
-  return std::make_shared<SequentialStage>(part, device, first_layer);
+  return std::make_shared<SequentialStage>(part, device, first_layer,
+                                           std::move(skips));
 }
 
 // The arguments of a core, checked in the order users meet their errors
@@ -547,9 +550,29 @@ DistributedPipeline::DistributedPipeline(
   TORCH_CHECK_VALUE(!options.balance().empty(), "the Sequential form needs "
                     "DistributedOptions().balance(...), one entry per rank");
   check_balance(options.balance(), static_cast<int64_t>(model->size()));
+  // Every rank holds the whole model: each finds the skips' routes itself
+  // (the configuration agreement checks that they agree).
+  auto layout = skip_layout(model, options.balance());
+  if (options.skip_routes().empty()) {
+    std::vector<int64_t> routes;
+    for (size_t s = 0; s < layout.size(); ++s) {
+      for (size_t i = 0; i < layout[s].stash_ids.size(); ++i) {
+        const auto id = static_cast<size_t>(layout[s].stash_ids[i]);
+        routes.resize(std::max(routes.size(), 2 * id + 2), -1);
+        routes[2 * id] = static_cast<int64_t>(s);
+      }
+      for (size_t i = 0; i < layout[s].pop_ids.size(); ++i) {
+        const auto id = static_cast<size_t>(layout[s].pop_ids[i]);
+        routes.resize(std::max(routes.size(), 2 * id + 2), -1);
+        routes[2 * id + 1] = static_cast<int64_t>(s);
+      }
+    }
+    options.skip_routes(std::move(routes));
+  }
   auto part = detail::slice_of(options.balance(), group->getRank(),
                                [&](int64_t l) { return *(model->begin() + l); });
-  auto stage = detail::make_stage(part, *group, options);
+  auto stage = detail::make_stage(part, *group, options,
+                                  std::move(layout[group->getRank()]));
   core_ = std::make_shared<detail::DistributedCore>(
       std::move(group), std::move(stage), part, std::move(options));
 }
