@@ -31,10 +31,12 @@ Batch from_python(const py::handle& value, const char* what);
 /// forward cells (DeferredBatchNorm). Python errors get a PEP 678 note
 /// naming stage `index`. `first_layer`: the index of the module's first
 /// layer in the whole model; the module calls set_random_layer(i) before
-/// its layer i (random.h), or draws from one stream.
+/// its layer i (random.h), or draws from one stream. `skips`: the skip
+/// connections crossing its boundaries; with any, the engine calls the
+/// module's `_forward_skips(input, popped) -> (output, stashed)`.
 std::shared_ptr<Stage> make_py_stage(py::object module, c10::Device device,
                                      py::object hooks, int64_t index,
-                                     int64_t first_layer);
+                                     int64_t first_layer, StageSkips skips = {});
 /// StepOptions from the Python arguments: "mean"/"sum", None or a callable
 /// count(target of one micro-batch) -> number, the module's training flag.
 StepOptions make_step_options(const std::string& reduction,

@@ -24,7 +24,10 @@ void init_distributed(py::module_& m) {
                        const py::object& hooks, int64_t chunks,
                        const std::string& checkpoint,
                        const std::string& schedule, double timeout,
-                       double idle_timeout, std::vector<int64_t> balance) {
+                       double idle_timeout, std::vector<int64_t> balance,
+                       std::vector<int64_t> skip_pop,
+                       std::vector<int64_t> skip_stash,
+                       std::vector<int64_t> skip_routes) {
              TORCH_CHECK_VALUE(group, "process_group is None");
              TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
                                timeout);
@@ -36,8 +39,11 @@ void init_distributed(py::module_& m) {
                   ++r) {
                first_layer += balance[r];
              }
+             StageSkips skips;
+             skips.pop = std::move(skip_pop);
+             skips.stash = std::move(skip_stash);
              auto stage = make_py_stage(module, c10::Device(device), hooks,
-                                        rank, first_layer);
+                                        rank, first_layer, std::move(skips));
              auto options = DistributedOptions()
                                 .balance(std::move(balance))
                                 .chunks(chunks)
@@ -46,7 +52,8 @@ void init_distributed(py::module_& m) {
                                 .timeout(std::chrono::milliseconds(
                                     static_cast<int64_t>(timeout * 1000.0)))
                                 .idle_timeout(std::chrono::milliseconds(
-                                    static_cast<int64_t>(idle_timeout * 1000.0)));
+                                    static_cast<int64_t>(idle_timeout * 1000.0)))
+                                .skip_routes(std::move(skip_routes));
              // The constructor agrees on the options with the other ranks
              // (a collective): no GIL while it waits.
              py::gil_scoped_release no_gil;
@@ -56,7 +63,9 @@ void init_distributed(py::module_& m) {
            py::arg("group"), py::arg("module"), py::arg("device"),
            py::arg("hooks"), py::arg("chunks"), py::arg("checkpoint"),
            py::arg("schedule"), py::arg("timeout"), py::arg("idle_timeout"),
-           py::arg("balance"))
+           py::arg("balance"), py::arg("skip_pop") = std::vector<int64_t>{},
+           py::arg("skip_stash") = std::vector<int64_t>{},
+           py::arg("skip_routes") = std::vector<int64_t>{})
       .def(
           "step",
           [](DistributedPipeline& p, const py::object& input,

@@ -48,12 +48,13 @@ namespace {
 class PyStage final : public Stage {
  public:
   PyStage(py::object module, c10::Device device, py::object hooks,
-          int64_t index, int64_t first_layer)
+          int64_t index, int64_t first_layer, StageSkips skips)
       : module_(std::move(module)),
         hooks_(std::move(hooks)),
         device_(device),
         index_(index),
-        first_layer_(first_layer) {}
+        first_layer_(first_layer),
+        skips_(std::move(skips)) {}
 
   ~PyStage() override {
     py::gil_scoped_acquire gil;
@@ -63,16 +64,35 @@ class PyStage final : public Stage {
 
   Batch forward(const Batch& input) override {
     py::gil_scoped_acquire gil;
-    if (!kept_thread_state) {
-      gil.inc_ref();  // kept until end_pass()
-      kept_thread_state = true;
-    }
+    keep_thread_state(gil);
     // pipegear's partitions (gpipe.py, _Partition) call set_random_layer
     // before each of their layers; anything else is one layer.
     set_random_layer(0);
     py::object out = module_(to_python(input));
     return from_python(out, ("the output of stage " + std::to_string(index_))
                                 .c_str());
+  }
+
+  const StageSkips& skips() const override { return skips_; }
+
+  // The partition's _forward_skips(input, popped) -> (output, stashed), the
+  // skips as tuples of tensors or None (gpipe.py, _Partition).
+  Batch forward_skips(const Batch& input, const std::vector<torch::Tensor>& popped,
+                      std::vector<torch::Tensor>& stashed) override {
+    py::gil_scoped_acquire gil;
+    keep_thread_state(gil);
+    set_random_layer(0);
+    py::tuple in(popped.size());
+    for (size_t i = 0; i < popped.size(); ++i) {
+      in[i] = popped[i].defined() ? py::cast(popped[i]) : py::none();
+    }
+    py::tuple out = module_.attr("_forward_skips")(to_python(input), in);
+    const std::string what = "the output of stage " + std::to_string(index_);
+    stashed.clear();
+    for (const auto& t : py::tuple(out[1])) {
+      stashed.push_back(t.is_none() ? torch::Tensor() : py::cast<torch::Tensor>(t));
+    }
+    return from_python(out[0], what.c_str());
   }
 
   c10::Device device() const override { return device_; }
@@ -90,6 +110,13 @@ class PyStage final : public Stage {
 
   void begin_forward() override { call_hook("begin"); }
   void end_forward() override { call_hook("end"); }
+
+  void keep_thread_state(py::gil_scoped_acquire& gil) {
+    if (!kept_thread_state) {
+      gil.inc_ref();  // kept until end_pass()
+      kept_thread_state = true;
+    }
+  }
 
   void end_pass() noexcept override {
     if (kept_thread_state) {
@@ -153,6 +180,7 @@ class PyStage final : public Stage {
   c10::Device device_;
   int64_t index_;
   int64_t first_layer_;
+  StageSkips skips_;
   bool has_hooks_ = !hooks_.is_none();
 };
 
@@ -162,9 +190,9 @@ thread_local bool PyStage::kept_thread_state = false;
 
 std::shared_ptr<Stage> make_py_stage(py::object module, c10::Device device,
                                      py::object hooks, int64_t index,
-                                     int64_t first_layer) {
+                                     int64_t first_layer, StageSkips skips) {
   return std::make_shared<PyStage>(std::move(module), device, std::move(hooks),
-                                   index, first_layer);
+                                   index, first_layer, std::move(skips));
 }
 
 LossCount make_loss_count(const py::object& count) {
@@ -257,11 +285,17 @@ void init_engine(py::module_& m) {
              int64_t first_layer = 0;
              for (size_t i = 0; i < stages.size(); ++i) {
                const auto& s = stages[i];
-               TORCH_CHECK_VALUE(s.size() == 3, "stage ", i,
-                                 " must be (module, device, hooks)");
+               TORCH_CHECK_VALUE(s.size() == 3 || s.size() == 5, "stage ", i,
+                                 " must be (module, device, hooks[, popped "
+                                 "skip ids, stashed skip ids])");
+               StageSkips skips;
+               if (s.size() == 5) {
+                 skips.pop = s[3].cast<std::vector<int64_t>>();
+                 skips.stash = s[4].cast<std::vector<int64_t>>();
+               }
                built.push_back(make_py_stage(
                    s[0], c10::Device(s[1].cast<std::string>()), s[2],
-                   static_cast<int64_t>(i), first_layer));
+                   static_cast<int64_t>(i), first_layer, std::move(skips)));
                first_layer += static_cast<int64_t>(py::len(s[0]));
              }
              return std::make_shared<Engine>(

@@ -58,6 +58,10 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
                       "worker_threads must be >= 0, got ",
                       options_.worker_threads());
     register_random_kernels();
+    for (size_t s = 0; s < stages.size(); ++s) {
+      TORCH_CHECK_VALUE(stages[s] != nullptr, "stage ", s, " is null");
+    }
+    skips_ = count_skips(stages);
     int64_t cpu_stages = 0;
     for (size_t s = 0; s < stages.size(); ++s) {
       TORCH_CHECK_VALUE(stages[s] != nullptr, "stage ", s, " is null");
@@ -117,7 +121,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     }
     prepare_run(*run, num_stages(), std::move(sizes), grad_mode && needs,
                 call_checkpoint(options_.checkpoint(), training), tls, training);
-    run->size_boxes();
+    run->size_boxes(skips_);
     return run;
   }
 
@@ -259,6 +263,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   }
 
   std::vector<std::unique_ptr<CellRunner>> runners_;
+  int64_t skips_ = 0;  // skip connections between stages (count_skips)
   EngineOptions options_;
   std::unique_ptr<WorkerPool> workers_;  // after runners_: joined first
   std::mutex pass_mutex_;  // one pass at a time

@@ -318,6 +318,8 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
     warn_plain_batch_norm(*module, options_.chunks());
   }
 
+  // TypeError for mismatched skips, before anything moves.
+  auto skip_keys = skip_layout(module, options_.balance());
   std::vector<std::shared_ptr<Stage>> stages;
   std::vector<torch::nn::Sequential> parts;
   int64_t offset = 0;
@@ -341,7 +343,8 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
     part->to(devices_[s]);
     partitions_->push_back(part);
     stages.push_back(
-        std::make_shared<SequentialStage>(part, devices_[s], first_layer));
+        std::make_shared<SequentialStage>(part, devices_[s], first_layer,
+                                          std::move(skip_keys[s])));
     first_layer += static_cast<int64_t>(part->size());
   }
   partitions_->train(is_training());

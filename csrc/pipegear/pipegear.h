@@ -19,6 +19,7 @@
 #include <pipegear/profile.h>
 #include <pipegear/random.h>
 #include <pipegear/schedule.h>
+#include <pipegear/skip.h>
 #include <pipegear/stage.h>
 #include <pipegear/trace.h>
 #include <pipegear/version.h>

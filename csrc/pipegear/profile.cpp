@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -12,6 +13,7 @@
 
 #include <pipegear/microbatch.h>
 #include <pipegear/partition.h>
+#include <pipegear/skip.h>
 
 namespace pipegear {
 namespace {
@@ -201,8 +203,21 @@ std::vector<LayerProfile> run_profile(torch::nn::Sequential module,
   std::vector<std::vector<double>> forward(n), backward(n);
   auto round = [&](bool record) {
     torch::Tensor x = input;
+    // Skips (skip.h): each layer's backward stops at its layer, so a
+    // stashed tensor is detached once its layer ran (a leaf of its own for
+    // the layer popping it, as in a pipeline); their bytes are counted on
+    // the stashing and the popping layer.
+    SkipTracker skips;
+    SkipTrackerGuard skip_guard(skips);
+    const auto nbytes = [](const torch::Tensor& t) {
+      return t.defined() ? t.numel() * t.element_size() : int64_t{0};
+    };
     for (size_t i = 0; i < n; ++i) {
       torch::Tensor y;
+      std::map<SkipKey, int64_t> held_before;
+      for (const auto& [key, t] : skips.tensors()) {
+        held_before[key] = nbytes(t);
+      }
       try {
         if (i > 0) {
           x = x.detach().requires_grad_(timed && x.is_floating_point());
@@ -213,6 +228,21 @@ std::vector<LayerProfile> run_profile(torch::nn::Sequential module,
         TORCH_CHECK_VALUE(y.defined(), "it returned an undefined tensor");
         synchronize(on);
         const double forward_seconds = seconds_since(start);
+        int64_t skip_bytes = 0;
+        for (auto& [key, t] : skips.tensors()) {
+          if (!held_before.count(key)) {
+            skip_bytes += nbytes(t);
+            if (t.defined()) {
+              t = t.detach().requires_grad_(timed && t.is_floating_point());
+            }
+          }
+        }
+        for (const auto& [key, bytes] : held_before) {
+          skip_bytes += skips.contains(key) ? 0 : bytes;
+        }
+        if (!record) {
+          profiles[i].skip_bytes = skip_bytes;
+        }
         double backward_seconds = 0.0;
         if (y.requires_grad()) {
           auto grad = torch::ones_like(y);
@@ -299,7 +329,8 @@ std::vector<int64_t> balance_by_size(int64_t partitions,
   std::vector<double> costs;
   for (const auto& p : profiles) {
     costs.push_back(static_cast<double>(p.parameter_bytes) * scale +
-                    static_cast<double>(p.activation_bytes));
+                    static_cast<double>(p.activation_bytes) +
+                    static_cast<double>(p.skip_bytes));
   }
   return balance_by_cost(partitions, costs);
 }

@@ -23,6 +23,9 @@ struct LayerProfile {
   int64_t parameter_bytes = 0;
   /// Bytes of the layer's output for the sample.
   int64_t activation_bytes = 0;
+  /// Bytes of the skip tensors the layer stashes and pops (skip.h): a skip
+  /// is held on the stage that stashes it and the stage that pops it only.
+  int64_t skip_bytes = 0;
 };
 
 /// Options of profile_layers().
@@ -98,7 +101,8 @@ struct BalanceBySizeOptions {
 };
 
 /// A balance of `module` into `partitions` stages by memory: each layer
-/// costs parameter_bytes * param_scale + the bytes of its output for one
+/// costs parameter_bytes * param_scale + the bytes of its output and of
+/// the skips it stashes or pops (skip_bytes) for one
 /// micro-batch of the sample (one forward, no timing, no gradients), and
 /// balance_by_cost() splits those costs exactly.
 ///

@@ -1,6 +1,7 @@
 #include <pipegear/stage.h>
 
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -105,9 +106,76 @@ class HideRunningStats {
 
 } // namespace
 
+const StageSkips& Stage::skips() const {
+  static const StageSkips none;
+  return none;
+}
+
+Batch Stage::forward_skips(const Batch& input,
+                           const std::vector<torch::Tensor>& popped,
+                           std::vector<torch::Tensor>& stashed) {
+  TORCH_CHECK_VALUE(popped.empty() && skips().stash.empty(),
+                    "a stage with skips must implement forward_skips");
+  stashed.clear();
+  return forward(input);
+}
+
+int64_t count_skips(const std::vector<std::shared_ptr<Stage>>& stages) {
+  // [skip] -> stage that stashes / pops it, -1 while none.
+  std::vector<int64_t> stasher, popper;
+  const auto grow = [](std::vector<int64_t>& v, int64_t id) {
+    if (static_cast<int64_t>(v.size()) <= id) {
+      v.resize(id + 1, -1);
+    }
+  };
+  for (size_t s = 0; s < stages.size(); ++s) {
+    const StageSkips& k = stages[s]->skips();
+    for (const auto& [ids, owner, what] :
+         {std::tuple(&k.stash, &stasher, "stashed"),
+          std::tuple(&k.pop, &popper, "popped")}) {
+      for (int64_t id : *ids) {
+        TORCH_CHECK_VALUE(id >= 0, "stage ", s, " lists skip ", id,
+                          "; skip ids are >= 0");
+        grow(stasher, id);
+        grow(popper, id);
+        TORCH_CHECK_VALUE((*owner)[id] < 0, "skip ", id, " is ", what,
+                          " by stage ", (*owner)[id], " and by stage ", s,
+                          "; a skip is ", what, " once");
+        (*owner)[id] = static_cast<int64_t>(s);
+      }
+    }
+  }
+  for (size_t id = 0; id < stasher.size(); ++id) {
+    TORCH_CHECK_VALUE(stasher[id] >= 0 || popper[id] >= 0, "skip ids must be "
+                      "0..n-1 without gaps; no stage lists skip ", id);
+    TORCH_CHECK_VALUE(stasher[id] >= 0, "skip ", id, " is popped by stage ",
+                      popper[id], " but no stage stashes it");
+    TORCH_CHECK_VALUE(popper[id] >= 0, "skip ", id, " is stashed by stage ",
+                      stasher[id], " but no stage pops it");
+    TORCH_CHECK_VALUE(stasher[id] < popper[id], "skip ", id,
+                      " is stashed by stage ", stasher[id],
+                      " and popped by stage ", popper[id],
+                      "; a skip goes from a stage to a later one");
+  }
+  return static_cast<int64_t>(stasher.size());
+}
+
 SequentialStage::SequentialStage(torch::nn::Sequential layers,
-                                 c10::Device device, int64_t first_layer)
-    : layers_(std::move(layers)), device_(device), first_layer_(first_layer) {
+                                 c10::Device device, int64_t first_layer,
+                                 StageSkipKeys skips)
+    : layers_(std::move(layers)),
+      device_(device),
+      first_layer_(first_layer),
+      skip_keys_(std::move(skips)) {
+  skips_.pop = skip_keys_.pop_ids;
+  skips_.stash = skip_keys_.stash_ids;
+  TORCH_CHECK_VALUE(skips_.pop.size() == skip_keys_.pop.size() &&
+                        skips_.stash.size() == skip_keys_.stash.size(),
+                    "StageSkipKeys needs one id per key");
+  for (const auto& layer : *layers_) {
+    has_skippables_ = has_skippables_ ||
+        dynamic_cast<const Skippable*>(layer.ptr().get()) != nullptr;
+  }
   // The engine commits once every stage's forward succeeded (end_forward).
   for_each_deferred_batch_norm(
       layers_, [](DeferredBatchNormImpl& bn) { bn.set_auto_commit(false); });
@@ -123,6 +191,33 @@ SequentialStage::SequentialStage(torch::nn::Sequential layers,
 }
 
 Batch SequentialStage::forward(const Batch& input) {
+  if (!has_skippables_) {
+    return run_layers(input);
+  }
+  SkipTracker tracker;  // skips between this stage's own layers
+  SkipTrackerGuard guard(tracker);
+  return run_layers(input);
+}
+
+Batch SequentialStage::forward_skips(const Batch& input,
+                                     const std::vector<torch::Tensor>& popped,
+                                     std::vector<torch::Tensor>& stashed) {
+  SkipTracker tracker;
+  for (size_t i = 0; i < skip_keys_.pop.size() && i < popped.size(); ++i) {
+    tracker.save(skip_keys_.pop[i], popped[i]);
+  }
+  SkipTrackerGuard guard(tracker);
+  Batch out = run_layers(input);
+  stashed.clear();
+  for (const auto& key : skip_keys_.stash) {
+    TORCH_CHECK_VALUE(tracker.contains(key), "skip '", key.second,
+                      "' was declared but not stashed by its layer");
+    stashed.push_back(tracker.load(key));
+  }
+  return out;
+}
+
+Batch SequentialStage::run_layers(const Batch& input) {
   // A recomputation must not count the micro-batch a second time in the
   // running statistics of plain norm layers.
   std::optional<HideRunningStats> hidden;

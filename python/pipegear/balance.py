@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from pipegear import _C
+from pipegear.skip import SkipTracker, use_skip_tracker
 
 __all__ = [
     "LayerProfile",
@@ -51,13 +52,44 @@ class LayerProfile:
     ``forward_seconds`` and ``backward_seconds`` are medians over the
     measured rounds (the backward is 0 when the output needs no gradient);
     ``parameter_bytes`` counts the layer's parameters, ``activation_bytes``
-    its output for the sample.
+    its output for the sample, ``skip_bytes`` the skip tensors it stashes
+    and pops (``pipegear.skip``): a skip is held on the stage that stashes
+    it and on the stage that pops it, never on the stages between.
     """
 
     forward_seconds: float
     backward_seconds: float
     parameter_bytes: int
     activation_bytes: int
+    skip_bytes: int = 0
+
+
+class _ProfileTracker(SkipTracker):
+    """The skips of a profiling round: each layer's backward stops at its
+    own layer, so a popped tensor is a leaf of its own (as in a pipeline);
+    the bytes each layer stashes and pops are counted."""
+
+    def __init__(self, layers: int, grad: bool) -> None:
+        super().__init__()
+        self.layer = 0
+        self.grad = grad
+        self.skip_bytes = [0] * layers
+
+    def _count(self, tensor: Optional[Tensor]) -> None:
+        if isinstance(tensor, Tensor):
+            self.skip_bytes[self.layer] += tensor.numel() * tensor.element_size()
+
+    def save(self, key: Any, tensor: Optional[Tensor]) -> None:
+        self._count(tensor)
+        if isinstance(tensor, Tensor):
+            tensor = tensor.detach().requires_grad_(
+                self.grad and tensor.is_floating_point())
+        super().save(key, tensor)
+
+    def load(self, key: Any) -> Optional[Tensor]:
+        tensor = super().load(key)
+        self._count(tensor)
+        return tensor
 
 
 def _index(name: str, value: Any) -> int:
@@ -288,6 +320,7 @@ def _run_profile(
         for _, layer in named
     ]
     activation_bytes = [0] * len(named)
+    skip_bytes = [0] * len(named)
     forward: List[List[float]] = [[] for _ in named]
     backward: List[List[float]] = [[] for _ in named]
 
@@ -330,10 +363,18 @@ def _run_profile(
                 raise ValueError(f"{failure}: {type(e).__name__}: {e}") from e
 
         def one_round(record: bool) -> None:
+            tracker = _ProfileTracker(len(layers), timed)
+            with use_skip_tracker(tracker):
+                layer_by_layer(record, tracker)
+            if not record:
+                skip_bytes[:] = tracker.skip_bytes
+
+        def layer_by_layer(record: bool, tracker: _ProfileTracker) -> None:
             x = first
             for i, layer in enumerate(layers):
                 if i > 0:
                     x = _detach(x, requires_grad=timed)
+                tracker.layer = i
                 y, forward_seconds = measure(
                     lambda: layer(x), f"{labels[i]} failed while profiling")
                 try:
@@ -378,6 +419,7 @@ def _run_profile(
             backward_seconds=_median(backward[i]),
             parameter_bytes=parameter_bytes[i],
             activation_bytes=activation_bytes[i],
+            skip_bytes=skip_bytes[i],
         )
         for i in range(len(named))
     ]
@@ -492,7 +534,9 @@ def balance_by_size(
     """A balance by memory: parameters and one micro-batch's activations.
 
     Each layer costs ``parameter_bytes * param_scale`` plus the bytes of its
-    output for one micro-batch of ``sample`` (split into ``chunks``), found
+    output and of the skips it stashes or pops (``pipegear.skip``: held on
+    the stashing and the popping stage only) for one micro-batch of
+    ``sample`` (split into ``chunks``), found
     by one forward without gradients (:func:`profile_layers`'s rules);
     :func:`balance_by_cost` splits those sizes exactly. ``param_scale`` is
     the bytes held per parameter byte: 2 for SGD (weights and gradients), 3
@@ -524,6 +568,7 @@ def balance_by_size(
         module, micro_batch, device, repeats=1, timeout=1.0, timed=False
     )
     sizes = [
-        p.parameter_bytes * scale + p.activation_bytes for p in profiles
+        p.parameter_bytes * scale + p.activation_bytes + p.skip_bytes
+        for p in profiles
     ]
     return balance_by_cost(partitions, sizes)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipegear import _C
+from pipegear.skip import rank_skips, routes_across_ranks
 from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe, _Partition,
                             _check_available, _check_int, _parse_device,
                             _Placed, _prepare_batch_norm, state_dict_hooks)
@@ -193,9 +194,28 @@ class DistributedGPipe(_Placed):
                     raise TypeError(f"the factory of layer {name} returned "
                                     f"{type(layer).__name__}, not an nn.Module")
             mine.append((name, layer))
+        # Skips: every rank tells the others what it stashes for later
+        # ranks and pops from earlier ones (one collective, also when
+        # nobody has any: a rank cannot know), and all find the same routes
+        # or the same error.
+        share = rank_skips(mine)
+        shares = [None] * world
+        dist.all_gather_object(shares, share[:3], group=process_group)
+        problems, routes = routes_across_ranks(shares)
+        if problems:
+            raise TypeError("skip connections do not match (stash and pop "
+                            "pairs in a namespace, across ranks):\n\n" +
+                            "\n".join(f"* {p}" for p in problems))
+        local = share[3]
+        skip_pop = [(i, local[k]) for i, (_, to, k) in enumerate(routes)
+                    if to == rank]
+        skip_stash = [(i, local[k]) for i, (fr, _, k) in enumerate(routes)
+                      if fr == rank]
         partition = _Partition(OrderedDict(mine))
         partition = _prepare_batch_norm(partition, chunks,
                                         deferred_batch_norm, f"rank {rank}: ")
+        partition._skip_pops = tuple(k for _, k in skip_pop)
+        partition._skip_stashes = tuple(k for _, k in skip_stash)
         if device is None:
             backend = dist.get_backend(process_group)
             device = (torch.device("cuda", torch.cuda.current_device())
@@ -239,7 +259,9 @@ class DistributedGPipe(_Placed):
         self._pipeline = _C._DistributedPipeline(
             process_group, partition, str(device), GPipe._hooks(partition),
             chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
-            balance)
+            balance, skip_pop=[i for i, _ in skip_pop],
+            skip_stash=[i for i, _ in skip_stash],
+            skip_routes=[r for fr, to, _ in routes for r in (fr, to)])
         # This rank's layers, under their original names (state_dict keys as
         # the plain model's, for this slice); add_module() would refuse a
         # name that is an attribute of DistributedGPipe.

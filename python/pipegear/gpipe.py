@@ -19,6 +19,7 @@ from torch import nn
 from pipegear import _C
 from pipegear.loss import Count, plan_loss
 from pipegear import tied
+from pipegear.skip import SkipTracker, skip_layout, use_skip_tracker
 from pipegear.tied import Ties, find_ties, untie_replicas
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
@@ -246,6 +247,23 @@ class _Partition(nn.Sequential):
             input = module(input)
         return input
 
+    # The skips crossing the partition's boundaries (skip.py), set by the
+    # pipeline: the keys it pops and stashes, in the engine's order.
+    _skip_pops: tuple = ()
+    _skip_stashes: tuple = ()
+
+    def _forward_skips(self, input, popped):  # noqa: A002
+        """The engine's call of a stage with skips: the popped skips'
+        tensors in, (output, the stashed skips' tensors) out. Skips
+        between the partition's own layers stay in its tracker."""
+        tracker = SkipTracker()
+        for key, tensor in zip(self._skip_pops, popped):
+            tracker.save(key, tensor)
+        with use_skip_tracker(tracker):
+            output = self(input)
+        stashed = tuple(tracker.tensors.pop(key) for key in self._skip_stashes)
+        return output, stashed
+
 
 class _Placed(nn.Module):
     """A pipeline as a module: its configuration (``balance``, ``chunks``,
@@ -455,6 +473,7 @@ class GPipe(_Placed):
         # a module holding parameters in two partitions is refused here,
         # before anything is converted or moved.
         find_ties(named, balance)
+        skip_layout(named, balance)  # TypeError when stashes and pops differ
         devices = _resolve_devices(devices, len(balance))
 
         # Everything is checked before the module is converted or moved.
@@ -474,14 +493,20 @@ class GPipe(_Placed):
             part = _Partition(OrderedDict(named[offset:offset + size]))
             partitions.append(part)
             offset += size
+        layout = skip_layout(named, balance)
+        for part, (pops, stashes) in zip(partitions, layout):
+            part._skip_pops = tuple(key for _, key in pops)
+            part._skip_stashes = tuple(key for _, key in stashes)
         # Replicas of tied parameters go into the partitions on other
         # devices before the partitions move (moving a partition that still
         # held the owner's parameter would move it off the owner's device).
         ties = Ties(find_ties(named, balance), devices, tied.needs_copy)
         for part, device in zip(partitions, devices):
             part.to(device)
-        stages = [(part, str(device), self._hooks(part))
-                  for part, device in zip(partitions, devices)]
+        stages = [(part, str(device), self._hooks(part),
+                   [i for i, _ in pops], [i for i, _ in stashes])
+                  for part, device, (pops, stashes)
+                  in zip(partitions, devices, layout)]
         # The configuration lives in private fields behind read-only
         # properties, set before the layers join `_modules`, so that a layer
         # named like a property or method of GPipe does not displace it.

@@ -123,7 +123,73 @@ void in_context(Stage& stage, int64_t index, const Where& where, F f) {
   }
 }
 
+[[noreturn]] void no_skips() {
+  TORCH_CHECK_VALUE(false, "this pipeline's transport does not carry skip "
+                    "connections between stages");
+}
+
 } // namespace
+
+Message Transport::recv_skip(int64_t, int64_t) { no_skips(); }
+void Transport::send_skip(int64_t, int64_t, Message) { no_skips(); }
+Message Transport::recv_skip_grad(int64_t, int64_t) { no_skips(); }
+void Transport::send_skip_grad(int64_t, int64_t, Message) { no_skips(); }
+
+Batch CellRunner::call_stage(const Batch& x,
+                             std::vector<torch::Tensor>& stashed) {
+  const StageSkips& skips = stage_->skips();
+  if (skips.empty()) {
+    return stage_->forward(x);
+  }
+  const size_t inputs = x.size() - skips.pop.size();
+  Batch input(std::vector<torch::Tensor>(x.begin(), x.begin() + inputs),
+              x.tuple);
+  std::vector<torch::Tensor> popped(x.begin() + inputs, x.end());
+  stashed.clear();
+  Batch y = stage_->forward_skips(input, popped, stashed);
+  TORCH_CHECK_VALUE(stashed.size() == skips.stash.size(), "stage ", index_,
+                    " stashed ", stashed.size(), " skip tensors, ",
+                    skips.stash.size(), " expected");
+  return y;
+}
+
+void CellRunner::receive_popped(Transport& transport, int64_t j, Batch& x) {
+  for (int64_t id : stage_->skips().pop) {
+    Batch b = copier_.receive(transport.recv_skip(id, j), stage_->device(), true);
+    x.push_back(b.front());
+  }
+}
+
+void CellRunner::send_stashed(Transport& transport, int64_t j, Batch& y) {
+  const auto& ids = stage_->skips().stash;
+  const size_t first = y.size() - ids.size();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    transport.send_skip(ids[i], j,
+                        make_message(Batch({y[first + i]}, true), stage_->device()));
+  }
+  y.resize(first);
+}
+
+void CellRunner::receive_stash_grads(Transport& transport, int64_t j,
+                                     Batch& grads) {
+  for (int64_t id : stage_->skips().stash) {
+    Batch b = copier_.receive(transport.recv_skip_grad(id, j),
+                              stage_->device(), false);
+    grads.push_back(b.front());
+  }
+}
+
+void CellRunner::send_pop_grads(Transport& transport, int64_t j,
+                                Batch& input_grads) {
+  const auto& ids = stage_->skips().pop;
+  const size_t first = input_grads.size() - ids.size();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    transport.send_skip_grad(
+        ids[i], j,
+        make_message(Batch({input_grads[first + i]}, true), stage_->device()));
+  }
+  input_grads.resize(first);
+}
 
 void CellRunner::run(StepRun& run, Transport& transport,
                      const std::vector<Cell>& cells, size_t i, bool forward,
@@ -188,13 +254,15 @@ torch::Tensor zero_loss(const Batch& y) {
 // Call inside the cell's CellRandomness.
 Batch CellRunner::apply(StepRun& run, int64_t j, const Batch& x) {
   const int64_t s = index_;
-  Batch y = stage_->forward(x);
+  std::vector<torch::Tensor> stashed;
+  Batch y = call_stage(x, stashed);
   TORCH_CHECK_VALUE(!y.empty(), "stage ", s, " returned no tensor");
   for (size_t i = 0; i < y.size(); ++i) {
     TORCH_CHECK_VALUE(y[i].defined(), "stage ", s,
                       " returned an undefined tensor at position ", i);
   }
   if (!is_last(run)) {
+    y.insert(y.end(), stashed.begin(), stashed.end());  // send_stashed
     return y;
   }
   // The outputs are gathered (module style) or matched with the target
@@ -286,6 +354,7 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
                       : transport.recv_forward(s, j);
   const int64_t start = now_ns();  // the trace shows work, not waiting
   Batch x = copier_.receive(std::move(in), device, true);
+  receive_popped(transport, j, x);
   auto& cell = run.cells[s][j];
   Batch y;
   bool y_requires_grad = false;
@@ -318,8 +387,10 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
     for (const auto& t : y) {
       const bool grad = run.grad && can_require_grad(t) &&
           (run.checkpointed[j] ? y_requires_grad : t.requires_grad());
-      send.push_back(grad ? t.detach().requires_grad_(true) : t.detach());
+      send.push_back(!t.defined() ? t
+                     : grad ? t.detach().requires_grad_(true) : t.detach());
     }
+    send_stashed(transport, j, send);
     transport.send_forward(s, j, make_message(std::move(send), device));
   }
   run.events[s].push_back({s, j, Phase::kForward, false, start, now_ns()});
@@ -345,6 +416,7 @@ void CellRunner::backward(StepRun& run, Transport& transport, int64_t j) {
     Message m = transport.recv_backward(s, j);
     start = now_ns();
     grads = copier_.receive(std::move(m), device, false);
+    receive_stash_grads(transport, j, grads);
   } else if (run.loss_fn != nullptr) {
     grads = {torch::ones_like(cell.outputs.front())};
   } else {
@@ -357,7 +429,8 @@ void CellRunner::backward(StepRun& run, Transport& transport, int64_t j) {
   }
   std::vector<torch::Tensor> outs, gs;
   for (size_t i = 0; i < cell.outputs.size() && i < grads.size(); ++i) {
-    if (cell.outputs[i].requires_grad() && grads[i].defined()) {
+    if (cell.outputs[i].defined() && cell.outputs[i].requires_grad() &&
+        grads[i].defined()) {
       outs.push_back(cell.outputs[i]);
       gs.push_back(grads[i]);
     }
@@ -371,6 +444,7 @@ void CellRunner::backward(StepRun& run, Transport& transport, int64_t j) {
     input_grads.push_back(leaf.requires_grad() ? leaf.grad() : torch::Tensor());
   }
   cell = CellState{};
+  send_pop_grads(transport, j, input_grads);
   if (s == 0) {
     run.input_grads[j] = std::move(input_grads);
   } else {

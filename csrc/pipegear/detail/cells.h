@@ -41,6 +41,15 @@ class Transport {
   virtual Message recv_backward(int64_t s, int64_t j) = 0;
   /// The gradients of the inputs of (s, j), for stage s - 1.
   virtual void send_backward(int64_t s, int64_t j, Message m) = 0;
+  // Skip connections (StageSkips): skip `id` of micro-batch j goes straight
+  // from the stashing stage to the popping one, its gradient straight
+  // back. A transport without skips refuses them.
+  /// The tensor of skip `id` for micro-batch j, for its popping stage.
+  virtual Message recv_skip(int64_t id, int64_t j);
+  virtual void send_skip(int64_t id, int64_t j, Message m);
+  /// The gradient of skip `id` of micro-batch j, for its stashing stage.
+  virtual Message recv_skip_grad(int64_t id, int64_t j);
+  virtual void send_skip_grad(int64_t id, int64_t j, Message m);
 };
 
 /// Runs the cells of one stage: forward (checkpointed or not), backward
@@ -73,6 +82,14 @@ class CellRunner {
   bool is_last(const StepRun& run) const { return index_ + 1 == run.stages; }
   Batch apply(StepRun& run, int64_t j, const Batch& x);
   Batch apply_checkpointed(StepRun& run, int64_t j, const Batch& x);
+  // Skips (StageSkips): a stage's popped skips are extra leaves after its
+  // input, its stashed skips extra outputs after its output; these move
+  // them between the cell's Batch and the transport.
+  Batch call_stage(const Batch& x, std::vector<torch::Tensor>& stashed);
+  void receive_popped(Transport& transport, int64_t j, Batch& x);
+  void send_stashed(Transport& transport, int64_t j, Batch& y);
+  void receive_stash_grads(Transport& transport, int64_t j, Batch& grads);
+  void send_pop_grads(Transport& transport, int64_t j, Batch& input_grads);
   int64_t stream_key() const;
 
   std::shared_ptr<Stage> stage_;

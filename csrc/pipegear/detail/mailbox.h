@@ -25,12 +25,18 @@ struct LocalRun : StepRun {
   std::condition_variable cv;
   Box forward_box;
   Box backward_box;
+  // Skip connections, by (skip id, micro-batch): the stashed tensor, and
+  // its gradient.
+  Box skip_box;
+  Box skip_grad_box;
   bool aborted = false;
   std::exception_ptr error;
 
-  void size_boxes() {
+  void size_boxes(int64_t skips = 0) {
     forward_box.assign(stages, std::vector<std::optional<Message>>(micro_batches));
     backward_box.assign(stages, std::vector<std::optional<Message>>(micro_batches));
+    skip_box.assign(skips, std::vector<std::optional<Message>>(micro_batches));
+    skip_grad_box.assign(skips, std::vector<std::optional<Message>>(micro_batches));
   }
 
   void post(Box& box, int64_t s, int64_t j, Message m) {
@@ -81,6 +87,18 @@ struct MailboxTransport final : Transport {
   }
   void send_backward(int64_t s, int64_t j, Message m) override {
     run.post(run.backward_box, s - 1, j, std::move(m));
+  }
+  Message recv_skip(int64_t id, int64_t j) override {
+    return run.take(run.skip_box, id, j);
+  }
+  void send_skip(int64_t id, int64_t j, Message m) override {
+    run.post(run.skip_box, id, j, std::move(m));
+  }
+  Message recv_skip_grad(int64_t id, int64_t j) override {
+    return run.take(run.skip_grad_box, id, j);
+  }
+  void send_skip_grad(int64_t id, int64_t j, Message m) override {
+    run.post(run.skip_grad_box, id, j, std::move(m));
   }
   LocalRun& run;
 };

@@ -42,6 +42,11 @@ struct DistributedOptions {
   /// timeout of a process group (30 min); a rank that does not come within
   /// it is taken as lost, and the others throw.
   TORCH_ARG(std::chrono::milliseconds, idle_timeout) = std::chrono::minutes(30);
+  /// Skip connections between ranks (docs/skip.md): for skip id i,
+  /// elements 2i and 2i + 1 are the rank that stashes it and the rank that
+  /// pops it (the Python face works them out from the layers). Every rank
+  /// passes the same list; the stage's skips() use these ids.
+  TORCH_ARG(std::vector<int64_t>, skip_routes) = {};
 };
 
 } // namespace pipegear

@@ -7,6 +7,7 @@
 // handling: docs/distributed.md.
 #include <pipegear/distributed/pipeline.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -178,7 +179,8 @@ torch::nn::Sequential slice_of(const std::vector<int64_t>& balance, int64_t rank
 
 std::shared_ptr<Stage> make_stage(torch::nn::Sequential& part,
                                   const c10d::ProcessGroup& group,
-                                  const DistributedOptions& options) {
+                                  const DistributedOptions& options,
+                                  StageSkipKeys skips = {}) {
   if (options.deferred_batch_norm()) {
     part = convert_deferred_batch_norm(part, options.chunks());
   }
@@ -190,7 +192,8 @@ std::shared_ptr<Stage> make_stage(torch::nn::Sequential& part,
        ++r) {
     first_layer += balance[r];
   }
-  return std::make_shared<SequentialStage>(part, device, first_layer);
+  return std::make_shared<SequentialStage>(part, device, first_layer,
+                                           std::move(skips));
 }
 
 // The arguments of a core, checked in the order users meet their errors
@@ -209,6 +212,30 @@ DistributedOptions checked(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                     "idle_timeout must be positive, got ",
                     options.idle_timeout().count(), " ms");
   check_group(group, options);
+  // The skip routes: pairs of ranks, a skip going forward, this rank's
+  // stage popping and stashing what the routes say.
+  const auto& routes = options.skip_routes();
+  const int64_t rank = group->getRank();
+  TORCH_CHECK_VALUE(routes.size() % 2 == 0, "skip_routes holds (stash rank, "
+                    "pop rank) pairs, got ", routes.size(), " numbers");
+  const int64_t skips = static_cast<int64_t>(routes.size()) / 2;
+  for (int64_t id = 0; id < skips; ++id) {
+    const int64_t from = routes[2 * id], to = routes[2 * id + 1];
+    TORCH_CHECK_VALUE(0 <= from && from < to && to < group->getSize(), "skip ",
+                      id, " goes from rank ", from, " to rank ", to,
+                      "; a skip goes to a later rank of the group");
+  }
+  for (const auto& [ids, popper] :
+       {std::pair(&stage->skips().pop, true),
+        std::pair(&stage->skips().stash, false)}) {
+    for (int64_t id : *ids) {
+      TORCH_CHECK_VALUE(0 <= id && id < skips &&
+                            routes[2 * id + (popper ? 1 : 0)] == rank,
+                        "rank ", rank, "'s stage ", popper ? "pops" : "stashes",
+                        " skip ", id, ", which skip_routes does not route ",
+                        popper ? "to" : "from", " it");
+    }
+  }
   if (group->getBackendName() == "nccl") {
     TORCH_CHECK_VALUE(!stage->device().is_cpu(), "rank ", group->getRank(),
                       ": an NCCL process group needs the stage on a CUDA device, got ",
@@ -248,7 +275,8 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
       module_(std::move(module)),
       options_(checked(group, stage_, std::move(options))),
       runner_(stage_, group->getRank()),
-      link_(group, comm_device(*group, *stage_), options_.chunks(), options_.timeout()),
+      link_(group, comm_device(*group, *stage_), options_.chunks(), options_.timeout(),
+            static_cast<int64_t>(options_.skip_routes().size()) / 2),
       protocol_(link_, options_) {
   register_random_kernels();
   protocol_.connect();
@@ -298,7 +326,8 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
               at::ThreadLocalState());
   state->schedule = make_schedule(options_.schedule(), world(),
                                   static_cast<int64_t>(header.sizes.size()));
-  state->transport = std::make_unique<C10dTransport>(link_, seq);
+  state->transport =
+      std::make_unique<C10dTransport>(link_, seq, &options_.skip_routes());
   return state;
 }
 
@@ -574,11 +603,31 @@ DistributedPipeline::DistributedPipeline(
   TORCH_CHECK_VALUE(!options.balance().empty(), "the Sequential form needs "
                     "DistributedOptions().balance(...), one entry per rank");
   check_balance(options.balance(), static_cast<int64_t>(model->size()));
+  // Every rank holds the whole model: each finds the skips' routes itself
+  // (the configuration agreement checks that they agree).
+  auto layout = skip_layout(model, options.balance());
+  if (options.skip_routes().empty()) {
+    std::vector<int64_t> routes;
+    for (size_t s = 0; s < layout.size(); ++s) {
+      for (size_t i = 0; i < layout[s].stash_ids.size(); ++i) {
+        const auto id = static_cast<size_t>(layout[s].stash_ids[i]);
+        routes.resize(std::max(routes.size(), 2 * id + 2), -1);
+        routes[2 * id] = static_cast<int64_t>(s);
+      }
+      for (size_t i = 0; i < layout[s].pop_ids.size(); ++i) {
+        const auto id = static_cast<size_t>(layout[s].pop_ids[i]);
+        routes.resize(std::max(routes.size(), 2 * id + 2), -1);
+        routes[2 * id + 1] = static_cast<int64_t>(s);
+      }
+    }
+    options.skip_routes(std::move(routes));
+  }
   auto part = detail::slice_of(options.balance(), group->getRank(),
                                [&](int64_t l) { return *(model->begin() + l); });
   auto ties = detail::find_tied_parameters(model, options.balance(),
                                            group->getRank());
-  auto stage = detail::make_stage(part, *group, options);
+  auto stage = detail::make_stage(part, *group, options,
+                                  std::move(layout[group->getRank()]));
   core_ = std::make_shared<detail::DistributedCore>(
       std::move(group), std::move(stage), part, std::move(options));
   core_->tie(std::move(ties));

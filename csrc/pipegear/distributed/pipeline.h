@@ -68,7 +68,9 @@ class DistributedPipeline {
                       std::chrono::milliseconds timeout =
                           std::chrono::seconds(30));
   /// The whole model: only this rank's slice (balance[rank] layers, named
-  /// by their index in `model`) is kept, moved to the device and run.
+  /// by their index in `model`) is kept, moved to the device and run. Skip
+  /// connections (skip.h) between ranks are routed from the whole model
+  /// (skip_layout; TypeError when they do not match).
   DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
                       const torch::nn::Sequential& model,
                       DistributedOptions options);

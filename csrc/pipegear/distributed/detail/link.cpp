@@ -102,7 +102,7 @@ int64_t free_tags(const void* group, int64_t length) {
 } // namespace
 
 Link::Link(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::Device device,
-           int64_t chunks, std::chrono::milliseconds timeout)
+           int64_t chunks, std::chrono::milliseconds timeout, int64_t skips)
     : group_(std::move(group)),
       rank_(group_->getRank()),
       world_(group_->getSize()),
@@ -110,7 +110,7 @@ Link::Link(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::Device device,
       device_(device),
       chunks_(chunks),
       timeout_(timeout),
-      tags_(tag_stride(chunks)),
+      tags_(tag_stride(chunks) + 2 * skips * chunks),
       tag_base_(free_tags(group_.get(), tags_)),
       send_capacity_{kMinCapacity, kMinCapacity},
       recv_capacity_{kMinCapacity, kMinCapacity} {}

@@ -94,7 +94,7 @@ class Link {
   /// group (take_tags() once the ranks agree on it); ValueError when
   /// `chunks` need more tags than there are.
   Link(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::Device device,
-       int64_t chunks, std::chrono::milliseconds timeout);
+       int64_t chunks, std::chrono::milliseconds timeout, int64_t skips = 0);
 
   c10d::ProcessGroup& group() { return *group_; }
   int64_t rank() const { return rank_; }
@@ -109,6 +109,12 @@ class Link {
   }
   int tag(TagKind kind) const {
     return static_cast<int>(tag_base_ + 2 * chunks_ + kind);
+  }
+  // Skip `id` of micro-batch j (its tensor, or its gradient): after the
+  // kinds, 2 per (skip, micro-batch).
+  int skip_tag(int64_t id, int64_t j, bool backward) const {
+    return static_cast<int>(tag_base_ + 2 * chunks_ + kTagKinds +
+                            2 * (id * chunks_ + j) + (backward ? 1 : 0));
   }
   int64_t first_tag() const { return tag_base_; }
   /// Records the range as taken, once every rank agreed on first_tag(): the

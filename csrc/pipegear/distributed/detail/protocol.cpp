@@ -2,6 +2,7 @@
 #include <pipegear/distributed/detail/protocol.h>
 
 #include <algorithm>
+#include <exception>
 
 #include <pipegear/distributed/detail/wire.h>
 
@@ -74,11 +75,19 @@ void Protocol::connect() {
 // Every rank must run the same K, chunks, checkpoint mode, schedule and
 // balance: a mismatch would make ranks wait for messages that never come.
 void Protocol::agree_on_configuration() {
-  const int64_t width = 6 + world();
+  const int64_t fixed = 8;
+  const int64_t width = fixed + world();
+  // The skip layout, as a count and a checksum of the routes.
+  const auto& routes = options_.skip_routes();
+  int64_t checksum = 0;
+  for (size_t i = 0; i < routes.size(); ++i) {
+    checksum = (checksum * 1000003 + routes[i] + 1) % 1000000007;
+  }
   std::vector<int64_t> mine{link_.first_tag(), world(), options_.chunks(),
                             static_cast<int64_t>(options_.checkpoint()),
                             static_cast<int64_t>(options_.schedule()),
-                            static_cast<int64_t>(options_.balance().size())};
+                            static_cast<int64_t>(options_.balance().size()),
+                            static_cast<int64_t>(routes.size() / 2), checksum};
   for (int64_t s = 0; s < world(); ++s) {
     mine.push_back(s < static_cast<int64_t>(options_.balance().size())
                        ? options_.balance()[s]
@@ -94,12 +103,14 @@ void Protocol::agree_on_configuration() {
   static const char* names[] = {"the first tag (after those of the pipelines "
                                 "built on the group before this one)",
                                 "world size", "chunks",
-                                "checkpoint", "schedule", "balance length"};
+                                "checkpoint", "schedule", "balance length",
+                                "the number of skip connections",
+                                "the skip routes (a checksum)"};
   for (int64_t r = 0; r < world(); ++r) {
     for (int64_t f = 0; f < width; ++f) {
       if (p[r * width + f] != mine[f]) {
-        const std::string field = f < 6 ? names[f]
-                                        : "balance[" + std::to_string(f - 6) + "]";
+        const std::string field = f < fixed ? names[f]
+                                            : "balance[" + std::to_string(f - fixed) + "]";
         TORCH_CHECK_VALUE(false, "pipegear: ranks disagree on the pipeline: ",
                           field, " is ", mine[f], " on rank ", rank(), " but ",
                           p[r * width + f], " on rank ", r,
@@ -502,6 +513,19 @@ std::pair<double, int64_t> Protocol::agree(StepState& state,
                                            const torch::Tensor& loss, const char* pass) {
   const std::string what = std::string("the end of the ") + pass + " of step " +
       std::to_string(state.seq);
+  // A failed pass with skips between ranks leaves skip messages sent and
+  // not received that no rank can name: the pipeline refuses later steps.
+  struct BreakOnFailure {
+    Link& link;
+    bool skips;
+    int uncaught = std::uncaught_exceptions();
+    ~BreakOnFailure() {
+      if (skips && std::uncaught_exceptions() > uncaught) {
+        link.mark_broken("a step failed in a pipeline with skip connections "
+                         "between ranks, whose messages cannot be drained");
+      }
+    }
+  } break_on_failure{link_, !options_.skip_routes().empty()};
   const int64_t self = error ? (state.origin >= 0 ? state.origin : rank()) : -1;
   Report status{static_cast<double>(self + 1), 0, 0, 0};
   if (loss.defined() && !error) {

@@ -246,6 +246,100 @@ Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard)
   return m;
 }
 
+int64_t C10dTransport::skip_rank(int64_t id, bool popper) const {
+  TORCH_CHECK(skip_routes_ != nullptr &&
+                  2 * id + 1 < static_cast<int64_t>(skip_routes_->size()),
+              "pipegear: rank ", link_.rank(), ": skip ", id,
+              " has no route (DistributedOptions::skip_routes)");
+  return (*skip_routes_)[2 * id + (popper ? 1 : 0)];
+}
+
+Message C10dTransport::recv_skip(int64_t id, int64_t j) {
+  const int64_t src = skip_rank(id, false);
+  return recv_skip_message(src, link_.skip_tag(id, j, false),
+                           "receiving skip " + std::to_string(id) +
+                               " of micro-batch " + std::to_string(j) +
+                               " from rank " + std::to_string(src));
+}
+
+void C10dTransport::send_skip(int64_t id, int64_t j, Message m) {
+  send_skip_message(skip_rank(id, true), link_.skip_tag(id, j, false), m.tensors,
+                    "skip " + std::to_string(id) + " of micro-batch " +
+                        std::to_string(j));
+}
+
+Message C10dTransport::recv_skip_grad(int64_t id, int64_t j) {
+  const int64_t src = skip_rank(id, true);
+  return recv_skip_message(src, link_.skip_tag(id, j, true),
+                           "receiving the gradient of skip " + std::to_string(id) +
+                               " of micro-batch " + std::to_string(j) +
+                               " from rank " + std::to_string(src));
+}
+
+void C10dTransport::send_skip_grad(int64_t id, int64_t j, Message m) {
+  send_skip_message(skip_rank(id, false), link_.skip_tag(id, j, true), m.tensors,
+                    "the gradient of skip " + std::to_string(id) +
+                        " of micro-batch " + std::to_string(j));
+}
+
+void C10dTransport::send_skip_message(int64_t dst, int tag, const Batch& tensors,
+                                      const std::string& what) {
+  link_.prune();
+  Encoded e = encode_batch(tensors, seq_);
+  const int64_t base = e.base();
+  const int64_t total = e.total();
+  const int64_t cap = kHeaderBytes;
+  const bool packed = total <= cap;
+  e.words[0] = packed ? kPacked : kSpill;
+  const int64_t first = link_.nccl() ? cap : (packed ? total : base);
+  auto head = write_head(e.words, first, link_.nccl() ? first : base);
+  torch::Tensor message = device().is_cpu() ? head : head.to(device());
+  torch::Tensor spill;
+  if (packed) {
+    write_payload(e, message, base);
+  } else {
+    spill = torch::empty({e.payload},
+                         torch::TensorOptions().dtype(torch::kUInt8).device(device()));
+    write_payload(e, spill, 0);
+  }
+  post(message, dst, tag, what);
+  if (!packed) {
+    post(spill, dst, tag, what);
+  }
+}
+
+Message C10dTransport::recv_skip_message(int64_t src, int tag,
+                                         const std::string& what) {
+  auto buffer = torch::empty({kHeaderBytes},
+                             torch::TensorOptions().dtype(torch::kUInt8).device(device()));
+  Posted posted{buffer, post_recv(buffer, src, tag, what)};
+  wait(posted.work, src, what);
+  const torch::Tensor head = device().is_cpu() ? buffer : buffer.cpu();
+  const Head h = read_head(head);
+  if (h.kind == kPoison) {
+    poisoned(read_poison(head), what);
+  }
+  const std::string here = "pipegear: rank " + std::to_string(link_.rank()) + ": ";
+  try {
+    check_batch_head(h, head.numel());
+  } catch (const BadMessage& e) {
+    comm_failure(src, here + e.what() + " while " + what);
+  }
+  if (h.step != seq_) {
+    comm_failure(src, here + what + ": got a message of step " +
+                          std::to_string(h.step) + " during step " +
+                          std::to_string(seq_));
+  }
+  const auto [data, data_offset] = payload_of(posted, h, src, tag, what);
+  Message m;
+  try {
+    m.tensors = decode_batch(head, data, data_offset, device());
+  } catch (const BadMessage& e) {
+    comm_failure(src, here + e.what() + " while " + what);
+  }
+  return m;
+}
+
 std::pair<torch::Tensor, int64_t> C10dTransport::payload_of(const Posted& posted,
                                                             const Head& h, int64_t src,
                                                             int tag,

@@ -46,7 +46,11 @@ enum class FailKind : uint8_t {
 /// owed.
 class C10dTransport final : public Transport {
  public:
-  C10dTransport(Link& link, int64_t seq) : link_(link), seq_(seq) {}
+  /// `skip_routes`: DistributedOptions::skip_routes (outlives the
+  /// transport).
+  C10dTransport(Link& link, int64_t seq,
+                const std::vector<int64_t>* skip_routes = nullptr)
+      : link_(link), seq_(seq), skip_routes_(skip_routes) {}
 
   // A message counts as received (not owed any more) once its receive
   // starts: a poison message is received too, and after a transport error
@@ -55,6 +59,15 @@ class C10dTransport final : public Transport {
   void send_forward(int64_t s, int64_t j, Message m) override;
   Message recv_backward(int64_t s, int64_t j) override;
   void send_backward(int64_t s, int64_t j, Message m) override;
+  // Skips go straight between the stashing and the popping rank, on tags
+  // of their own, at the fixed capacity kHeaderBytes (a larger payload
+  // spills), nothing posted early. A step with skips that fails leaves
+  // the pipeline broken (Protocol::agree): what was sent and not received
+  // cannot be drained without knowing what the producer sent.
+  Message recv_skip(int64_t id, int64_t j) override;
+  void send_skip(int64_t id, int64_t j, Message m) override;
+  Message recv_skip_grad(int64_t id, int64_t j) override;
+  void send_skip_grad(int64_t id, int64_t j, Message m) override;
 
   /// The messages this rank will receive in the pass, in order; posts the
   /// first receives of each direction.
@@ -141,8 +154,15 @@ class C10dTransport final : public Transport {
                                                int64_t src, int tag,
                                                const std::string& what);
 
+  // A skip message: to `dst` (from `src`) on `tag`.
+  void send_skip_message(int64_t dst, int tag, const Batch& tensors,
+                         const std::string& what);
+  Message recv_skip_message(int64_t src, int tag, const std::string& what);
+  int64_t skip_rank(int64_t id, bool popper) const;
+
   Link& link_;
   int64_t seq_;
+  const std::vector<int64_t>* skip_routes_;
   std::set<std::pair<bool, int64_t>> sent_;
   std::set<std::pair<bool, int64_t>> received_;
   std::set<int64_t> bad_peers_;
