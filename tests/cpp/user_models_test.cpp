@@ -358,16 +358,16 @@ struct TiedHeadImpl : torch::nn::Module {
 };
 TORCH_MODULE(TiedHead);
 
-constexpr int64_t kVocab = 11, kWidth = 6;
+constexpr int64_t kLmVocab = 11, kLmWidth = 6;
 
 // embed, (Linear, Tanh) x 2, head tied to embed: 6 layers.
 torch::nn::Sequential tied_lm() {
   torch::manual_seed(5);
-  auto w = torch::randn({kVocab, kWidth}, torch::kFloat64);
+  auto w = torch::randn({kLmVocab, kLmWidth}, torch::kFloat64);
   torch::nn::Sequential m;
   m->push_back("embed", TokenEmbed(w));
   for (int i = 0; i < 2; ++i) {
-    m->push_back("fc" + std::to_string(i), torch::nn::Linear(kWidth, kWidth));
+    m->push_back("fc" + std::to_string(i), torch::nn::Linear(kLmWidth, kLmWidth));
     m->push_back("act" + std::to_string(i), torch::nn::Tanh());
   }
   m->push_back("head", TiedHead(w));
@@ -389,8 +389,8 @@ std::map<std::string, torch::Tensor> grads_of(const torch::nn::Module& m) {
 
 TEST_CASE("user models: a parameter tied across stages sums every use",
           "[user][tied]") {
-  auto ids = torch::randint(0, kVocab, {10, 4});
-  auto t = torch::randint(0, kVocab, {10, 4});
+  auto ids = torch::randint(0, kLmVocab, {10, 4});
+  auto t = torch::randint(0, kLmVocab, {10, 4});
   t.index_put_({9, torch::indexing::Slice(2)}, -100);  // padding
   auto loss_of = [](const torch::Tensor& logits, const torch::Tensor& target) {
     return torch::nn::functional::cross_entropy(logits.flatten(0, 1),
