@@ -396,18 +396,15 @@ class DistributedGPipe(_Placed):
         if not ties:
             return self._pipeline.forward(input if self.is_first else None,
                                           training=self.training)
-        ties.begin()
-        try:
-            out = self._pipeline.forward(input if self.is_first else None,
-                                         training=self.training)
-        except BaseException:
-            ties.end(ok=False)
-            raise
+        out = self._pipeline.forward(input if self.is_first else None,
+                                     training=self.training)
         first = out[0] if isinstance(out, tuple) else out
-        if first.grad_fn is None:  # no graph, no drain: nothing to sum
-            ties.end(ok=False)
-        else:
-            # The drain is this node's backward; the members sum after it.
+        if first.grad_fn is not None:
+            # The drain is this node's backward: the gradients are set
+            # aside when it starts (not at the forward: until the drain
+            # the user's .grad is as the plain model's) and the members
+            # sum after it.
+            first.grad_fn.register_prehook(lambda grad_outputs: ties.begin())
             first.grad_fn.register_hook(lambda grad_inputs, grad_outputs:
                                         ties.end())
         return out

@@ -378,7 +378,11 @@ class DistributedTies:
     def begin(self) -> None:
         """Before a step: sets each tied parameter's gradient aside, so
         that the sum after the drain adds only this step's (a gradient
-        accumulated over earlier steps was summed then already)."""
+        accumulated over earlier steps was summed then already). What a
+        drain that failed before its end left set aside is given back
+        first."""
+        if self._stashed:
+            self.end(ok=False)
         self._stashed = []
         for _, _, param, _ in self.ties:
             self._stashed.append(param.grad)

@@ -113,9 +113,8 @@ namespace {
 // start, summed over the ranks (commit) or only given back (a failed pass).
 class TiedStep {
  public:
-  // `begin`: false in a module-style drain, whose forward set them aside.
-  explicit TiedStep(TiedAcrossRanks* ties, bool begin = true) : ties_(ties) {
-    if (ties_ && begin) {
+  explicit TiedStep(TiedAcrossRanks* ties) : ties_(ties) {
+    if (ties_) {
       ties_->begin();
     }
   }
@@ -131,8 +130,6 @@ class TiedStep {
       ties->end(sum);
     }
   }
-  // Module style: the drain ends the step (DistributedCore::drain).
-  void release() { ties_ = nullptr; }
 
  private:
   TiedAcrossRanks* ties_;
@@ -457,8 +454,6 @@ Batch DistributedCore::forward(const Batch& input, bool training,
     if (state->pre_error) {
       fail_early(*state);
     }
-    // The tied gradients stay set aside until the drain.
-    TiedStep tied(state->run.grad ? ties_.get() : nullptr);
     auto error = run_cells(*state, /*forward=*/true, /*backward=*/false);
     if (!error) {
       try {
@@ -478,7 +473,6 @@ Batch DistributedCore::forward(const Batch& input, bool training,
     if (!state->run.grad) {
       return out;
     }
-    tied.release();
     undrained_ = state;
   }
   auto step = c10::make_intrusive<RankStep>();
@@ -522,6 +516,9 @@ Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   link_.check_not_broken();
   auto& run = state.run;
   at::ThreadLocalStateGuard tls(run.tls);
+  // Set aside when the drain starts, not at the forward: until the drain
+  // the user's .grad is the plain model's.
+  TiedStep tied(ties_.get());
   std::exception_ptr error;
   try {
     if (is_last()) {
@@ -540,7 +537,6 @@ Batch DistributedCore::drain(StepState& state, const Batch& grads) {
   if (!error && rank() == 0) {
     out = gather_input_grads(run);
   }
-  TiedStep tied(ties_.get(), /*begin=*/false);
   finish_pass(state, error, "backward");
   tied.commit(true);  // every rank's drain succeeded: sum (collective)
   return out;
@@ -548,7 +544,6 @@ Batch DistributedCore::drain(StepState& state, const Batch& grads) {
 
 void DistributedCore::abandon_drain(StepState& state,
                                     const std::exception_ptr& error) {
-  TiedStep tied(ties_.get(), /*begin=*/false);  // gives back what was set aside
   state.drained = true;
   state.abandoned = true;
   placeholder_ = torch::Tensor();

@@ -85,7 +85,9 @@ void TiedAcrossRanks::start() {
 }
 
 void TiedAcrossRanks::begin() {
-  stashed_.clear();
+  if (!stashed_.empty()) {
+    end(false);  // a pass that failed before its end set them aside
+  }
   for (auto& t : ties_) {
     stashed_.push_back(t.local.defined() ? t.local.grad() : torch::Tensor());
     if (t.local.defined() && t.local.grad().defined()) {
