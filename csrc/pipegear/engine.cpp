@@ -309,7 +309,8 @@ Trace Engine::last_trace() const {
 Batch Engine::forward(const Batch& input, bool training) {
   TORCH_CHECK_VALUE(options().schedule() == ScheduleKind::kGPipe,
                     "module-style forward needs a fill/drain schedule "
-                    "('gpipe'); the '1f1b' schedule runs only through step()");
+                    "('gpipe'); '1f1b', 'zb-h1' and 'zb-h2' run only "
+                    "through step()");
   const auto tls = at::ThreadLocalState();
   auto run = core_->make_run(input, tls, c10::GradMode::is_enabled(), training);
   if (!run->grad) {

@@ -28,7 +28,8 @@ struct EngineOptions {
   /// Micro-batches per mini-batch (M); a smaller batch gives fewer.
   TORCH_ARG(int64_t, chunks) = 1;
   TORCH_ARG(CheckpointMode, checkpoint) = CheckpointMode::kExceptLast;
-  /// kGPipe serves both faces; k1F1B only `step` (it interleaves phases).
+  /// kGPipe serves both faces; k1F1B, kZBH1 and kZBH2 only `step` (they
+  /// interleave phases).
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
   /// Intra-op threads of each CPU stage's worker; 0 splits the caller's
   /// at::get_num_threads() evenly between the CPU stages (at least 1 each).

@@ -60,6 +60,7 @@ struct GPipeOptions {
   /// Replace BatchNorm layers by DeferredBatchNorm (running statistics of
   /// the whole mini-batch).
   TORCH_ARG(bool, deferred_batch_norm) = false;
+  /// kGPipe serves both faces; k1F1B, kZBH1 and kZBH2 only step().
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
   /// Intra-op threads per CPU stage worker; 0 splits them evenly.
   TORCH_ARG(int64_t, worker_threads) = 0;

@@ -16,11 +16,58 @@ void check_shape(int64_t stages, int64_t micro_batches) {
                     micro_batches);
 }
 
-const char* phase_name(Phase phase) {
-  return phase == Phase::kForward ? "forward" : "backward";
+// Row of a phase in the validator's tables.
+int slot(Phase phase) {
+  return static_cast<int>(phase);
+}
+
+// The zero-bubble family: after `warmup(s)` forwards, stage s runs for
+// each micro-batch i its B, the W of micro-batch i - s once i >= s (W
+// cells of the first micro-batches wait to fill the drain), and the next
+// forward; the remaining W cells close the stage's list.
+template <typename Warmup>
+Schedule zero_bubble(int64_t stages, int64_t micro_batches, Warmup warmup) {
+  check_shape(stages, micro_batches);
+  Schedule schedule(stages);
+  for (int64_t s = 0; s < stages; ++s) {
+    auto& cells = schedule[s];
+    cells.reserve(3 * micro_batches);
+    int64_t next_forward = 0;
+    int64_t next_weight = 0;
+    for (; next_forward < std::min(warmup(s), micro_batches); ++next_forward) {
+      cells.push_back({next_forward, Phase::kForward});
+    }
+    for (int64_t i = 0; i < micro_batches; ++i) {
+      cells.push_back({i, Phase::kBackwardInput});
+      if (i >= s) {
+        cells.push_back({next_weight++, Phase::kBackwardWeight});
+      }
+      if (next_forward < micro_batches) {
+        cells.push_back({next_forward++, Phase::kForward});
+      }
+    }
+    while (next_weight < micro_batches) {
+      cells.push_back({next_weight++, Phase::kBackwardWeight});
+    }
+  }
+  return schedule;
 }
 
 } // namespace
+
+const char* phase_name(Phase phase) {
+  switch (phase) {
+    case Phase::kForward:
+      return "forward";
+    case Phase::kBackward:
+      return "backward";
+    case Phase::kBackwardInput:
+      return "backward_input";
+    case Phase::kBackwardWeight:
+      return "backward_weight";
+  }
+  return "?";
+}
 
 Schedule gpipe_schedule(int64_t stages, int64_t micro_batches) {
   check_shape(stages, micro_batches);
@@ -59,11 +106,21 @@ Schedule one_f_one_b_schedule(int64_t stages, int64_t micro_batches) {
   return schedule;
 }
 
+Schedule zb_h1_schedule(int64_t stages, int64_t micro_batches) {
+  return zero_bubble(stages, micro_batches,
+                     [&](int64_t s) { return stages - s; });
+}
+
+Schedule zb_h2_schedule(int64_t stages, int64_t micro_batches) {
+  return zero_bubble(stages, micro_batches,
+                     [&](int64_t s) { return 2 * (stages - s) - 1; });
+}
+
 bool is_fill_drain(const Schedule& schedule) {
   for (const auto& cells : schedule) {
     bool seen_backward = false;
     for (const auto& cell : cells) {
-      if (cell.phase == Phase::kBackward) {
+      if (cell.phase != Phase::kForward) {
         seen_backward = true;
       } else if (seen_backward) {
         return false;
@@ -77,35 +134,64 @@ std::vector<std::vector<int64_t>> schedule_clocks(const Schedule& schedule,
                                                   int64_t micro_batches) {
   const auto stages = static_cast<int64_t>(schedule.size());
   check_shape(stages, micro_batches);
-  // done[phase][s][j]: the clock at which the cell ends, -1 if not yet run.
-  std::vector<std::vector<int64_t>> seen(2 * stages,
+  constexpr int kPhases = 4;
+  // seen[kPhases * s + phase][j]: how often stage s runs that cell so far.
+  std::vector<std::vector<int64_t>> seen(kPhases * stages,
                                          std::vector<int64_t>(micro_batches, 0));
   for (int64_t s = 0; s < stages; ++s) {
+    auto count = [&](Phase p, int64_t j) -> int64_t& {
+      return seen[kPhases * s + slot(p)][j];
+    };
     for (size_t i = 0; i < schedule[s].size(); ++i) {
       const auto& cell = schedule[s][i];
-      TORCH_CHECK_VALUE(cell.micro_batch >= 0 && cell.micro_batch < micro_batches,
+      const int64_t j = cell.micro_batch;
+      TORCH_CHECK_VALUE(j >= 0 && j < micro_batches,
                         "schedule: stage ", s, " cell ", i, " names micro-batch ",
-                        cell.micro_batch, ", expected 0..", micro_batches - 1);
-      auto& count = seen[2 * s + (cell.phase == Phase::kBackward)][cell.micro_batch];
-      TORCH_CHECK_VALUE(count == 0, "schedule: stage ", s, " runs the ",
-                        phase_name(cell.phase), " of micro-batch ",
-                        cell.micro_batch, " twice");
+                        j, ", expected 0..", micro_batches - 1);
+      TORCH_CHECK_VALUE(slot(cell.phase) >= 0 && slot(cell.phase) < kPhases,
+                        "schedule: stage ", s, " cell ", i,
+                        " has an unknown phase ", slot(cell.phase));
+      TORCH_CHECK_VALUE(count(cell.phase, j) == 0, "schedule: stage ", s,
+                        " runs the ", phase_name(cell.phase), " of micro-batch ",
+                        j, " twice");
       TORCH_CHECK_VALUE(cell.phase == Phase::kForward ||
-                            seen[2 * s][cell.micro_batch] == 1,
-                        "schedule: stage ", s, " runs the backward of micro-batch ",
-                        cell.micro_batch, " before its forward");
-      ++count;
+                            count(Phase::kForward, j) == 1,
+                        "schedule: stage ", s, " runs the ",
+                        phase_name(cell.phase), " of micro-batch ", j,
+                        " before its forward");
+      TORCH_CHECK_VALUE(cell.phase != Phase::kBackwardWeight ||
+                            count(Phase::kBackwardInput, j) == 1,
+                        "schedule: stage ", s,
+                        " runs the backward_weight of micro-batch ", j,
+                        " before its backward_input");
+      ++count(cell.phase, j);
+      const bool whole = count(Phase::kBackward, j) > 0;
+      const bool split = count(Phase::kBackwardInput, j) > 0 ||
+          count(Phase::kBackwardWeight, j) > 0;
+      TORCH_CHECK_VALUE(!(whole && split), "schedule: stage ", s,
+                        " runs both a whole backward and a split one "
+                        "(backward_input / backward_weight) of micro-batch ",
+                        j);
     }
     for (int64_t j = 0; j < micro_batches; ++j) {
-      for (int p = 0; p < 2; ++p) {
-        TORCH_CHECK_VALUE(seen[2 * s + p][j] == 1, "schedule: stage ", s,
-                          " never runs the ", phase_name(static_cast<Phase>(p)),
-                          " of micro-batch ", j);
-      }
+      TORCH_CHECK_VALUE(count(Phase::kForward, j) == 1, "schedule: stage ", s,
+                        " never runs the forward of micro-batch ", j);
+      const bool input = count(Phase::kBackwardInput, j) == 1;
+      const bool weight = count(Phase::kBackwardWeight, j) == 1;
+      TORCH_CHECK_VALUE(count(Phase::kBackward, j) == 1 || input || weight,
+                        "schedule: stage ", s,
+                        " never runs the backward of micro-batch ", j);
+      TORCH_CHECK_VALUE(input || !weight, "schedule: stage ", s,
+                        " never runs the backward_input of micro-batch ", j);
+      TORCH_CHECK_VALUE(weight || !input, "schedule: stage ", s,
+                        " runs the backward_input of micro-batch ", j,
+                        " but never its backward_weight");
     }
   }
 
-  std::vector<std::vector<int64_t>> end(2 * stages,
+  // end[kPhases * s + phase][j]: the clock at which the cell ends, -1 if
+  // not yet run.
+  std::vector<std::vector<int64_t>> end(kPhases * stages,
                                         std::vector<int64_t>(micro_batches, -1));
   std::vector<std::vector<int64_t>> clocks(stages);
   std::vector<size_t> next(stages, 0);
@@ -115,14 +201,23 @@ std::vector<std::vector<int64_t>> schedule_clocks(const Schedule& schedule,
   }
   auto ready = [&](int64_t s, const Cell& c, int64_t t) {
     auto done = [&](int64_t stage, Phase p) {
-      const int64_t e = end[2 * stage + (p == Phase::kBackward)][c.micro_batch];
+      const int64_t e = end[kPhases * stage + slot(p)][c.micro_batch];
       return e >= 0 && e <= t;
     };
-    if (c.phase == Phase::kForward) {
-      return s == 0 || done(s - 1, Phase::kForward);
+    // The input gradient of (s, j): from a whole backward or from a B.
+    auto gradient_done = [&](int64_t stage) {
+      return done(stage, Phase::kBackward) ||
+          done(stage, Phase::kBackwardInput);
+    };
+    switch (c.phase) {
+      case Phase::kForward:
+        return s == 0 || done(s - 1, Phase::kForward);
+      case Phase::kBackwardWeight:
+        return done(s, Phase::kBackwardInput);
+      default:
+        return s == stages - 1 ? done(s, Phase::kForward)
+                               : gradient_done(s + 1);
     }
-    return s == stages - 1 ? done(s, Phase::kForward)
-                           : done(s + 1, Phase::kBackward);
   };
   for (int64_t t = 0; remaining > 0; ++t) {
     std::vector<int64_t> started;
@@ -143,7 +238,7 @@ std::vector<std::vector<int64_t>> schedule_clocks(const Schedule& schedule,
     }
     for (int64_t s : started) {
       const auto& c = schedule[s][next[s]++];
-      end[2 * s + (c.phase == Phase::kBackward)][c.micro_batch] = t + 1;
+      end[kPhases * s + slot(c.phase)][c.micro_batch] = t + 1;
       clocks[s].push_back(t);
       --remaining;
     }
@@ -178,9 +273,10 @@ std::string render_schedule(const Schedule& schedule, int64_t micro_batches) {
     std::vector<std::string> row(span, std::string(width, ' '));
     for (size_t i = 0; i < schedule[s].size(); ++i) {
       const auto& c = schedule[s][i];
-      row[clocks[s][i]] =
-          pad((c.phase == Phase::kForward ? "F" : "B") +
-              std::to_string(c.micro_batch));
+      const char* letter = c.phase == Phase::kForward ? "F"
+          : c.phase == Phase::kBackwardWeight       ? "W"
+                                                    : "B";
+      row[clocks[s][i]] = pad(letter + std::to_string(c.micro_batch));
     }
     std::string name = "stage" + std::to_string(s);
     out << std::string(head.size() - name.size(), ' ') << name;
@@ -194,20 +290,53 @@ std::string render_schedule(const Schedule& schedule, int64_t micro_batches) {
   return out.str();
 }
 
+std::vector<int64_t> peak_activations(const Schedule& schedule) {
+  std::vector<int64_t> peaks;
+  peaks.reserve(schedule.size());
+  for (const auto& cells : schedule) {
+    int64_t alive = 0;
+    int64_t peak = 0;
+    for (const auto& c : cells) {
+      if (c.phase == Phase::kForward) {
+        peak = std::max(peak, ++alive);
+      } else if (c.phase != Phase::kBackwardInput) {
+        --alive;
+      }
+    }
+    peaks.push_back(peak);
+  }
+  return peaks;
+}
+
 ScheduleKind parse_schedule_kind(const std::string& name) {
   if (name == "gpipe") {
     return ScheduleKind::kGPipe;
   }
-  TORCH_CHECK_VALUE(name == "1f1b", "schedule must be 'gpipe' or '1f1b', got '",
-                    name, "'");
+  if (name == "zb-h1") {
+    return ScheduleKind::kZBH1;
+  }
+  if (name == "zb-h2") {
+    return ScheduleKind::kZBH2;
+  }
+  TORCH_CHECK_VALUE(name == "1f1b",
+                    "schedule must be 'gpipe', '1f1b', 'zb-h1' or 'zb-h2', "
+                    "got '", name, "'");
   return ScheduleKind::k1F1B;
 }
 
 Schedule make_schedule(ScheduleKind kind, int64_t stages,
                        int64_t micro_batches) {
-  return kind == ScheduleKind::kGPipe
-      ? gpipe_schedule(stages, micro_batches)
-      : one_f_one_b_schedule(stages, micro_batches);
+  switch (kind) {
+    case ScheduleKind::kGPipe:
+      return gpipe_schedule(stages, micro_batches);
+    case ScheduleKind::k1F1B:
+      return one_f_one_b_schedule(stages, micro_batches);
+    case ScheduleKind::kZBH1:
+      return zb_h1_schedule(stages, micro_batches);
+    case ScheduleKind::kZBH2:
+      return zb_h2_schedule(stages, micro_batches);
+  }
+  TORCH_CHECK_VALUE(false, "unknown schedule kind ", static_cast<int>(kind));
 }
 
 } // namespace pipegear

@@ -42,7 +42,8 @@ def is_recomputing() -> bool:
 
 
 def render_schedule(schedule: str, stages: int, micro_batches: int) -> str:
-    """The clock table of ``'gpipe'`` or ``'1f1b'`` for K stages, M chunks."""
+    """The clock table of a schedule (``'gpipe'``, ``'1f1b'``, ``'zb-h1'``,
+    ``'zb-h2'``) for K stages, M chunks."""
     return _C.render_schedule(schedule, stages, micro_batches)
 
 

@@ -98,7 +98,8 @@ class DistributedGPipe(_Placed):
             current CUDA device for NCCL). The partition stays there: a move
             to another device (``.to(device)``, ``.cuda()``) is a
             ``ValueError``; dtype casts work.
-        schedule: ``'gpipe'`` or ``'1f1b'`` (``'1f1b'``: :meth:`step` only).
+        schedule: ``'gpipe'``, ``'1f1b'``, ``'zb-h1'`` or ``'zb-h2'`` (all
+            but ``'gpipe'``: :meth:`step` only).
         tied_parameters: parameters that are one parameter of the model
             though held by layers of several ranks (GPT-2's head reusing the
             embedding's weight), each tie a list of names as in

@@ -25,7 +25,7 @@ Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 Device = Union[torch.device, str, int]
 
 CHECKPOINT_MODES = ("always", "except_last", "never")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "zb-h1", "zb-h2")
 
 __all__ = ["GPipe", "Trace"]
 
@@ -278,7 +278,7 @@ class _Placed(nn.Module):
 
     @property
     def schedule(self) -> str:
-        """``'gpipe'`` or ``'1f1b'``."""
+        """``'gpipe'``, ``'1f1b'``, ``'zb-h1'`` or ``'zb-h2'``."""
         return self._schedule
 
     def _placement(self) -> tuple[list[torch.device], str]:
@@ -370,8 +370,12 @@ class GPipe(_Placed):
             In eval mode (``pipe.eval()``) nothing is checkpointed.
         deferred_batch_norm: replace BatchNorm layers by
             :class:`pipegear.DeferredBatchNorm` (mini-batch running stats).
-        schedule: ``'gpipe'`` (fill/drain, both faces) or ``'1f1b'``
-            (:meth:`step` only; keeps fewer activations alive).
+        schedule: ``'gpipe'`` (fill/drain, both faces), ``'1f1b'``
+            (:meth:`step` only; keeps fewer activations alive), or the
+            zero-bubble ``'zb-h1'`` (1F1B's memory) and ``'zb-h2'``
+            (:meth:`step` only; each backward split into B, the input
+            gradient, and W, the weight gradients, run later to fill the
+            bubble: docs/engine.md).
         worker_threads: intra-op threads per CPU stage worker; 0 splits
             ``torch.get_num_threads()`` between the CPU stages.
 

@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <pipegear/detail/copy.h>
@@ -58,6 +59,12 @@ class CellRunner {
   void end_forward();
   void forward(StepRun& run, Transport& transport, int64_t j);
   void backward(StepRun& run, Transport& transport, int64_t j);
+  /// B of a split backward: the gradients of the stage input only (sent
+  /// on as backward() sends them), keeping in the cell what W needs.
+  void backward_input(StepRun& run, Transport& transport, int64_t j);
+  /// W of a split backward: the parameters' gradients from what B kept,
+  /// then frees the cell.
+  void backward_weight(StepRun& run, int64_t j);
 
   Stage& stage() { return *stage_; }
   const std::shared_ptr<Stage>& stage_ptr() const { return stage_; }
@@ -67,6 +74,11 @@ class CellRunner {
   bool is_last(const StepRun& run) const { return index_ + 1 == run.stages; }
   Batch apply(StepRun& run, int64_t j, const Batch& x);
   Batch apply_checkpointed(StepRun& run, int64_t j, const Batch& x);
+  // B's first half: recomputes a checkpointed cell, receives the output
+  // gradients; returns the outputs that take one, with their gradients.
+  std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>
+  output_gradients(StepRun& run, Transport& transport, int64_t j,
+                   int64_t& start);
   int64_t stream_key() const;
 
   std::shared_ptr<Stage> stage_;

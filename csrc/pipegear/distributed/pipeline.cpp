@@ -374,7 +374,8 @@ Batch DistributedCore::forward(const Batch& input, bool training,
     std::lock_guard<std::mutex> call(call_mutex_);
     TORCH_CHECK_VALUE(options_.schedule() == ScheduleKind::kGPipe,
                       "module-style forward needs a fill/drain schedule "
-                      "('gpipe'); the '1f1b' schedule runs only through step()");
+                      "('gpipe'); '1f1b', 'zb-h1' and 'zb-h2' run only "
+                    "through step()");
     check_drained();
     placeholder_ = torch::Tensor();
     state = begin(Face::kModule, training, input, local_error);
