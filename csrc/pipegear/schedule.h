@@ -34,15 +34,22 @@ inline bool carries_gradient(Phase phase) {
 struct Cell {
   int64_t micro_batch;
   Phase phase;
+  /// Interleaved schedules: which of its worker's virtual stages the cell
+  /// belongs to. Row d of a schedule over K workers runs stages d, d + K,
+  /// d + 2K, ...: the cell's stage is chunk * K + d. 0 elsewhere (a row is
+  /// then a stage).
+  int64_t chunk = 0;
   // Written out: a defaulted operator== is C++20, and the public headers
   // compile as C++17 (what the exported target requires of a consumer).
   bool operator==(const Cell& other) const {
-    return micro_batch == other.micro_batch && phase == other.phase;
+    return micro_batch == other.micro_batch && phase == other.phase &&
+        chunk == other.chunk;
   }
   bool operator!=(const Cell& other) const { return !(*this == other); }
 };
 
-/// A schedule is data: for each stage, the cells it runs, in order. The
+/// A schedule is data: for each stage (for each worker, when interleaved:
+/// see Cell::chunk), the cells it runs, in order. The
 /// engine only executes it. A valid schedule for K stages and M micro-batches
 /// holds, for every (stage, micro-batch), one forward and either one
 /// kBackward or one kBackwardInput and one kBackwardWeight; each stage runs
@@ -95,15 +102,41 @@ Schedule zb_h1_schedule(int64_t stages, int64_t micro_batches);
 /// only.
 Schedule zb_h2_schedule(int64_t stages, int64_t micro_batches);
 
-/// The schedule generators a pipeline can run.
-enum class ScheduleKind : uint8_t { kGPipe, k1F1B, kZBH1, kZBH2 };
+/// Interleaved 1F1B (Narayanan et al., SC 2021, "Efficient large-scale
+/// language model training on GPU clusters", section 2.2): the model is cut
+/// into K * v stages and worker d runs stages d, d + K, ..., d + (v-1)K
+/// (Cell::chunk names which), so that a micro-batch visits every worker v
+/// times and the fill and drain shrink to about 1/v of 1F1B's. Forwards
+/// run in groups of K micro-batches, chunk after chunk; worker d warms up
+/// with 2(K-d-1) + (v-1)K forwards, then alternates one forward and one
+/// backward. The published order assumes M divisible by K; for other M an
+/// order that would deadlock gets longer warm-ups (one forward more per
+/// worker at a time, valid at the latest when every forward runs first). K=2, v=2,
+/// M=4 (F0.1: forward of micro-batch 0 on the worker's stage of chunk 1):
+///
+///    clock    0    1    2    3    4    5    6    7    8    9   10   11 ...
+///   stage0 F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 ...
+///   stage1      F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 F3.0 B1.0 F2.1 ...
+///
+/// (render_schedule draws the exact table). Step style only.
+Schedule interleaved_schedule(int64_t workers, int64_t virtual_stages,
+                              int64_t micro_batches);
 
-/// "gpipe", "1f1b", "zb-h1" or "zb-h2"; ValueError otherwise.
+/// The schedule generators a pipeline can run.
+enum class ScheduleKind : uint8_t { kGPipe, k1F1B, kZBH1, kZBH2, kInterleaved };
+
+/// "gpipe", "1f1b", "zb-h1", "zb-h2" or "interleaved"; ValueError
+/// otherwise.
 ScheduleKind parse_schedule_kind(const std::string& name);
 
-/// The schedule of `kind` for `stages` stages and `micro_batches`.
+/// The schedule of `kind` for `stages` stages (workers, when interleaved)
+/// and `micro_batches`; `virtual_stages` stages per worker, which only
+/// kInterleaved takes above 1 (ValueError otherwise).
 Schedule make_schedule(ScheduleKind kind, int64_t stages,
-                       int64_t micro_batches);
+                       int64_t micro_batches, int64_t virtual_stages = 1);
+
+/// The virtual stages per worker of `schedule`: 1 + its largest Cell::chunk.
+int64_t virtual_stages_of(const Schedule& schedule);
 
 /// True when every stage runs all its forwards before its first backward,
 /// so the schedule splits into a fill pass and a drain pass (module style).
@@ -122,12 +155,14 @@ std::vector<std::vector<int64_t>> schedule_clocks(const Schedule& schedule,
 /// throws ValueError as schedule_clocks does.
 void validate_schedule(const Schedule& schedule, int64_t micro_batches);
 
-/// Micro-batches alive on each stage at its peak (forwards run whose
+/// Micro-batches alive on each stage (worker, when interleaved: summed
+/// over its stages) at its peak (forwards run whose
 /// backward, or W when split, has not run yet), in schedule order: what
 /// each stage holds in activations, in micro-batches.
 std::vector<int64_t> peak_activations(const Schedule& schedule);
 
-/// The ASCII clock table shown above, one row per stage: F forward, B
+/// The ASCII clock table shown above, one row per stage (per worker when
+/// interleaved, a cell then naming its chunk after a dot): F forward, B
 /// backward (input gradient only when the same micro-batch has a W), W the
 /// weight-gradient backward.
 std::string render_schedule(const Schedule& schedule, int64_t micro_batches);

@@ -172,6 +172,11 @@ class DistributedGPipe(_Placed):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
+        if schedule == "interleaved":
+            raise ValueError("the distributed pipeline does not run the "
+                             "'interleaved' schedule (several stages per "
+                             "rank) yet; use it with pipegear.GPipe, or "
+                             "'1f1b', 'zb-h1', 'zb-h2' here")
         for name, value in (("timeout", timeout), ("idle_timeout", idle_timeout)):
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value < 0.001):

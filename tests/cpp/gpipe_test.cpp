@@ -36,13 +36,15 @@ void check_transparency(torch::nn::Sequential plain, torch::Tensor x,
                         int64_t k, int64_t chunks, CheckpointMode mode,
                         bool step_style, double tol,
                         pipegear::ScheduleKind schedule =
-                            pipegear::ScheduleKind::kGPipe) {
+                            pipegear::ScheduleKind::kGPipe,
+                        int64_t virtual_stages = 1) {
   auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(plain->clone());
   auto pipe = GPipe(torch::nn::Sequential(copy),
-                    GPipeOptions(even_balance(plain->size(), k))
+                    GPipeOptions(even_balance(plain->size(), k * virtual_stages))
                         .chunks(chunks)
                         .checkpoint(mode)
-                        .schedule(schedule));
+                        .schedule(schedule)
+                        .virtual_stages(virtual_stages));
   auto target = torch::randn_like(plain->forward(x));
   auto x1 = x.clone().requires_grad_(true);
   auto x2 = x.clone().requires_grad_(true);
@@ -126,6 +128,57 @@ TEST_CASE("transparency: zero-bubble schedules (split backward)",
   auto x = torch::randn({9, 5}, torch::kFloat64);
   check_transparency(plain, x, k, chunks, mode, /*step_style=*/true, 1e-10,
                      schedule);
+}
+
+TEST_CASE("transparency: interleaved 1F1B, v stages per worker",
+          "[gpipe][interleaved]") {
+  torch::manual_seed(9);
+  const auto k = GENERATE(2, 3, 4);
+  const auto v = GENERATE(2, 3);
+  const auto chunks = GENERATE(1, 3, 4, 8);
+  const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
+                             CheckpointMode::kAlways);
+  INFO("K=" << k << " v=" << v << " chunks=" << chunks);
+  auto plain = mlp(6, 5);  // 12 layers: up to K * v = 12 partitions
+  plain->to(torch::kFloat64);
+  auto x = torch::randn({9, 5}, torch::kFloat64);
+  check_transparency(plain, x, k, chunks, mode, /*step_style=*/true, 1e-10,
+                     pipegear::ScheduleKind::kInterleaved, v);
+}
+
+TEST_CASE("interleaved: options are checked, the trace has a row per worker",
+          "[gpipe][interleaved]") {
+  auto opts = [](std::vector<int64_t> b) {
+    return GPipeOptions(std::move(b)).chunks(4);
+  };
+  CHECK_THROWS_WITH(GPipe(mlp(2, 3), opts({1, 1, 1, 1}).virtual_stages(2)),
+                    Catch::Contains("virtual_stages = 2 needs the "
+                                    "'interleaved' schedule"));
+  CHECK_THROWS_WITH(
+      GPipe(mlp(2, 3), opts({2, 1, 1}).virtual_stages(2).schedule(
+                           pipegear::ScheduleKind::kInterleaved)),
+      Catch::Contains("must divide the number of partitions"));
+  CHECK_THROWS_WITH(
+      GPipe(mlp(2, 3), opts({1, 1, 1, 1})
+                           .virtual_stages(2)
+                           .schedule(pipegear::ScheduleKind::kInterleaved)
+                           .devices({torch::kCPU, torch::kCPU, torch::kCPU,
+                                     torch::Device("meta")})),
+      Catch::Contains("meta"));
+  auto pipe = GPipe(mlp(2, 3), opts({1, 1, 1, 1}).virtual_stages(2).schedule(
+                                   pipegear::ScheduleKind::kInterleaved));
+  auto x = torch::randn({8, 3});
+  pipe->step(x, torch::randn({8, 3}), [](auto y, auto t) {
+    return torch::mse_loss(y, t);
+  });
+  const auto trace = pipe->last_trace();
+  CHECK(trace.stages() == 2);
+  int64_t cells = 0;
+  for (const auto& e : trace.events()) {
+    CHECK(e.stage < 2);
+    cells += !e.recompute;
+  }
+  CHECK(cells == 4 * 2 * 4);  // 4 stages, F and B, 4 micro-batches
 }
 
 TEST_CASE("zero-bubble: an input that needs no gradient, parameter-only "

@@ -2,6 +2,8 @@
 
 #include <pipegear/schedule.h>
 
+#include <algorithm>
+
 using pipegear::Cell;
 using pipegear::Phase;
 
@@ -194,4 +196,70 @@ TEST_CASE("render_schedule draws the GPipe clock table", "[schedule]") {
         "stage0 F0 F1 F2 F3             B3 B2 B1 B0\n"
         "stage1    F0 F1 F2 F3       B3 B2 B1 B0\n"
         "stage2       F0 F1 F2 F3 B3 B2 B1 B0\n");
+}
+
+TEST_CASE("interleaved 1F1B: valid for every K, v, M; its span; rejections",
+          "[schedule][interleaved]") {
+  using pipegear::Phase;
+  for (int64_t k = 1; k <= 5; ++k) {
+    for (int64_t v = 1; v <= 3; ++v) {
+      for (int64_t m = 1; m <= 17; ++m) {
+        INFO("K=" << k << " v=" << v << " M=" << m);
+        auto s = pipegear::interleaved_schedule(k, v, m);
+        REQUIRE(s.size() == static_cast<size_t>(k));
+        REQUIRE(pipegear::virtual_stages_of(s) == v);
+        REQUIRE_NOTHROW(pipegear::validate_schedule(s, m));
+        for (const auto& row : s) {
+          REQUIRE(row.size() == static_cast<size_t>(2 * v * m));
+        }
+        if (m % k == 0 && v > 1) {
+          // One unit per cell of a virtual stage (1/v of a stage's work):
+          // 1F1B over K stages takes v * 2(M + K - 1) such units; the
+          // interleaved order shrinks the fill and drain v times.
+          CHECK(span_of(s, m) == 2 * m * v + 2 * (k - 1));
+        }
+      }
+    }
+  }
+  // (Parenthesised: Catch cannot print a Schedule.)
+  CHECK((pipegear::interleaved_schedule(3, 1, 5) ==
+         pipegear::one_f_one_b_schedule(3, 5)));
+  CHECK((pipegear::make_schedule(pipegear::ScheduleKind::kInterleaved, 2, 4,
+                                 2) == pipegear::interleaved_schedule(2, 2, 4)));
+  CHECK_THROWS_WITH(
+      pipegear::make_schedule(pipegear::ScheduleKind::k1F1B, 2, 4, 2),
+      Catch::Contains("virtual_stages = 2 needs the 'interleaved' schedule"));
+  CHECK_THROWS_AS(pipegear::interleaved_schedule(2, 0, 4), c10::ValueError);
+
+  auto s = pipegear::interleaved_schedule(2, 2, 2);
+  SECTION("a chunk's forward before the previous stage's: deadlock") {
+    // worker 0 runs chunk 1 of micro-batch 0 (stage 2) first: it needs
+    // stage 1 (worker 1, chunk 0), which needs stage 0 (worker 0, later).
+    auto& row = s[0];
+    const auto it = std::find(row.begin(), row.end(),
+                              Cell{0, Phase::kForward, 1});
+    std::rotate(row.begin(), it, it + 1);
+    CHECK_THROWS_WITH(pipegear::validate_schedule(s, 2),
+                      Catch::Contains("deadlocks"));
+  }
+  SECTION("a missing chunk") {
+    auto& row = s[1];
+    row.erase(std::find(row.begin(), row.end(), Cell{1, Phase::kBackward, 1}));
+    CHECK_THROWS_WITH(pipegear::validate_schedule(s, 2),
+                      Catch::Contains("stage 3 never runs the backward of "
+                                      "micro-batch 1"));
+  }
+  SECTION("a negative chunk") {
+    s[0][0].chunk = -1;
+    CHECK_THROWS_WITH(pipegear::validate_schedule(s, 2),
+                      Catch::Contains("names chunk -1"));
+  }
+}
+
+TEST_CASE("render_schedule names the chunk of interleaved cells",
+          "[schedule][interleaved]") {
+  auto text = pipegear::render_schedule(pipegear::interleaved_schedule(2, 2, 4), 4);
+  INFO(text);
+  CHECK(text.find("F0.1") != std::string::npos);
+  CHECK(text.find("B3.0") != std::string::npos);
 }

@@ -141,3 +141,54 @@ def test_clock_table_and_trace_show_b_and_w():
 def test_unknown_schedule_names_the_choices():
     with pytest.raises(ValueError, match="zb-h1"):
         pipegear.GPipe(nn.Sequential(nn.Linear(2, 2)), [1], schedule="zb-h3")
+
+
+@pytest.mark.parametrize("k, v", [(2, 2), (3, 2), (4, 2), (2, 3), (3, 3)])
+@pytest.mark.parametrize("chunks", [1, 3, 4, 8])
+@pytest.mark.parametrize("checkpoint", ["always", "except_last", "never"])
+def test_interleaved_transparency(k, v, chunks, checkpoint):
+    torch.manual_seed(0)
+    plain = make_model()  # 9 layers: up to K * v = 9 partitions
+    n = k * v
+    balance = [len(plain) // n + (i < len(plain) % n) for i in range(n)]
+    pipe = pipegear.GPipe(copy.deepcopy(plain), balance, chunks=chunks,
+                          checkpoint=checkpoint, schedule="interleaved",
+                          virtual_stages=v)
+    assert pipe.virtual_stages == v
+    x = torch.randn(9, 6, dtype=torch.float64)
+    t = torch.randn(9, 3, dtype=torch.float64)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    ref_loss = nn.functional.mse_loss(plain(x1), t)
+    ref_loss.backward()
+    loss = pipe.step(x2, t, nn.functional.mse_loss)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-10, atol=1e-10)
+    for (n1, p1), (n2, p2) in zip(plain.named_parameters(),
+                                  pipe.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-10, atol=1e-10)
+    assert pipe.last_trace.stages == k  # a row per worker
+
+
+def test_interleaved_arguments():
+    seq = lambda: nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])  # noqa: E731
+    with pytest.raises(ValueError, match="virtual_stages = 2 needs "
+                       "schedule='interleaved'"):
+        pipegear.GPipe(seq(), [1, 1, 1, 1], virtual_stages=2)
+    with pytest.raises(ValueError, match="must divide the number of "
+                       "partitions"):
+        pipegear.GPipe(seq(), [2, 1, 1], schedule="interleaved",
+                       virtual_stages=2)
+    with pytest.raises(ValueError, match="virtual_stages"):
+        pipegear.GPipe(seq(), [2, 2], schedule="interleaved", virtual_stages=0)
+    with pytest.raises(ValueError, match="module-style forward needs"):
+        pipegear.GPipe(seq(), [1, 1, 1, 1], schedule="interleaved",
+                       virtual_stages=2)(torch.ones(2, 2))
+    pipe = pipegear.GPipe(seq(), [1, 1, 1, 1], devices=["cpu", "cpu"],
+                          schedule="interleaved", virtual_stages=2, chunks=4)
+    assert [str(d) for d in pipe.devices] == ["cpu"] * 4
+    table = pipe.schedule_table()
+    assert "F0.1" in table and table.count("stage") == 2
+    assert copy.deepcopy(pipe).virtual_stages == 2
+    assert "F3.2" in pipegear.render_schedule("interleaved", 2, 4, 3)

@@ -115,7 +115,11 @@ void CellRunner::run(StepRun& run, Transport& transport,
     return;
   }
   c10::OptionalDeviceGuard device_guard(accelerator(stage_->device()));
-  auto is_fwd = [](const Cell& c) { return c.phase == Phase::kForward; };
+  // The first forward of this stage (of this chunk, when the worker runs
+  // several stages).
+  auto is_fwd = [&](const Cell& c) {
+    return c.phase == Phase::kForward && c.chunk == cell.chunk;
+  };
   // Built only when a cell fails: the per-cell path formats nothing.
   const auto where = [&] {
     return "micro-batch " + std::to_string(cell.micro_batch) + ", " +
