@@ -22,12 +22,11 @@ Then the timeline of one step per schedule, K=4, M=8, F:B:W = 1:1:1, into
 docs/img/schedule_<name>_k4_m8.png.
 
 Prints markdown. Run: .venv/bin/python benchmarks/bench_schedules.py
-(about 3 minutes).
+(about 6 minutes).
 """
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import pipegear
 from pipegear import _C
 
 ROOT = Path(__file__).resolve().parent.parent
-UNIT_S = 0.004  # one unit of simulated device time per layer pair (a stage)
+UNIT_S = 0.010  # a stage's forward of one micro-batch (two layers of 5 ms)
 SCHEDULES = ["gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved"]
 V = 2  # virtual stages per worker of 'interleaved'
 
@@ -168,8 +167,8 @@ def measure(pipe: pipegear.GPipe, m: int, repeats: int) -> Tuple[float, float]:
         pipe.step(x, t, loss)
         times.append(time.perf_counter() - start)
         bubbles.append(pipe.last_trace.bubble_fraction)
-    i = times.index(statistics.median(times))
-    return times[i], bubbles[i]
+    i = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
+    return times[i], bubbles[i]  # the median step (the upper one of two)
 
 
 def table(costs: Dict[str, float], repeats: int) -> float:
