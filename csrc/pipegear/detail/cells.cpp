@@ -576,6 +576,17 @@ void CellRunner::backward_input(StepRun& run, Transport& transport,
       }
     }
   }
+  // What only the input gradient needed is freed now, as a whole backward
+  // (retain_graph false) would: the nodes B ran that W does not run again
+  // may outlive this cell (a saved tensor keeps its grad_fn, and so its
+  // graph, alive; a loss function may hold its result), and with their
+  // saved tensors each micro-batch's would stay until the step ends.
+  const std::unordered_set<Node*> kept_nodes(frontier.begin(), frontier.end());
+  for (const auto& [node, leads_to_input] : reach) {
+    if (leads_to_input && !kept_nodes.count(node) && !targets.count(node)) {
+      node->release_variables();
+    }
+  }
   Batch input_grads;
   input_grads.reserve(cell.leaves.size());
   for (const auto& leaf : cell.leaves) {
