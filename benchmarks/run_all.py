@@ -34,9 +34,11 @@ ROOT = HERE.parent
 PAGE = ROOT / "docs" / "benchmarks.md"
 
 # Page order: the paper's claims first, then the engine's own numbers.
-ORDER = ["bench_paper", "bench_memory", "bench_engine", "bench_checkpoint",
+ORDER = ["bench_paper", "bench_schedules", "bench_schedule_memory",
+         "bench_memory", "bench_engine", "bench_checkpoint",
          "bench_random", "bench_skip",
-         "bench_torchgpipe", "bench_distributed", "bench_gpt2",
+         "bench_torchgpipe", "bench_distributed", "bench_distributed_schedules",
+         "bench_gpt2",
          "bench_partition",
          "bench_gpu"]
 

@@ -150,7 +150,9 @@ void init_distributed(py::module_& m) {
         py::list out;
         for (const auto& e : p.last_events()) {
           out.append(py::make_tuple(e.micro_batch,
-                                    e.phase == Phase::kForward ? "F" : "B",
+                                    e.phase == Phase::kForward        ? "F"
+                                    : e.phase == Phase::kBackwardWeight ? "W"
+                                                                       : "B",
                                     e.recompute, e.start_ns, e.end_ns));
         }
         return out;

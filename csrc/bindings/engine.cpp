@@ -271,16 +271,40 @@ void init_engine(py::module_& m) {
 
   m.def(
       "render_schedule",
-      [](const std::string& kind, int64_t stages, int64_t micro_batches) {
-        auto s = make_schedule(parse_schedule_kind(kind), stages, micro_batches);
+      [](const std::string& kind, int64_t stages, int64_t micro_batches,
+         int64_t virtual_stages) {
+        auto s = make_schedule(parse_schedule_kind(kind), stages, micro_batches,
+                               virtual_stages);
         return render_schedule(s, micro_batches);
       },
-      py::arg("schedule"), py::arg("stages"), py::arg("micro_batches"));
+      py::arg("schedule"), py::arg("stages"), py::arg("micro_batches"),
+      py::arg("virtual_stages") = 1);
+
+  m.def(
+      "schedule_cells",
+      [](const std::string& kind, int64_t stages, int64_t micro_batches,
+         int64_t virtual_stages) {
+        auto s = make_schedule(parse_schedule_kind(kind), stages, micro_batches,
+                               virtual_stages);
+        std::vector<std::vector<std::tuple<int64_t, std::string, int64_t>>> out;
+        for (const auto& row : s) {
+          out.emplace_back();
+          for (const auto& c : row) {
+            out.back().emplace_back(c.micro_batch, phase_name(c.phase), c.chunk);
+          }
+        }
+        return out;
+      },
+      py::arg("schedule"), py::arg("stages"), py::arg("micro_batches"),
+      py::arg("virtual_stages") = 1,
+      "The schedule as data: per row (stage, or worker when interleaved), "
+      "its cells in order as (micro_batch, phase, chunk).");
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "_Pipeline")
       .def(py::init([](const std::vector<py::tuple>& stages, int64_t chunks,
                        const std::string& checkpoint,
-                       const std::string& schedule, int64_t worker_threads) {
+                       const std::string& schedule, int64_t worker_threads,
+                       int64_t virtual_stages) {
              std::vector<std::shared_ptr<Stage>> built;
              int64_t first_layer = 0;
              for (size_t i = 0; i < stages.size(); ++i) {
@@ -303,10 +327,12 @@ void init_engine(py::module_& m) {
                                        .chunks(chunks)
                                        .checkpoint(parse_checkpoint_mode(checkpoint))
                                        .schedule(parse_schedule_kind(schedule))
+                                       .virtual_stages(virtual_stages)
                                        .worker_threads(worker_threads));
            }),
            py::arg("stages"), py::arg("chunks"), py::arg("checkpoint"),
-           py::arg("schedule"), py::arg("worker_threads"))
+           py::arg("schedule"), py::arg("worker_threads"),
+           py::arg("virtual_stages") = 1)
       .def(
           "forward",
           [](Engine& e, const py::object& input, bool training) {

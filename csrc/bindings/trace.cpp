@@ -12,16 +12,18 @@ namespace pipegear::bindings {
 namespace {
 
 std::string phase_string(Phase phase) {
-  return phase == Phase::kForward ? "forward" : "backward";
+  return phase_name(phase);
 }
 
 Phase parse_phase(const std::string& name) {
-  if (name == "forward") {
-    return Phase::kForward;
+  for (Phase p : {Phase::kForward, Phase::kBackward, Phase::kBackwardInput,
+                  Phase::kBackwardWeight}) {
+    if (name == phase_name(p)) {
+      return p;
+    }
   }
-  TORCH_CHECK_VALUE(name == "backward",
-                    "phase must be 'forward' or 'backward', got '", name, "'");
-  return Phase::kBackward;
+  TORCH_CHECK_VALUE(false, "phase must be 'forward', 'backward', "
+                    "'backward_input' or 'backward_weight', got '", name, "'");
 }
 
 std::string event_repr(const TraceEvent& e) {
@@ -34,7 +36,8 @@ std::string event_repr(const TraceEvent& e) {
 }
 
 // A TraceEvent, or a tuple (stage, micro_batch, phase, recompute, start_ns,
-// end_ns) with phase 'forward' or 'backward'.
+// end_ns) with phase 'forward', 'backward', 'backward_input' or
+// 'backward_weight'.
 TraceEvent to_event(const py::handle& item, size_t i) {
   if (py::isinstance<TraceEvent>(item)) {
     return item.cast<TraceEvent>();
@@ -68,8 +71,9 @@ TraceEvent to_event(const py::handle& item, size_t i) {
 void init_trace(py::module_& m) {
   py::class_<TraceEvent>(
       m, "TraceEvent",
-      "One executed cell: stage, micro_batch, phase ('forward' or "
-      "'backward'), recompute, start_ns, end_ns (steady clock).")
+      "One executed cell: stage, micro_batch, phase ('forward', "
+      "'backward', 'backward_input' (B) or 'backward_weight' (W; "
+      "the last two split one backward)), recompute, start_ns, end_ns (steady clock).")
       .def(py::init([](int64_t stage, int64_t micro_batch,
                        const std::string& phase, bool recompute,
                        int64_t start_ns, int64_t end_ns) {

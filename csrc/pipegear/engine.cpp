@@ -58,24 +58,42 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
                       "worker_threads must be >= 0, got ",
                       options_.worker_threads());
     register_random_kernels();
+    const int64_t v = options_.virtual_stages();
+    TORCH_CHECK_VALUE(v >= 1, "virtual_stages must be at least 1, got ", v);
+    TORCH_CHECK_VALUE(v == 1 || options_.schedule() == ScheduleKind::kInterleaved,
+                      "virtual_stages = ", v,
+                      " needs the 'interleaved' schedule");
+    TORCH_CHECK_VALUE(static_cast<int64_t>(stages.size()) % v == 0,
+                      "virtual_stages = ", v, " must divide the number of "
+                      "stages, got ", stages.size(), " stages");
+    workers_count_ = static_cast<int64_t>(stages.size()) / v;
     for (size_t s = 0; s < stages.size(); ++s) {
       TORCH_CHECK_VALUE(stages[s] != nullptr, "stage ", s, " is null");
     }
     skips_ = count_skips(stages);
-    int64_t cpu_stages = 0;
     for (size_t s = 0; s < stages.size(); ++s) {
       TORCH_CHECK_VALUE(stages[s] != nullptr, "stage ", s, " is null");
-      cpu_stages += stages[s]->device().is_cpu();
       runners_.push_back(std::make_unique<CellRunner>(
           stages[s], static_cast<int64_t>(s)));
+    }
+    int64_t cpu_workers = 0;
+    for (int64_t d = 0; d < workers_count_; ++d) {
+      const auto device = stages[d]->device();
+      cpu_workers += device.is_cpu();
+      for (int64_t s = d + workers_count_; s < num_stages(); s += workers_count_) {
+        TORCH_CHECK_VALUE(stages[s]->device() == device, "stage ", s, " is on ",
+                          stages[s]->device(), " but runs on the worker of "
+                          "stage ", d, " (virtual_stages = ", v, "), on ",
+                          device, ": a worker's stages share one device");
+      }
     }
     const int caller_threads = at::get_num_threads();
     const int per_worker = static_cast<int>(
         options_.worker_threads() > 0
             ? options_.worker_threads()
             : std::max<int64_t>(1, caller_threads /
-                                       std::max<int64_t>(1, cpu_stages)));
-    workers_ = std::make_unique<WorkerPool>(runners_.size(), [&](size_t s) {
+                                       std::max<int64_t>(1, cpu_workers)));
+    workers_ = std::make_unique<WorkerPool>(workers_count_, [&](size_t s) {
       if (runners_[s]->stage().device().is_cpu()) {
         // get_num_threads() runs this thread's lazy initialisation first
         // (which applies the process-wide count); without it, the first
@@ -84,7 +102,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
         at::set_num_threads(per_worker);
       }
     });
-    if (cpu_stages > 0) {
+    if (cpu_workers > 0) {
       // at::set_num_threads also sets the count that threads created later
       // start with (process-wide); the workers' own counts are per thread.
       // Give the process its count back: a library leaves the caller's
@@ -94,10 +112,16 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   }
 
   int64_t num_stages() const { return static_cast<int64_t>(runners_.size()); }
+  int64_t num_workers() const { return workers_count_; }
+  // The stage of row d's cell c (d itself unless interleaved).
+  int64_t stage_of(size_t d, const Cell& c) const {
+    return c.chunk * workers_count_ + static_cast<int64_t>(d);
+  }
   const EngineOptions& options() const { return options_; }
 
   Schedule schedule(int64_t m) const {
-    return make_schedule(options_.schedule(), num_stages(), m);
+    return make_schedule(options_.schedule(), workers_count_, m,
+                         options_.virtual_stages());
   }
 
   Trace last_trace() const {
@@ -140,13 +164,16 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
             at::ThreadLocalStateGuard tls(run->tls);
             const auto& cells = sched[s];
             for (size_t i = 0; i < cells.size(); ++i) {
-              if (!run_cell(*run, static_cast<int64_t>(s), cells, i, forward,
+              if (!run_cell(*run, stage_of(s, cells[i]), cells, i, forward,
                             backward)) {
                 break;
               }
             }
           }
-          runners_[s]->stage().end_pass();
+          for (int64_t t = static_cast<int64_t>(s); t < num_stages();
+               t += workers_count_) {
+            runners_[t]->stage().end_pass();
+          }
         },
         inline_stages);
     if (!inline_stages.empty()) {
@@ -208,11 +235,16 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     for (const auto& e : run.events) {
       all.insert(all.end(), e.begin(), e.end());
     }
+    // Interleaved: a row of the timeline is a worker (what is busy or
+    // idle), not one of its stages.
+    for (auto& e : all) {
+      e.stage %= workers_count_;
+    }
     std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
       return a.start_ns < b.start_ns;
     });
     std::lock_guard<std::mutex> lock(trace_mutex_);
-    last_trace_ = Trace(run.stages, run.micro_batches, std::move(all));
+    last_trace_ = Trace(workers_count_, run.micro_batches, std::move(all));
   }
 
  private:
@@ -237,8 +269,8 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     });
     at::ThreadLocalStateGuard tls(run->tls);
     for (const auto& item : order) {
-      if (!run_cell(*run, item.stage, sched[item.stage], item.index, forward,
-                    backward)) {
+      if (!run_cell(*run, stage_of(item.stage, sched[item.stage][item.index]),
+                    sched[item.stage], item.index, forward, backward)) {
         break;
       }
     }
@@ -265,6 +297,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   std::vector<std::unique_ptr<CellRunner>> runners_;
   int64_t skips_ = 0;  // skip connections between stages (count_skips)
   EngineOptions options_;
+  int64_t workers_count_ = 0;  // K: num_stages() / virtual_stages
   std::unique_ptr<WorkerPool> workers_;  // after runners_: joined first
   std::mutex pass_mutex_;  // one pass at a time
 
@@ -299,6 +332,10 @@ int64_t Engine::num_stages() const {
   return core_->num_stages();
 }
 
+int64_t Engine::num_workers() const {
+  return core_->num_workers();
+}
+
 const EngineOptions& Engine::options() const {
   return core_->options();
 }
@@ -314,7 +351,8 @@ Trace Engine::last_trace() const {
 Batch Engine::forward(const Batch& input, bool training) {
   TORCH_CHECK_VALUE(options().schedule() == ScheduleKind::kGPipe,
                     "module-style forward needs a fill/drain schedule "
-                    "('gpipe'); the '1f1b' schedule runs only through step()");
+                    "('gpipe'); '1f1b', 'zb-h1', 'zb-h2' and 'interleaved' "
+                    "run only through step()");
   const auto tls = at::ThreadLocalState();
   auto run = core_->make_run(input, tls, c10::GradMode::is_enabled(), training);
   if (!run->grad) {

@@ -28,8 +28,13 @@ struct EngineOptions {
   /// Micro-batches per mini-batch (M); a smaller batch gives fewer.
   TORCH_ARG(int64_t, chunks) = 1;
   TORCH_ARG(CheckpointMode, checkpoint) = CheckpointMode::kExceptLast;
-  /// kGPipe serves both faces; k1F1B only `step` (it interleaves phases).
+  /// kGPipe serves both faces; k1F1B, kZBH1 and kZBH2 only `step` (they
+  /// interleave phases).
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
+  /// Stages per worker (v). Above 1 (schedule kInterleaved only), the K * v
+  /// stages run on K workers, worker d running stages d, d + K, ...; those
+  /// stages must share a device.
+  TORCH_ARG(int64_t, virtual_stages) = 1;
   /// Intra-op threads of each CPU stage's worker; 0 splits the caller's
   /// at::get_num_threads() evenly between the CPU stages (at least 1 each).
   TORCH_ARG(int64_t, worker_threads) = 0;
@@ -40,7 +45,8 @@ class EngineCore;
 } // namespace detail
 
 /// Executes schedules over K stages with one persistent worker thread per
-/// stage (created once, joined by the destructor). Model-agnostic: it runs
+/// stage (per v stages when interleaved; created once, joined by the
+/// destructor). Model-agnostic: it runs
 /// cells. Thread-safe: concurrent calls are serialised.
 ///
 ///   auto engine = std::make_shared<Engine>(stages, EngineOptions().chunks(4));
@@ -71,10 +77,13 @@ class Engine {
     return step(input, target, loss_fn, StepOptions().reduction(reduction));
   }
 
-  /// The timeline of the last completed step (forward and backward cells).
+  /// The timeline of the last completed step (forward and backward cells);
+  /// one row per worker (an interleaved worker's stages share its row).
   Trace last_trace() const;
 
   int64_t num_stages() const;
+  /// Worker threads: num_stages() / options().virtual_stages().
+  int64_t num_workers() const;
   const EngineOptions& options() const;
   /// The schedule for `micro_batches` micro-batches.
   Schedule schedule(int64_t micro_batches) const;

@@ -286,7 +286,21 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
   check_balance(options_.balance(), layers);
   TORCH_CHECK_VALUE(options_.chunks() >= 1, "chunks must be at least 1, got ",
                     options_.chunks());
-  devices_ = resolve_devices(options_.devices(), options_.balance().size());
+  const int64_t v = options_.virtual_stages();
+  const auto stage_count = static_cast<int64_t>(options_.balance().size());
+  TORCH_CHECK_VALUE(v >= 1, "virtual_stages must be at least 1, got ", v);
+  TORCH_CHECK_VALUE(stage_count % v == 0, "virtual_stages = ", v,
+                    " must divide the number of partitions (balance has ",
+                    stage_count, " entries)");
+  if (v > 1 && static_cast<int64_t>(options_.devices().size()) != stage_count) {
+    // A device per worker: worker d's stages d, d + K, ... all sit there.
+    const auto per_worker = resolve_devices(options_.devices(), stage_count / v);
+    for (int64_t s = 0; s < stage_count; ++s) {
+      devices_.push_back(per_worker[s % (stage_count / v)]);
+    }
+  } else {
+    devices_ = resolve_devices(options_.devices(), options_.balance().size());
+  }
 
   // A layer used twice, or a parameter shared by two stages, would be moved
   // to two devices and updated by two workers at once.
@@ -357,6 +371,7 @@ GPipeImpl::GPipeImpl(torch::nn::Sequential module, GPipeOptions options)
                              .chunks(options_.chunks())
                              .checkpoint(options_.checkpoint())
                              .schedule(options_.schedule())
+                             .virtual_stages(options_.virtual_stages())
                              .worker_threads(options_.worker_threads()));
 }
 

@@ -13,10 +13,6 @@
 namespace pipegear {
 namespace {
 
-const char* phase_name(Phase phase) {
-  return phase == Phase::kForward ? "forward" : "backward";
-}
-
 // Microseconds with nanosecond resolution, as Chrome's trace format wants.
 std::string microseconds(int64_t ns) {
   std::ostringstream out;
@@ -117,7 +113,9 @@ std::string Trace::to_chrome_trace() const {
   }
   for (const auto& e : events_) {
     const char* phase = phase_name(e.phase);
-    out << ",{\"name\":\"" << (e.phase == Phase::kForward ? 'F' : 'B')
+    out << ",{\"name\":\"" << (e.phase == Phase::kForward        ? 'F'
+                                   : e.phase == Phase::kBackwardWeight ? 'W'
+                                                                      : 'B')
         << e.micro_batch << (e.recompute ? " (recompute)" : "")
         << "\",\"cat\":\"" << phase << "\",\"ph\":\"X\",\"pid\":0,\"tid\":"
         << e.stage << ",\"ts\":" << microseconds(e.start_ns - origin)

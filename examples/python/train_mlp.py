@@ -19,6 +19,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--schedule", default="gpipe",
+                        choices=pipegear.gpipe.SCHEDULES)
+    parser.add_argument("--virtual-stages", type=int, default=1,
+                        help="partitions per worker ('interleaved')")
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
 
@@ -35,11 +39,13 @@ def main() -> None:
         p.requires_grad_(False)
 
     sample = torch.randn(64, 16)
-    balance = pipegear.balance_by_time(args.stages, model, sample, repeats=3)
+    balance = pipegear.balance_by_time(args.stages * args.virtual_stages,
+                                       model, sample, repeats=3)
     print(f"balance (layers per stage, profiled): {balance}")
 
     pipe = pipegear.GPipe(model, balance, chunks=args.chunks,
-                          checkpoint="except_last")
+                          checkpoint="except_last", schedule=args.schedule,
+                          virtual_stages=args.virtual_stages)
     print(pipe)
     print("schedule:")
     print(pipe.schedule_table())

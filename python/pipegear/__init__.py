@@ -41,9 +41,12 @@ def is_recomputing() -> bool:
     return _C.is_recomputing()
 
 
-def render_schedule(schedule: str, stages: int, micro_batches: int) -> str:
-    """The clock table of ``'gpipe'`` or ``'1f1b'`` for K stages, M chunks."""
-    return _C.render_schedule(schedule, stages, micro_batches)
+def render_schedule(schedule: str, stages: int, micro_batches: int,
+                    virtual_stages: int = 1) -> str:
+    """The clock table of a schedule (``'gpipe'``, ``'1f1b'``, ``'zb-h1'``,
+    ``'zb-h2'``, ``'interleaved'`` with ``virtual_stages``) for K stages
+    (workers, when interleaved) and M chunks."""
+    return _C.render_schedule(schedule, stages, micro_batches, virtual_stages)
 
 
 __all__ = [

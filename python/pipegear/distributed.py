@@ -99,7 +99,8 @@ class DistributedGPipe(_Placed):
             current CUDA device for NCCL). The partition stays there: a move
             to another device (``.to(device)``, ``.cuda()``) is a
             ``ValueError``; dtype casts work.
-        schedule: ``'gpipe'`` or ``'1f1b'`` (``'1f1b'``: :meth:`step` only).
+        schedule: ``'gpipe'``, ``'1f1b'``, ``'zb-h1'`` or ``'zb-h2'`` (all
+            but ``'gpipe'``: :meth:`step` only).
         tied_parameters: parameters that are one parameter of the model
             though held by layers of several ranks (GPT-2's head reusing the
             embedding's weight), each tie a list of names as in
@@ -172,6 +173,11 @@ class DistributedGPipe(_Placed):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
+        if schedule == "interleaved":
+            raise ValueError("the distributed pipeline does not run the "
+                             "'interleaved' schedule (several stages per "
+                             "rank) yet; use it with pipegear.GPipe, or "
+                             "'1f1b', 'zb-h1', 'zb-h2' here")
         for name, value in (("timeout", timeout), ("idle_timeout", idle_timeout)):
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value < 0.001):

@@ -26,7 +26,7 @@ Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 Device = Union[torch.device, str, int]
 
 CHECKPOINT_MODES = ("always", "except_last", "never")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved")
 
 __all__ = ["GPipe", "Trace"]
 
@@ -154,6 +154,22 @@ def _resolve_devices(devices: Optional[Iterable[Device]],
     return resolved
 
 
+def _interleaved_devices(devices: Optional[Iterable[Device]], stages: int,
+                         virtual_stages: int) -> list[torch.device]:
+    """The device of each partition. Interleaved (``virtual_stages`` v > 1):
+    worker d runs partitions d, d + K, ...; ``devices`` names one device per
+    worker (K) or one per partition."""
+    if virtual_stages > 1 and devices is not None:
+        devices = list(devices)
+        if len(devices) == stages:
+            return _resolve_devices(devices, stages)
+    if virtual_stages == 1:
+        return _resolve_devices(devices, stages)
+    workers = stages // virtual_stages
+    per_worker = _resolve_devices(devices, workers)
+    return [per_worker[s % workers] for s in range(stages)]
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether a tensor moved to `a` lands on `b` (an accelerator without
     an index means the current device of its type)."""
@@ -267,8 +283,8 @@ class _Partition(nn.Sequential):
 
 class _Placed(nn.Module):
     """A pipeline as a module: its configuration (``balance``, ``chunks``,
-    ``checkpoint``, ``schedule``; read-only) and its layers, which it placed
-    on its devices.
+    ``checkpoint``, ``schedule``, ``virtual_stages``; read-only) and its
+    layers, which it placed on its devices.
 
     Casts of the floating-point dtype (``.double()``, ``.half()``,
     ``.to(torch.float16)``) work as on any module; moving the layers to
@@ -296,8 +312,14 @@ class _Placed(nn.Module):
 
     @property
     def schedule(self) -> str:
-        """``'gpipe'`` or ``'1f1b'``."""
+        """``'gpipe'``, ``'1f1b'``, ``'zb-h1'``, ``'zb-h2'`` or
+        ``'interleaved'``."""
         return self._schedule
+
+    @property
+    def virtual_stages(self) -> int:
+        """Partitions per worker (v; above 1 only with ``'interleaved'``)."""
+        return self._virtual_stages
 
     def _placement(self) -> tuple[list[torch.device], str]:
         """The devices the layers sit on, and how to use other ones."""
@@ -388,8 +410,18 @@ class GPipe(_Placed):
             In eval mode (``pipe.eval()``) nothing is checkpointed.
         deferred_batch_norm: replace BatchNorm layers by
             :class:`pipegear.DeferredBatchNorm` (mini-batch running stats).
-        schedule: ``'gpipe'`` (fill/drain, both faces) or ``'1f1b'``
-            (:meth:`step` only; keeps fewer activations alive).
+        schedule: ``'gpipe'`` (fill/drain, both faces), ``'interleaved'``
+            (:meth:`step` only; 1F1B with ``virtual_stages`` partitions per
+            worker: ``balance`` has K * v entries, worker d runs partitions
+            d, d + K, ..., and the bubble shrinks about v times),
+            ``'1f1b'``
+            (:meth:`step` only; keeps fewer activations alive), or the
+            zero-bubble ``'zb-h1'`` (1F1B's memory) and ``'zb-h2'``
+            (:meth:`step` only; each backward split into B, the input
+            gradient, and W, the weight gradients, run later to fill the
+            bubble: docs/engine.md).
+        virtual_stages: partitions per worker (v) for ``'interleaved'``;
+            ``devices`` then names one device per worker or per partition.
         worker_threads: intra-op threads per CPU stage worker; 0 splits
             ``torch.get_num_threads()`` between the CPU stages.
 
@@ -433,7 +465,7 @@ class GPipe(_Placed):
                  devices: Optional[Iterable[Device]] = None, chunks: int = 1,
                  checkpoint: str = "except_last",
                  deferred_batch_norm: bool = False, schedule: str = "gpipe",
-                 worker_threads: int = 0) -> None:
+                 virtual_stages: int = 1, worker_threads: int = 0) -> None:
         super().__init__()
         if not isinstance(module, nn.Sequential):
             raise TypeError("module must be an nn.Sequential, got "
@@ -460,6 +492,14 @@ class GPipe(_Placed):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
+        virtual_stages = _check_int("virtual_stages", virtual_stages, 1)
+        if virtual_stages > 1 and schedule != "interleaved":
+            raise ValueError(f"virtual_stages = {virtual_stages} needs "
+                             f"schedule='interleaved', got {schedule!r}")
+        if len(balance) % virtual_stages:
+            raise ValueError(f"virtual_stages = {virtual_stages} must divide "
+                             f"the number of partitions, got {len(balance)} "
+                             f"({balance})")
         # named_children() would skip the repeats we are looking for.
         named = list(module._modules.items())
         seen: dict[int, str] = {}
@@ -474,18 +514,19 @@ class GPipe(_Placed):
         # before anything is converted or moved.
         find_ties(named, balance)
         skip_layout(named, balance)  # TypeError when stashes and pops differ
-        devices = _resolve_devices(devices, len(balance))
+        devices = _interleaved_devices(devices, len(balance), virtual_stages)
 
         # Everything is checked before the module is converted or moved.
         module = _prepare_batch_norm(module, chunks, deferred_batch_norm)
         self._build(list(module._modules.items()), balance, devices, chunks,
                     checkpoint, schedule, worker_threads, module.training,
-                    state_dict_hooks(module))
+                    virtual_stages, state_dict_hooks(module))
 
     def _build(self, named: list[tuple[str, nn.Module]], balance: list[int],
                devices: list[torch.device], chunks: int, checkpoint: str,
                schedule: str, worker_threads: int, training: bool,
-               hooks: "StateDictHooks") -> None:
+               virtual_stages: int = 1,
+               hooks: Optional["StateDictHooks"] = None) -> None:
         """Places the checked layers and starts the engine."""
         partitions = []
         offset = 0
@@ -515,6 +556,7 @@ class GPipe(_Placed):
         self._chunks = chunks
         self._checkpoint = checkpoint
         self._schedule = schedule
+        self._virtual_stages = virtual_stages
         self._worker_threads = worker_threads
         self._ties = ties
         ties.refresh()  # aliases moved with their partitions share again
@@ -522,7 +564,7 @@ class GPipe(_Placed):
         # names in the module (state_dict keys as the plain model's).
         object.__setattr__(self, "_partitions", nn.ModuleList(partitions))
         self._pipeline = _C._Pipeline(stages, chunks, checkpoint, schedule,
-                                      worker_threads)
+                                      worker_threads, virtual_stages)
         for name, layer in named:
             # add_module() refuses a name that is an attribute of GPipe.
             self._modules[name] = layer
@@ -531,6 +573,8 @@ class GPipe(_Placed):
         # see the state (they may rename its keys).
         self.register_state_dict_pre_hook(_remember_keep_vars)
         self.register_state_dict_post_hook(_tied_values)
+        if hooks is None:
+            hooks = StateDictHooks()
         self._state_dict_hooks_of_module = hooks
         hooks.register(self)
         self.training = training
@@ -565,6 +609,7 @@ class GPipe(_Placed):
         config = dict(balance=self._balance, devices=self._devices,
                       chunks=self._chunks, checkpoint=self._checkpoint,
                       schedule=self._schedule,
+                      virtual_stages=self._virtual_stages,
                       worker_threads=self._worker_threads)
         return (_restore, (type(self), list(self._modules.items()), config,
                            self.training, self._ties.spec(),
@@ -855,5 +900,6 @@ def _restore(cls: type, named: list[tuple[str, nn.Module]],
                                                  len(balance)),
                 config["chunks"], config["checkpoint"], config["schedule"],
                 config["worker_threads"], training,
+                config.get("virtual_stages", 1),
                 hooks if hooks is not None else StateDictHooks())
     return pipe

@@ -16,6 +16,7 @@ __all__ = ["Trace", "TraceEvent", "plot_trace"]
 
 _FORWARD_COLOR = "#4c72b0"
 _BACKWARD_COLOR = "#dd8452"
+_WEIGHT_COLOR = "#55a868"  # the W half of a split backward
 
 
 def plot_trace(
@@ -60,13 +61,14 @@ def plot_trace(
     for e in events:
         x = (e.start_ns - origin) * 1e-6
         w = (e.end_ns - e.start_ns) * 1e-6
-        forward = e.phase == "forward"
+        color = {"forward": _FORWARD_COLOR,
+                 "backward_weight": _WEIGHT_COLOR}.get(e.phase, _BACKWARD_COLOR)
         ax.add_patch(
             Rectangle(
                 (x, e.stage - 0.4),
                 w,
                 0.8,
-                facecolor=_FORWARD_COLOR if forward else _BACKWARD_COLOR,
+                facecolor=color,
                 edgecolor="black",
                 linewidth=0.5,
                 hatch="//" if e.recompute else None,
@@ -96,6 +98,11 @@ def plot_trace(
         Patch(facecolor=_FORWARD_COLOR, edgecolor="black", label="forward"),
         Patch(facecolor=_BACKWARD_COLOR, edgecolor="black", label="backward"),
     ]
+    if any(e.phase == "backward_weight" for e in events):
+        legend[-1] = Patch(facecolor=_BACKWARD_COLOR, edgecolor="black",
+                           label="backward (B: input gradient when split)")
+        legend.append(Patch(facecolor=_WEIGHT_COLOR, edgecolor="black",
+                            label="W: weight gradients"))
     if any(e.recompute for e in events):
         legend.append(
             Patch(

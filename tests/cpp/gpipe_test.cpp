@@ -34,12 +34,17 @@ torch::nn::Sequential conv() {
 // Compares the pipelined copy of `plain` with `plain` itself, both faces.
 void check_transparency(torch::nn::Sequential plain, torch::Tensor x,
                         int64_t k, int64_t chunks, CheckpointMode mode,
-                        bool step_style, double tol) {
+                        bool step_style, double tol,
+                        pipegear::ScheduleKind schedule =
+                            pipegear::ScheduleKind::kGPipe,
+                        int64_t virtual_stages = 1) {
   auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(plain->clone());
   auto pipe = GPipe(torch::nn::Sequential(copy),
-                    GPipeOptions(even_balance(plain->size(), k))
+                    GPipeOptions(even_balance(plain->size(), k * virtual_stages))
                         .chunks(chunks)
-                        .checkpoint(mode));
+                        .checkpoint(mode)
+                        .schedule(schedule)
+                        .virtual_stages(virtual_stages));
   auto target = torch::randn_like(plain->forward(x));
   auto x1 = x.clone().requires_grad_(true);
   auto x2 = x.clone().requires_grad_(true);
@@ -89,6 +94,125 @@ TEST_CASE("transparency: conv model, float32", "[gpipe]") {
   auto x = torch::randn({8, 3, 6, 6});
   check_transparency(conv(), x, k, chunks, CheckpointMode::kExceptLast,
                      step_style, 1e-5);
+}
+
+// A layer using one weight twice and adding a term of the weight alone: W's
+// gradients reach that weight from two frontier nodes and from a path that
+// never meets the input (summed, not counted twice).
+struct TwiceImpl : torch::nn::Cloneable<TwiceImpl> {
+  TwiceImpl() { reset(); }
+  void reset() override {
+    w = register_parameter("w", torch::randn({5, 5}) * 0.3);
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    auto h = torch::tanh(torch::matmul(x, w));
+    return torch::matmul(h, w) + w.sum(0);
+  }
+  torch::Tensor w;
+};
+TORCH_MODULE(Twice);
+
+TEST_CASE("transparency: zero-bubble schedules (split backward)",
+          "[gpipe][zb]") {
+  torch::manual_seed(7);
+  const auto schedule = GENERATE(pipegear::ScheduleKind::kZBH1,
+                                 pipegear::ScheduleKind::kZBH2);
+  const auto k = GENERATE(2, 3, 4);
+  const auto chunks = GENERATE(1, 3, 4, 8);
+  const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
+                             CheckpointMode::kAlways);
+  INFO("K=" << k << " chunks=" << chunks);
+  auto plain = mlp(4, 5);
+  plain->push_back(Twice());
+  plain->to(torch::kFloat64);
+  auto x = torch::randn({9, 5}, torch::kFloat64);
+  check_transparency(plain, x, k, chunks, mode, /*step_style=*/true, 1e-10,
+                     schedule);
+}
+
+TEST_CASE("transparency: interleaved 1F1B, v stages per worker",
+          "[gpipe][interleaved]") {
+  torch::manual_seed(9);
+  const auto k = GENERATE(2, 3, 4);
+  const auto v = GENERATE(2, 3);
+  const auto chunks = GENERATE(1, 3, 4, 8);
+  const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
+                             CheckpointMode::kAlways);
+  INFO("K=" << k << " v=" << v << " chunks=" << chunks);
+  auto plain = mlp(6, 5);  // 12 layers: up to K * v = 12 partitions
+  plain->to(torch::kFloat64);
+  auto x = torch::randn({9, 5}, torch::kFloat64);
+  check_transparency(plain, x, k, chunks, mode, /*step_style=*/true, 1e-10,
+                     pipegear::ScheduleKind::kInterleaved, v);
+}
+
+TEST_CASE("interleaved: options are checked, the trace has a row per worker",
+          "[gpipe][interleaved]") {
+  auto opts = [](std::vector<int64_t> b) {
+    return GPipeOptions(std::move(b)).chunks(4);
+  };
+  CHECK_THROWS_WITH(GPipe(mlp(2, 3), opts({1, 1, 1, 1}).virtual_stages(2)),
+                    Catch::Contains("virtual_stages = 2 needs the "
+                                    "'interleaved' schedule"));
+  CHECK_THROWS_WITH(
+      GPipe(mlp(2, 3), opts({2, 1, 1}).virtual_stages(2).schedule(
+                           pipegear::ScheduleKind::kInterleaved)),
+      Catch::Contains("must divide the number of partitions"));
+  CHECK_THROWS_WITH(
+      GPipe(mlp(2, 3), opts({1, 1, 1, 1})
+                           .virtual_stages(2)
+                           .schedule(pipegear::ScheduleKind::kInterleaved)
+                           .devices({torch::kCPU, torch::kCPU, torch::kCPU,
+                                     torch::Device("meta")})),
+      Catch::Contains("meta"));
+  auto pipe = GPipe(mlp(2, 3), opts({1, 1, 1, 1}).virtual_stages(2).schedule(
+                                   pipegear::ScheduleKind::kInterleaved));
+  auto x = torch::randn({8, 3});
+  pipe->step(x, torch::randn({8, 3}), [](auto y, auto t) {
+    return torch::mse_loss(y, t);
+  });
+  const auto trace = pipe->last_trace();
+  CHECK(trace.stages() == 2);
+  int64_t cells = 0;
+  for (const auto& e : trace.events()) {
+    CHECK(e.stage < 2);
+    cells += !e.recompute;
+  }
+  CHECK(cells == 4 * 2 * 4);  // 4 stages, F and B, 4 micro-batches
+}
+
+TEST_CASE("zero-bubble: an input that needs no gradient, parameter-only "
+          "outputs, the trace's B and W cells", "[gpipe][zb]") {
+  torch::manual_seed(8);
+  auto plain = torch::nn::Sequential(torch::nn::Linear(4, 4),
+                                     torch::nn::Tanh(), torch::nn::Linear(4, 4));
+  auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(plain->clone());
+  auto pipe = GPipe(torch::nn::Sequential(copy),
+                    GPipeOptions({1, 2}).chunks(4).schedule(
+                        pipegear::ScheduleKind::kZBH1));
+  auto x = torch::randn({8, 4});  // no gradient: stage 0's B computes nothing
+  auto t = torch::randn({8, 4});
+  auto ref = torch::mse_loss(plain->forward(x), t);
+  ref.backward();
+  auto loss = pipe->step(x, t, [](auto y, auto tt) {
+    return torch::mse_loss(y, tt);
+  });
+  require_close(loss, ref);
+  auto p1 = plain->parameters();
+  auto p2 = pipe->parameters();
+  for (size_t i = 0; i < p1.size(); ++i) {
+    require_close(p2[i].grad(), p1[i].grad());
+  }
+  int64_t b = 0, w = 0;
+  for (const auto& e : pipe->last_trace().events()) {
+    CHECK(e.phase != pipegear::Phase::kBackward);
+    b += e.phase == pipegear::Phase::kBackwardInput && !e.recompute;
+    w += e.phase == pipegear::Phase::kBackwardWeight;
+  }
+  CHECK(b == 8);
+  CHECK(w == 8);
+  CHECK_THROWS_WITH(pipe->forward(x),
+                    Catch::Contains("module-style forward needs a fill/drain"));
 }
 
 TEST_CASE("several optimizer steps keep the parameters equal", "[gpipe]") {

@@ -2,6 +2,8 @@
 
 #include <pipegear/schedule.h>
 
+#include <algorithm>
+
 using pipegear::Cell;
 using pipegear::Phase;
 
@@ -24,6 +26,134 @@ TEST_CASE("generated schedules are valid for every K, M", "[schedule]") {
       REQUIRE_NOTHROW(pipegear::validate_schedule(f, m));
       REQUIRE(pipegear::is_fill_drain(f) == (m == 1));
     }
+  }
+}
+
+namespace {
+
+int64_t span_of(const pipegear::Schedule& s, int64_t m) {
+  int64_t span = 0;
+  for (auto& row : pipegear::schedule_clocks(s, m)) {
+    for (auto t : row) {
+      span = std::max(span, t + 1);
+    }
+  }
+  return span;
+}
+
+} // namespace
+
+TEST_CASE("zero-bubble schedules: valid, split, their span and memory",
+          "[schedule][zb]") {
+  for (int64_t k = 1; k <= 8; ++k) {
+    for (int64_t m = 1; m <= 33; ++m) {
+      INFO("K=" << k << " M=" << m);
+      auto h1 = pipegear::zb_h1_schedule(k, m);
+      auto h2 = pipegear::zb_h2_schedule(k, m);
+      REQUIRE_NOTHROW(pipegear::validate_schedule(h1, m));
+      REQUIRE_NOTHROW(pipegear::validate_schedule(h2, m));
+      for (const auto& sched : {h1, h2}) {
+        for (const auto& row : sched) {
+          REQUIRE(row.size() == static_cast<size_t>(3 * m));
+          for (const auto& c : row) {
+            REQUIRE(c.phase != Phase::kBackward);  // every backward split
+          }
+        }
+      }
+      // One unit per cell (F = B = W): ZB-H1 takes 3M + K - 1 once
+      // M >= K (against 1F1B's 3M + 3(K-1), its backward being B + W);
+      // fewer micro-batches are bound by one micro-batch's path, 2K + 1
+      // cells, plus 3 per further micro-batch.
+      const int64_t bound = m >= k ? 3 * m + k - 1 : 2 * k + 1 + 2 * (m - 1);
+      CHECK(span_of(h1, m) == bound);
+      CHECK(span_of(h2, m) <= span_of(h1, m));
+      const auto p1 = pipegear::peak_activations(h1);
+      const auto p2 = pipegear::peak_activations(h2);
+      for (int64_t s = 0; s < k; ++s) {
+        CHECK(p1[s] == std::min(k, m));  // 1F1B's peak, K on stage 0
+        CHECK(p2[s] <= p2[0]);
+      }
+      CHECK(p2[0] == std::min(2 * k - 1, m));
+    }
+  }
+  // 1F1B's and GPipe's memory, for comparison.
+  CHECK(pipegear::peak_activations(pipegear::gpipe_schedule(4, 8)) ==
+        std::vector<int64_t>{8, 8, 8, 8});
+  CHECK(pipegear::peak_activations(pipegear::one_f_one_b_schedule(4, 8)) ==
+        std::vector<int64_t>{4, 3, 2, 1});
+}
+
+TEST_CASE("render_schedule draws B and W cells", "[schedule][zb]") {
+  auto text = pipegear::render_schedule(pipegear::zb_h1_schedule(3, 4), 4);
+  CHECK(text ==
+        " clock  0  1  2  3  4  5  6  7  8  9 10 11 12 13\n"
+        "stage0 F0 F1 F2       B0 W0 F3 B1 W1 B2 W2 B3 W3\n"
+        "stage1    F0 F1    B0 F2 B1 W0 F3 B2 W1 B3 W2 W3\n"
+        "stage2       F0 B0 F1 B1 F2 B2 W0 F3 B3 W1 W2 W3\n");
+  CHECK(pipegear::parse_schedule_kind("zb-h1") == pipegear::ScheduleKind::kZBH1);
+  CHECK(pipegear::parse_schedule_kind("zb-h2") == pipegear::ScheduleKind::kZBH2);
+}
+
+TEST_CASE("the validator checks the dependencies of B and W cells",
+          "[schedule][zb]") {
+  using pipegear::Phase;
+  auto z = pipegear::zb_h1_schedule(2, 2);
+  auto find = [&](int64_t s, int64_t j, Phase p) {
+    for (size_t i = 0; i < z[s].size(); ++i) {
+      if (z[s][i].micro_batch == j && z[s][i].phase == p) {
+        return i;
+      }
+    }
+    FAIL("no such cell");
+    return size_t{0};
+  };
+  SECTION("W before its B") {
+    std::swap(z[1][find(1, 0, Phase::kBackwardInput)],
+              z[1][find(1, 0, Phase::kBackwardWeight)]);
+    CHECK_THROWS_WITH(pipegear::validate_schedule(z, 2),
+                      Catch::Contains("backward_weight of micro-batch 0 "
+                                      "before its backward_input"));
+  }
+  SECTION("B without its W") {
+    z[0].erase(z[0].begin() + find(0, 1, Phase::kBackwardWeight));
+    CHECK_THROWS_WITH(pipegear::validate_schedule(z, 2),
+                      Catch::Contains("runs the backward_input of micro-batch 1 "
+                                      "but never its backward_weight"));
+  }
+  SECTION("W without its B") {
+    z[0].erase(z[0].begin() + find(0, 1, Phase::kBackwardInput));
+    CHECK_THROWS_AS(pipegear::validate_schedule(z, 2), c10::ValueError);
+  }
+  SECTION("whole and split backward of one micro-batch") {
+    z[0].push_back({1, Phase::kBackward});
+    CHECK_THROWS_WITH(pipegear::validate_schedule(z, 2),
+                      Catch::Contains("both a whole backward and a split one"));
+  }
+  SECTION("B before the next stage's B: deadlock") {
+    // stage 0 runs B1 first, which needs stage 1's B1, which stage 1 runs
+    // after its B0, which waits... for nothing: move stage 0's B1 before
+    // its F1, so stage 1 never gets F1.
+    const auto b1 = find(0, 1, Phase::kBackwardInput);
+    const auto f1 = find(0, 1, Phase::kForward);
+    z[0].erase(z[0].begin() + b1);
+    z[0].insert(z[0].begin() + f1, {1, Phase::kBackwardInput});
+    CHECK_THROWS_AS(pipegear::validate_schedule(z, 2), c10::ValueError);
+  }
+  SECTION("a W waiting for the other stage's B: deadlock") {
+    // stage 1 (the last) runs W0 before anything: its B0 never ran.
+    const auto w0 = find(1, 0, Phase::kBackwardWeight);
+    z[1].erase(z[1].begin() + w0);
+    z[1].insert(z[1].begin(), {0, Phase::kBackwardWeight});
+    CHECK_THROWS_WITH(pipegear::validate_schedule(z, 2),
+                      Catch::Contains("before its forward"));
+  }
+  SECTION("mixed split and whole backwards are valid") {
+    auto g = pipegear::gpipe_schedule(2, 2);
+    // stage 1 splits micro-batch 0's backward, stage 0 does not.
+    g[1] = {{0, Phase::kForward}, {1, Phase::kForward},
+            {1, Phase::kBackward}, {0, Phase::kBackwardInput},
+            {0, Phase::kBackwardWeight}};
+    CHECK_NOTHROW(pipegear::validate_schedule(g, 2));
   }
 }
 
@@ -66,4 +196,70 @@ TEST_CASE("render_schedule draws the GPipe clock table", "[schedule]") {
         "stage0 F0 F1 F2 F3             B3 B2 B1 B0\n"
         "stage1    F0 F1 F2 F3       B3 B2 B1 B0\n"
         "stage2       F0 F1 F2 F3 B3 B2 B1 B0\n");
+}
+
+TEST_CASE("interleaved 1F1B: valid for every K, v, M; its span; rejections",
+          "[schedule][interleaved]") {
+  using pipegear::Phase;
+  for (int64_t k = 1; k <= 5; ++k) {
+    for (int64_t v = 1; v <= 3; ++v) {
+      for (int64_t m = 1; m <= 17; ++m) {
+        INFO("K=" << k << " v=" << v << " M=" << m);
+        auto s = pipegear::interleaved_schedule(k, v, m);
+        REQUIRE(s.size() == static_cast<size_t>(k));
+        REQUIRE(pipegear::virtual_stages_of(s) == v);
+        REQUIRE_NOTHROW(pipegear::validate_schedule(s, m));
+        for (const auto& row : s) {
+          REQUIRE(row.size() == static_cast<size_t>(2 * v * m));
+        }
+        if (m % k == 0 && v > 1) {
+          // One unit per cell of a virtual stage (1/v of a stage's work):
+          // 1F1B over K stages takes v * 2(M + K - 1) such units; the
+          // interleaved order shrinks the fill and drain v times.
+          CHECK(span_of(s, m) == 2 * m * v + 2 * (k - 1));
+        }
+      }
+    }
+  }
+  // (Parenthesised: Catch cannot print a Schedule.)
+  CHECK((pipegear::interleaved_schedule(3, 1, 5) ==
+         pipegear::one_f_one_b_schedule(3, 5)));
+  CHECK((pipegear::make_schedule(pipegear::ScheduleKind::kInterleaved, 2, 4,
+                                 2) == pipegear::interleaved_schedule(2, 2, 4)));
+  CHECK_THROWS_WITH(
+      pipegear::make_schedule(pipegear::ScheduleKind::k1F1B, 2, 4, 2),
+      Catch::Contains("virtual_stages = 2 needs the 'interleaved' schedule"));
+  CHECK_THROWS_AS(pipegear::interleaved_schedule(2, 0, 4), c10::ValueError);
+
+  auto s = pipegear::interleaved_schedule(2, 2, 2);
+  SECTION("a chunk's forward before the previous stage's: deadlock") {
+    // worker 0 runs chunk 1 of micro-batch 0 (stage 2) first: it needs
+    // stage 1 (worker 1, chunk 0), which needs stage 0 (worker 0, later).
+    auto& row = s[0];
+    const auto it = std::find(row.begin(), row.end(),
+                              Cell{0, Phase::kForward, 1});
+    std::rotate(row.begin(), it, it + 1);
+    CHECK_THROWS_WITH(pipegear::validate_schedule(s, 2),
+                      Catch::Contains("deadlocks"));
+  }
+  SECTION("a missing chunk") {
+    auto& row = s[1];
+    row.erase(std::find(row.begin(), row.end(), Cell{1, Phase::kBackward, 1}));
+    CHECK_THROWS_WITH(pipegear::validate_schedule(s, 2),
+                      Catch::Contains("stage 3 never runs the backward of "
+                                      "micro-batch 1"));
+  }
+  SECTION("a negative chunk") {
+    s[0][0].chunk = -1;
+    CHECK_THROWS_WITH(pipegear::validate_schedule(s, 2),
+                      Catch::Contains("names chunk -1"));
+  }
+}
+
+TEST_CASE("render_schedule names the chunk of interleaved cells",
+          "[schedule][interleaved]") {
+  auto text = pipegear::render_schedule(pipegear::interleaved_schedule(2, 2, 4), 4);
+  INFO(text);
+  CHECK(text.find("F0.1") != std::string::npos);
+  CHECK(text.find("B3.0") != std::string::npos);
 }

@@ -88,6 +88,12 @@ CONFIGS = {
             [(8, 5), (5, 2)], fork=True),
         cfg("k2-c2-module-tuple-none-grad", [4, 3], 2, "never",
             [(6, 3), (4, 4)], face="module", fork=True),
+        cfg("k2-c4-always-zb-h1", [4, 3], 4, "always", [(8, 5), (7, 3)],
+            schedule="zb-h1"),
+        cfg("k2-c8-never-zb-h2-bn", [3, 4], 8, "never", [(16, 0), (18, 0)],
+            bn=True, schedule="zb-h2"),
+        cfg("k2-c3-except_last-zb-h1-tuple", [4, 3], 3, "except_last",
+            [(8, 5), (6, 2)], schedule="zb-h1", fork=True),
     ],
     3: [
         cfg("k3-c4-except_last", [3, 2, 2], 4, "except_last",
@@ -100,6 +106,12 @@ CONFIGS = {
             face="module"),
         cfg("k3-c4-module-never-bn", [3, 2, 2], 4, "never",
             [(12, 0), (10, 0)], bn=True, face="module"),
+        cfg("k3-c4-except_last-zb-h1", [3, 2, 2], 4, "except_last",
+            [(8, 5), (10, 7)], schedule="zb-h1"),
+        cfg("k3-c1-always-zb-h2-bn", [2, 3, 2], 1, "always",
+            [(6, 0), (9, 0)], bn=True, schedule="zb-h2"),
+        cfg("k3-c8-never-zb-h2", [3, 2, 2], 8, "never", [(9, 5), (8, 2)],
+            schedule="zb-h2"),
     ],
 }
 
@@ -614,7 +626,8 @@ def launched(request, tmp_path_factory):
 def test_matches_whole_model(launched):
     """Losses, every rank's gradients, the input gradient, running
     statistics and eval outputs equal the plain model's, for both faces,
-    chunks 1 and 4, every checkpoint mode, gpipe and 1f1b, DeferredBatchNorm,
+    chunks 1, 3, 4 and 8, every checkpoint mode, gpipe, 1f1b, zb-h1 and
+    zb-h2, DeferredBatchNorm,
     and a second step with another batch size and sequence length."""
     world, ranks = launched
     for c in CONFIGS[world]:

@@ -7,10 +7,14 @@
 #include <typeinfo>
 #include <optional>
 #include <string>
+#include <unordered_map>
+#include <unordered_set>
 
 #include <c10/core/DeviceGuard.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function_hook.h>
 
 #include <c10/util/Type.h>
 
@@ -201,13 +205,25 @@ void CellRunner::run(StepRun& run, Transport& transport,
   }
   c10::OptionalDeviceGuard device_guard(accelerator(stage_->device()));
   RunningStage running(index_);
-  auto is_fwd = [](const Cell& c) { return c.phase == Phase::kForward; };
+  // The first forward of this stage (of this chunk, when the worker runs
+  // several stages).
+  auto is_fwd = [&](const Cell& c) {
+    return c.phase == Phase::kForward && c.chunk == cell.chunk;
+  };
   // Built only when a cell fails: the per-cell path formats nothing.
   const auto where = [&] {
-    return "micro-batch " + std::to_string(cell.micro_batch) +
-        (is_forward ? ", forward" : ", backward");
+    return "micro-batch " + std::to_string(cell.micro_batch) + ", " +
+        phase_name(cell.phase);
   };
   in_context(*stage_, index_, where, [&] {
+    if (cell.phase == Phase::kBackwardInput) {
+      this->backward_input(run, transport, cell.micro_batch);
+      return;
+    }
+    if (cell.phase == Phase::kBackwardWeight) {
+      this->backward_weight(run, cell.micro_batch);
+      return;
+    }
     if (!is_forward) {
       this->backward(run, transport, cell.micro_batch);
       return;
@@ -451,6 +467,268 @@ void CellRunner::backward(StepRun& run, Transport& transport, int64_t j) {
     transport.send_backward(s, j, make_message(std::move(input_grads), device));
   }
   run.events[s].push_back({s, j, Phase::kBackward, false, start, now_ns()});
+}
+
+// ---- split backward (B and W) ---------------------------------------------
+//
+// B runs the autograd engine with the stage-input leaves as its only
+// `inputs`: the engine then executes only the nodes on a path to them, and
+// each asks should_compute_output before computing a gradient, so the
+// weight gradients (dW = dY^T X of a Linear) are skipped. The nodes B runs
+// that also have an edge towards the parameters (the "frontier": an
+// AddmmBackward whose mat2 leads to a weight) get a pre-hook that keeps
+// the gradients they receive. After B, their edges towards the input are
+// cut (B was their last use): what hangs below the frontier is then the
+// parameters' side of the graph only. W runs the engine once from every
+// frontier node with its kept gradients, accumulating into the
+// parameters: each frontier node now computes only its parameter-side
+// outputs, and a node reached from several frontier nodes (a bias used
+// twice) sums them as the whole backward would. Without the cut, a pass
+// from one frontier node would also flow into the next one along the input
+// chain, which leads to parameters too, counting its share twice.
+
+struct WeightGrads {
+  // (frontier node, slot) per kept gradient, and the outputs whose whole
+  // graph leads to parameters only (nothing to the input), with theirs.
+  torch::autograd::edge_list roots;
+  torch::autograd::variable_list grads;
+  // The kept gradients, filled by the pre-hooks during B.
+  std::vector<std::pair<torch::autograd::Edge,
+                        std::shared_ptr<torch::autograd::variable_list>>>
+      frontier;
+};
+
+namespace {
+
+using torch::autograd::Edge;
+using torch::autograd::Node;
+
+// Keeps the gradients a frontier node receives during B (the first call
+// only: W runs the node again).
+struct KeepGradients : torch::autograd::FunctionPreHook {
+  explicit KeepGradients(std::shared_ptr<torch::autograd::variable_list> kept)
+      : kept_(std::move(kept)) {}
+  torch::autograd::variable_list operator()(
+      const torch::autograd::variable_list& grads) override {
+    if (kept_->empty()) {
+      *kept_ = grads;
+    }
+    return grads;
+  }
+
+ private:
+  std::shared_ptr<torch::autograd::variable_list> kept_;
+};
+
+// Which nodes of the graph below `roots` lead to one of `targets` (the
+// input leaves' accumulators). Iterative: graphs of deep stages overflow a
+// recursive walk.
+std::unordered_map<Node*, bool> reaches(
+    const std::vector<Edge>& roots, const std::unordered_set<Node*>& targets) {
+  std::unordered_map<Node*, bool> reach;
+  std::vector<std::pair<Node*, size_t>> stack;
+  for (const auto& root : roots) {
+    Node* r = root.function.get();
+    if (r == nullptr || reach.count(r)) {
+      continue;
+    }
+    reach[r] = targets.count(r) > 0;
+    stack.emplace_back(r, 0);
+    while (!stack.empty()) {
+      auto& [node, next] = stack.back();
+      if (next < node->next_edges().size()) {
+        Node* child = node->next_edges()[next++].function.get();
+        if (child != nullptr && !reach.count(child)) {
+          reach[child] = targets.count(child) > 0;
+          stack.emplace_back(child, 0);
+        }
+        continue;
+      }
+      bool any = reach[node];
+      for (const auto& e : node->next_edges()) {
+        if (e.function != nullptr) {
+          // A child still on the stack (a cycle cannot occur in autograd
+          // graphs) has its final value here.
+          any = any || reach[e.function.get()];
+        }
+      }
+      reach[node] = any;
+      stack.pop_back();
+    }
+  }
+  return reach;
+}
+
+} // namespace
+
+std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>
+CellRunner::output_gradients(StepRun& run, Transport& transport, int64_t j,
+                             int64_t& start) {
+  const int64_t s = index_;
+  const auto device = stage_->device();
+  auto& cell = run.cells[s][j];
+  if (cell.checkpointed) {
+    const int64_t recompute_start = now_ns();
+    CellRandomness randomness(run.rng_seed, stream_key(), j);
+    CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
+    cell.outputs = apply(run, j, alias_leaves(cell.leaves));
+    run.events[s].push_back(
+        {s, j, Phase::kBackwardInput, true, recompute_start, now_ns()});
+  }
+  Batch grads;
+  start = now_ns();
+  if (!is_last(run)) {
+    Message m = transport.recv_backward(s, j);
+    start = now_ns();
+    grads = copier_.receive(std::move(m), device, false);
+    // The gradients of the stashed skips are output gradients: B's.
+    receive_stash_grads(transport, j, grads);
+  } else if (run.loss_fn != nullptr) {
+    grads = {torch::ones_like(cell.outputs.front())};
+  } else {
+    grads = run.output_grads[j];
+    for (auto& g : grads) {
+      if (g.defined() && g.device() != device) {
+        g = copier_.copy_to(g, device, nullptr);
+      }
+    }
+  }
+  std::vector<torch::Tensor> outs, gs;
+  for (size_t i = 0; i < cell.outputs.size() && i < grads.size(); ++i) {
+    if (cell.outputs[i].defined() && cell.outputs[i].requires_grad() &&
+        grads[i].defined()) {
+      outs.push_back(cell.outputs[i]);
+      gs.push_back(grads[i]);
+    }
+  }
+  return {std::move(outs), std::move(gs)};
+}
+
+void CellRunner::backward_input(StepRun& run, Transport& transport,
+                                int64_t j) {
+  namespace impl = torch::autograd::impl;
+  const int64_t s = index_;
+  const auto device = stage_->device();
+  int64_t start = 0;
+  auto [outs, gs] = output_gradients(run, transport, j, start);
+  auto& cell = run.cells[s][j];
+
+  std::vector<torch::Tensor> inputs;
+  std::unordered_set<Node*> targets;
+  for (const auto& leaf : cell.leaves) {
+    if (leaf.defined() && leaf.requires_grad()) {
+      inputs.push_back(leaf);
+      targets.insert(impl::gradient_edge(leaf).function.get());
+    }
+  }
+  std::vector<Edge> root_edges;
+  root_edges.reserve(outs.size());
+  for (const auto& t : outs) {
+    root_edges.push_back(impl::gradient_edge(t));
+  }
+  const auto reach = reaches(root_edges, targets);
+
+  auto w = std::make_shared<WeightGrads>();
+  std::vector<torch::Tensor> input_outs, input_gs;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (reach.at(root_edges[i].function.get())) {
+      input_outs.push_back(outs[i]);
+      input_gs.push_back(gs[i]);
+    } else {
+      w->roots.push_back(root_edges[i]);
+      w->grads.push_back(gs[i]);
+    }
+  }
+  std::vector<Node*> frontier;
+  for (const auto& [node, leads_to_input] : reach) {
+    if (!leads_to_input) {
+      continue;
+    }
+    for (const auto& e : node->next_edges()) {
+      if (e.function != nullptr && !reach.at(e.function.get())) {
+        frontier.push_back(node);
+        break;
+      }
+    }
+  }
+  // In the graph's order (highest sequence number first), so that nothing
+  // in W depends on the hash map's order.
+  std::sort(frontier.begin(), frontier.end(), [](Node* a, Node* b) {
+    return a->sequence_nr() > b->sequence_nr();
+  });
+  for (Node* node : frontier) {
+    auto kept = std::make_shared<torch::autograd::variable_list>();
+    node->add_pre_hook(std::make_unique<KeepGradients>(kept));
+    // Held here, the node keeps the graph below it alive for W; what lies
+    // between the outputs and the frontier is freed with them.
+    w->frontier.emplace_back(
+        Edge(c10::intrusive_ptr<Node>::reclaim_copy(node), 0), std::move(kept));
+  }
+  const bool keep_for_w = !frontier.empty() || !w->roots.empty();
+  if (!input_outs.empty()) {
+    torch::autograd::backward(input_outs, input_gs,
+                              /*retain_graph=*/keep_for_w,
+                              /*create_graph=*/false, inputs);
+  }
+  for (Node* node : frontier) {
+    for (auto& e : node->next_edges()) {
+      if (e.function != nullptr && reach.at(e.function.get())) {
+        e = Edge();  // towards the input: done by B
+      }
+    }
+  }
+  // What only the input gradient needed is freed now, as a whole backward
+  // (retain_graph false) would: the nodes B ran that W does not run again
+  // may outlive this cell (a saved tensor keeps its grad_fn, and so its
+  // graph, alive; a loss function may hold its result), and with their
+  // saved tensors each micro-batch's would stay until the step ends.
+  const std::unordered_set<Node*> kept_nodes(frontier.begin(), frontier.end());
+  for (const auto& [node, leads_to_input] : reach) {
+    if (leads_to_input && !kept_nodes.count(node) && !targets.count(node)) {
+      node->release_variables();
+    }
+  }
+  Batch input_grads;
+  input_grads.reserve(cell.leaves.size());
+  for (const auto& leaf : cell.leaves) {
+    input_grads.push_back(leaf.requires_grad() ? leaf.grad() : torch::Tensor());
+  }
+  cell = CellState{};
+  if (keep_for_w) {
+    cell.weight_grads = std::move(w);
+  }
+  // The popped skips' gradients are input gradients: B's.
+  send_pop_grads(transport, j, input_grads);
+  if (s == 0) {
+    run.input_grads[j] = std::move(input_grads);
+  } else {
+    transport.send_backward(s, j, make_message(std::move(input_grads), device));
+  }
+  run.events[s].push_back({s, j, Phase::kBackwardInput, false, start, now_ns()});
+}
+
+void CellRunner::backward_weight(StepRun& run, int64_t j) {
+  const int64_t s = index_;
+  const int64_t start = now_ns();
+  auto w = std::move(run.cells[s][j].weight_grads);
+  run.cells[s][j] = CellState{};
+  if (w != nullptr) {
+    for (const auto& [node, kept] : w->frontier) {
+      for (size_t i = 0; i < kept->size(); ++i) {
+        if ((*kept)[i].defined()) {
+          w->roots.emplace_back(node.function, static_cast<uint32_t>(i));
+          w->grads.push_back((*kept)[i]);
+        }
+      }
+    }
+    w->frontier.clear();
+    if (!w->roots.empty()) {
+      torch::autograd::Engine::get_default_engine().execute(
+          w->roots, w->grads, /*keep_graph=*/false, /*create_graph=*/false,
+          /*accumulate_grad=*/true);
+    }
+  }
+  run.events[s].push_back({s, j, Phase::kBackwardWeight, false, start, now_ns()});
 }
 
 } // namespace pipegear::detail

@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <pipegear/detail/copy.h>
@@ -73,6 +74,12 @@ class CellRunner {
   void end_forward();
   void forward(StepRun& run, Transport& transport, int64_t j);
   void backward(StepRun& run, Transport& transport, int64_t j);
+  /// B of a split backward: the gradients of the stage input only (sent
+  /// on as backward() sends them), keeping in the cell what W needs.
+  void backward_input(StepRun& run, Transport& transport, int64_t j);
+  /// W of a split backward: the parameters' gradients from what B kept,
+  /// then frees the cell.
+  void backward_weight(StepRun& run, int64_t j);
 
   Stage& stage() { return *stage_; }
   const std::shared_ptr<Stage>& stage_ptr() const { return stage_; }
@@ -90,6 +97,11 @@ class CellRunner {
   void send_stashed(Transport& transport, int64_t j, Batch& y);
   void receive_stash_grads(Transport& transport, int64_t j, Batch& grads);
   void send_pop_grads(Transport& transport, int64_t j, Batch& input_grads);
+  // B's first half: recomputes a checkpointed cell, receives the output
+  // gradients; returns the outputs that take one, with their gradients.
+  std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>
+  output_gradients(StepRun& run, Transport& transport, int64_t j,
+                   int64_t& start);
   int64_t stream_key() const;
 
   std::shared_ptr<Stage> stage_;

@@ -22,11 +22,17 @@ namespace pipegear::detail {
 /// Floating or complex: a tensor that can require a gradient.
 bool can_require_grad(const torch::Tensor& t);
 
+// What a split backward's B keeps for its W (cells.cpp).
+struct WeightGrads;
+
 // The autograd-relevant state of one (stage, micro-batch).
 struct CellState {
   Batch leaves;   // the stage input, as leaves (kept alone when checkpointed)
   Batch outputs;  // outputs with their graph (absent while checkpointed)
   bool checkpointed = false;
+  // Between a B and its W: the parts of the graph the weight gradients
+  // still need, with the gradients B left at their door.
+  std::shared_ptr<WeightGrads> weight_grads;
 };
 
 // Everything one step (one mini-batch) needs across its passes. Module style

@@ -24,7 +24,7 @@ struct DistributedOptions {
   /// Micro-batches per mini-batch (M); a smaller batch gives fewer.
   TORCH_ARG(int64_t, chunks) = 1;
   TORCH_ARG(CheckpointMode, checkpoint) = CheckpointMode::kExceptLast;
-  /// kGPipe serves both faces; k1F1B only step().
+  /// kGPipe serves both faces; k1F1B, kZBH1 and kZBH2 only step().
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
   /// Replace BatchNorm layers of this rank's slice by DeferredBatchNorm
   /// (Sequential and factory constructors).

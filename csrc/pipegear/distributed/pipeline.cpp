@@ -200,6 +200,10 @@ DistributedOptions checked(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                            DistributedOptions options) {
   TORCH_CHECK_VALUE(group, "DistributedPipeline needs a process group, got null");
   TORCH_CHECK_VALUE(stage, "DistributedPipeline needs a stage, got null");
+  TORCH_CHECK_VALUE(options.schedule() != ScheduleKind::kInterleaved,
+                    "the distributed pipeline does not run the 'interleaved' "
+                    "schedule (several stages per rank) yet; use it with the "
+                    "in-process Engine / GPipe");
   TORCH_CHECK_VALUE(options.chunks() >= 1, "chunks must be at least 1, got ",
                     options.chunks());
   TORCH_CHECK_VALUE(options.timeout().count() > 0,
@@ -447,7 +451,8 @@ Batch DistributedCore::forward(const Batch& input, bool training,
     std::lock_guard<std::mutex> call(call_mutex_);
     TORCH_CHECK_VALUE(options_.schedule() == ScheduleKind::kGPipe,
                       "module-style forward needs a fill/drain schedule "
-                      "('gpipe'); the '1f1b' schedule runs only through step()");
+                      "('gpipe'); '1f1b', 'zb-h1', 'zb-h2' and 'interleaved' "
+                    "run only through step()");
     check_drained();
     placeholder_ = torch::Tensor();
     state = begin(Face::kModule, training, input, local_error);

@@ -19,6 +19,9 @@ int main() {
 
   auto pipe = pipegear::GPipe(model, pipegear::GPipeOptions(balance).chunks(4));
   std::cout << pipe->schedule_table(4);
+  // Past GPipe's bubble: GPipeOptions(balance).schedule(
+  // pipegear::ScheduleKind::kZBH1) splits each backward into B and W.
+  std::cout << pipegear::render_schedule(pipegear::zb_h1_schedule(2, 4), 4);
 
   torch::optim::SGD optimizer(pipe->parameters(), /*lr=*/0.05);
   auto teacher = torch::randn({16, 1});

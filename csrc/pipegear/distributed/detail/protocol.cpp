@@ -347,19 +347,22 @@ void Protocol::fail(StepState& state, const std::exception_ptr& error, bool forw
   const std::string text =
       t.kind == FailKind::kPeer ? t.peer_text : describe_failure(error);
   const auto& cells = state.schedule[rank()];
+  // W cells exchange no message: they owe nobody and wait for nobody.
   auto in_pass = [&](const Cell& c) {
-    return c.phase == Phase::kForward ? forward : backward && state.run.grad;
+    return c.phase == Phase::kForward
+        ? forward
+        : carries_gradient(c.phase) && backward && state.run.grad;
   };
   // The neighbour cell c sends its message to (`sending`) or receives one
   // from; -1 at the ends of the pipeline.
   auto neighbour = [&](const Cell& c, bool sending) -> int64_t {
     const int64_t peer =
-        (c.phase == Phase::kBackward) == sending ? rank() - 1 : rank() + 1;
+        carries_gradient(c.phase) == sending ? rank() - 1 : rank() + 1;
     return peer < world() ? peer : -1;
   };
   // 1. Tell the neighbours waiting for us.
   for (const auto& c : cells) {
-    const bool bwd = c.phase == Phase::kBackward;
+    const bool bwd = carries_gradient(c.phase);
     const int64_t dst = neighbour(c, /*sending=*/true);
     if (in_pass(c) && dst >= 0 && !t.was_sent(bwd, c.micro_batch) &&
         !t.send_poison(dst, c.micro_batch, bwd, origin, broken, text)) {
@@ -368,7 +371,7 @@ void Protocol::fail(StepState& state, const std::exception_ptr& error, bool forw
   }
   // 2. Take what we are still owed, so that no send stays unmatched.
   for (const auto& c : cells) {
-    const bool bwd = c.phase == Phase::kBackward;
+    const bool bwd = carries_gradient(c.phase);
     const int64_t src = neighbour(c, /*sending=*/false);
     if (in_pass(c) && src >= 0 && !t.was_received(bwd, c.micro_batch) &&
         !t.drain(src, c.micro_batch, bwd)) {

@@ -44,7 +44,10 @@ void C10dTransport::begin_pass(const std::vector<Cell>& cells, bool forward,
     next_[d] = 0;
   }
   for (const auto& c : cells) {
-    const bool bwd = c.phase == Phase::kBackward;
+    if (c.phase == Phase::kBackwardWeight) {
+      continue;  // exchanges nothing
+    }
+    const bool bwd = carries_gradient(c.phase);
     if (bwd ? backward && !last : forward && rank > 0) {
       expected_[bwd].push_back(c.micro_batch);
     }
