@@ -136,12 +136,17 @@ TEST_CASE("skips: transparency of a U-Net, residuals and long jumps", "[skip]") 
   const auto chunks = GENERATE(1, 3, 4);
   const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
                              CheckpointMode::kAlways);
-  const auto face = GENERATE(0, 1, 2);  // module, step gpipe, step 1f1b
+  // module; step: gpipe, 1f1b, zb-h1, zb-h2
+  const auto face = GENERATE(0, 1, 2, 3, 4);
   auto plain = model == 0 ? unet() : model == 1 ? resnet() : jumps();
   INFO("model " << model << " K " << k << " chunks " << chunks << " face "
                 << face);
   check_transparency(plain, even_balance(plain->size(), k), chunks, mode,
-                     face > 0, face == 2 ? ScheduleKind::k1F1B : ScheduleKind::kGPipe);
+                     face > 0,
+                     face == 2   ? ScheduleKind::k1F1B
+                     : face == 3 ? ScheduleKind::kZBH1
+                     : face == 4 ? ScheduleKind::kZBH2
+                                 : ScheduleKind::kGPipe);
 }
 
 TEST_CASE("skips: the layout crosses 0, 1 and 3 boundaries", "[skip]") {

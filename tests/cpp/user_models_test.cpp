@@ -409,7 +409,8 @@ TEST_CASE("user models: a parameter tied across stages sums every use",
        {std::vector<int64_t>{6}, {1, 5}, {3, 3}, {2, 2, 2}, {1, 2, 2, 1}}) {
     for (auto mode : {CheckpointMode::kNever, CheckpointMode::kExceptLast,
                       CheckpointMode::kAlways}) {
-      for (auto schedule : {ScheduleKind::kGPipe, ScheduleKind::k1F1B}) {
+      for (auto schedule : {ScheduleKind::kGPipe, ScheduleKind::k1F1B,
+                            ScheduleKind::kZBH1, ScheduleKind::kZBH2}) {
         for (int64_t chunks : {1, 3, 4}) {
           INFO("balance " << c10::IntArrayRef(balance) << ", chunks "
                           << chunks << ", " << pipegear::to_string(mode));

@@ -144,7 +144,8 @@ def even_balance(n, k):
     return [base + (i < extra) for i in range(k)]
 
 
-FACES = [("module", "gpipe"), ("step", "gpipe"), ("step", "1f1b")]
+FACES = [("module", "gpipe"), ("step", "gpipe"), ("step", "1f1b"),
+         ("step", "zb-h1"), ("step", "zb-h2")]
 
 
 def grads_of(model):
@@ -174,14 +175,15 @@ def run_pipe(pipe, x, target, face):
 
 
 def check_transparent(make, balance, chunks, checkpoint, face, schedule,
-                      batch=7):
+                      batch=7, virtual_stages=1):
     torch.manual_seed(0)
     plain = make()
     pipe_model = copy.deepcopy(plain)
     x = torch.randn(batch, WIDTH)
     target = torch.randn(batch, WIDTH)
     pipe = pipegear.GPipe(pipe_model, balance, chunks=chunks,
-                          checkpoint=checkpoint, schedule=schedule)
+                          checkpoint=checkpoint, schedule=schedule,
+                          virtual_stages=virtual_stages)
     y_ref, gx_ref, gp_ref = run_plain(plain, x, target, face)
     y, gx, gp = run_pipe(pipe, x, target, face)
     if y is not None:
@@ -210,6 +212,17 @@ def test_transparency(name, k, chunks, checkpoint, face, schedule):
 def test_transparency_uneven_balance(balance, face, schedule):
     check_transparent(unet, balance, 3, "except_last", face, schedule)
     check_transparent(jumps, balance, 4, "always", face, schedule)
+
+
+@pytest.mark.parametrize("checkpoint", ["never", "always", "except_last"])
+@pytest.mark.parametrize("chunks", [1, 3, 4, 8])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_transparency_interleaved(name, chunks, checkpoint):
+    """Interleaved 1F1B: 4 partitions on 2 workers (virtual_stages=2), the
+    skips between partitions of one worker and of two."""
+    make = MODELS[name]
+    check_transparent(make, even_balance(len(make()), 4), chunks, checkpoint,
+                      "step", "interleaved", virtual_stages=2)
 
 
 def test_boundaries_crossed():

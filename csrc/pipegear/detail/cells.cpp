@@ -523,8 +523,14 @@ struct KeepGradients : torch::autograd::FunctionPreHook {
 // Which nodes of the graph below `roots` lead to one of `targets` (the
 // input leaves' accumulators). Iterative: graphs of deep stages overflow a
 // recursive walk.
+//
+// `alive` gets a reference to every node visited: B cuts the frontier's
+// edges towards the input, which may drop the last reference to a node on
+// the input side (one no saved tensor keeps), and the release after B
+// still walks them.
 std::unordered_map<Node*, bool> reaches(
-    const std::vector<Edge>& roots, const std::unordered_set<Node*>& targets) {
+    const std::vector<Edge>& roots, const std::unordered_set<Node*>& targets,
+    std::vector<c10::intrusive_ptr<Node>>& alive) {
   std::unordered_map<Node*, bool> reach;
   std::vector<std::pair<Node*, size_t>> stack;
   for (const auto& root : roots) {
@@ -533,6 +539,7 @@ std::unordered_map<Node*, bool> reaches(
       continue;
     }
     reach[r] = targets.count(r) > 0;
+    alive.push_back(c10::intrusive_ptr<Node>::reclaim_copy(r));
     stack.emplace_back(r, 0);
     while (!stack.empty()) {
       auto& [node, next] = stack.back();
@@ -540,6 +547,7 @@ std::unordered_map<Node*, bool> reaches(
         Node* child = node->next_edges()[next++].function.get();
         if (child != nullptr && !reach.count(child)) {
           reach[child] = targets.count(child) > 0;
+          alive.push_back(c10::intrusive_ptr<Node>::reclaim_copy(child));
           stack.emplace_back(child, 0);
         }
         continue;
@@ -626,7 +634,8 @@ void CellRunner::backward_input(StepRun& run, Transport& transport,
   for (const auto& t : outs) {
     root_edges.push_back(impl::gradient_edge(t));
   }
-  const auto reach = reaches(root_edges, targets);
+  std::vector<c10::intrusive_ptr<Node>> alive;  // until this cell ends
+  const auto reach = reaches(root_edges, targets, alive);
 
   auto w = std::make_shared<WeightGrads>();
   std::vector<torch::Tensor> input_outs, input_gs;
