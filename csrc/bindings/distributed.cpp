@@ -134,6 +134,31 @@ void init_distributed(py::module_& m) {
              py::gil_scoped_release no_gil;
              p.backward();
            })
+      .def(
+          "set_after_backward",
+          [](DistributedPipeline& p, const py::object& hook) {
+            if (hook.is_none()) {
+              p.set_after_backward(nullptr);
+              return;
+            }
+            // Called on the stepping thread without the GIL; the object is
+            // released under the GIL whichever thread drops the last copy.
+            std::shared_ptr<py::object> fn(new py::object(hook), [](py::object* o) {
+              py::gil_scoped_acquire gil;
+              delete o;
+            });
+            p.set_after_backward([fn] {
+              py::gil_scoped_acquire gil;
+              try {
+                (*fn)();
+              } catch (py::error_already_set& e) {
+                // The Python error must not leave the GIL's scope.
+                TORCH_CHECK(false, "pipegear: the after-backward hook failed: ",
+                            e.what());
+              }
+            });
+          },
+          py::arg("hook"))
       .def_property_readonly("rank", &DistributedPipeline::rank)
       .def_property_readonly("world_size", &DistributedPipeline::world_size)
       .def_property_readonly("broken", &DistributedPipeline::broken)

@@ -9,8 +9,8 @@ stage; replica 0's parameters are broadcast to the others at construction.
 Each replica's first stage reads its own share of the data (the replicas'
 batches may differ in size), its last stage holds the targets, a quarter of
 them padding (ignore_index). Every step's loss and gradients are those of
-the global batch; the gradients of each stage are summed over its
-replicas before step() returns, so every replica's optimizer makes the
+the global batch; the gradients of each stage are summed over its replicas
+while the other stages still drain, so every replica's optimizer makes the
 same update and the replicas stay equal (checked at the end).
 """
 import argparse

@@ -127,7 +127,9 @@ class DistributedGPipe(_Placed):
             :meth:`step` returns (docs/distributed.md, "Replicas").
         bucket_cap_mb: the size of a bucket of gradients summed over the
             replicas in one collective.
-        overlap: reserved (the gradients are summed after the step).
+        overlap: start summing a stage's gradients over its replicas as
+            soon as its last backward cell has run, while the other stages
+            still drain (False: after the step).
 
     Every rank makes the same calls. Step style::
 
@@ -281,6 +283,8 @@ class DistributedGPipe(_Placed):
             process_group, partition, str(device), GPipe._hooks(partition),
             chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
             balance)
+        if self._replicas is not None and overlap:
+            self._pipeline.set_after_backward(self._replicas.start_reduction)
         # This rank's layers, under their original names (state_dict keys as
         # the plain model's, for this slice); add_module() would refuse a
         # name that is an attribute of DistributedGPipe.
@@ -369,6 +373,7 @@ class DistributedGPipe(_Placed):
                 loss = self._step(input, target, loss_fn, reduction, count)
             except BaseException as e:  # noqa: BLE001 - raised by end()
                 error = e
+            replicas.started_in_step = replicas.started
             return replicas.end(loss, error, torch.is_grad_enabled())
 
     def _step(self, input: Optional[Tensors], target: Optional[Tensors],
@@ -493,6 +498,11 @@ class DistributedGPipe(_Placed):
         state (a timeout, a lost peer): destroy the group and restart."""
         return self._pipeline.broken or (self._replicas is not None
                                          and self._replicas.broken)
+
+    def last_reductions(self) -> list:
+        """The gradient sums over the replicas in the last step: (bucket,
+        start_ns, end_ns), on the clock of :meth:`last_events`."""
+        return [] if self._replicas is None else self._replicas.last_events()
 
     @property
     def dp_group(self):

@@ -22,7 +22,9 @@ docs/design.md ("Gradients of replicas").
 from __future__ import annotations
 
 import datetime
+import functools
 import re
+import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -83,9 +85,13 @@ class Replicas:
         self.params = params
         self.broken = False
         self._stash: list = []
-        self._pending: list = []  # (bucket, work) in flight
+        self._pending: list = []  # (bucket, flat, work) in flight
         self._hook_error: Optional[BaseException] = None
         self._reduced = False
+        self._events: list = []  # [bucket, start_ns, end_ns]
+        # Whether the sums of the last step started within the pipeline's
+        # step (after the last backward cell), not after it.
+        self.started_in_step = False
         # The whole mesh, [dp][pp] -> global rank, and the agreement on the
         # configuration: one gather over this stage's replicas.
         mine = dict(config, pipeline=dist.get_process_group_ranks(pp_group),
@@ -151,6 +157,11 @@ class Replicas:
     def buckets(self) -> list:
         return self._buckets
 
+    @property
+    def started(self) -> bool:
+        """Whether this step's gradient sums have started."""
+        return self._reduced
+
     # -- a step --------------------------------------------------------------
     def begin(self) -> None:
         """Before a step: sets every gradient aside, so that only this
@@ -170,16 +181,32 @@ class Replicas:
         if self._reduced:
             return
         self._reduced = True
+        events = self._events = []
         try:
-            for bucket in self._buckets:
+            for i, bucket in enumerate(self._buckets):
+                start = time.monotonic_ns()
                 flat = torch.cat([
                     (p.grad if p.grad is not None else
                      torch.zeros_like(p)).reshape(-1) for p in bucket])
                 work = dist.all_reduce(flat, group=self.dp_group,
                                        async_op=True)
                 self._pending.append((bucket, flat, work))
+                events.append([i, start, None])
+                # When the sum completed (the backend's thread), for the
+                # timeline; the wait comes after the step.
+                work.get_future().then(functools.partial(self._done,
+                                                         events[-1]))
         except BaseException as e:  # noqa: BLE001 - reported after the step
             self._hook_error = e
+
+    @staticmethod
+    def _done(event: list, _future: Any) -> None:
+        event[2] = time.monotonic_ns()
+
+    def last_events(self) -> list:
+        """The gradient sums of the last step: (bucket, start_ns, end_ns),
+        on the clock of the pipeline's cells (``last_events``)."""
+        return [tuple(e) for e in self._events if e[2] is not None]
 
     def pre_step(self, total: float, error: Optional[BaseException]
                  ) -> tuple[float, Optional[str], str]:

@@ -65,14 +65,14 @@ def replica_batch(loss, step, replica):
     return x, t
 
 
-def cfg(name, checkpoint, schedule, loss, chunks=3):
+def cfg(name, checkpoint, schedule, loss, chunks=3, overlap=True):
     return dict(name=name, checkpoint=checkpoint, schedule=schedule,
-                loss=loss, chunks=chunks)
+                loss=loss, chunks=chunks, overlap=overlap)
 
 
 ALL = [cfg("always-gpipe-mse", "always", "gpipe", "mse"),
        cfg("except_last-gpipe-ce", "except_last", "gpipe", "ce-ignore"),
-       cfg("never-gpipe-sum", "never", "gpipe", "sum"),
+       cfg("never-gpipe-sum-after", "never", "gpipe", "sum", overlap=False),
        cfg("always-1f1b-ce", "always", "1f1b", "ce-ignore"),
        cfg("except_last-1f1b-sum", "except_last", "1f1b", "sum"),
        cfg("never-1f1b-mse", "never", "1f1b", "mse", chunks=2)]
@@ -124,22 +124,26 @@ def worker_compare(rank, world, port, out):
             pipe = pipegear.DistributedGPipe(
                 layer_factories(seed=1 + dp), balance, chunks=c["chunks"],
                 checkpoint=c["checkpoint"], schedule=c["schedule"],
-                timeout=20.0, **groups)
+                timeout=20.0, overlap=c["overlap"], bucket_cap_mb=1e-4,
+                **groups)
             assert pipe.coordinates == (dp, pp)
             opt = torch.optim.SGD(pipe.parameters(), lr=LR)
             loss_fn = LOSSES[c["loss"]][0]
-            losses = []
+            losses, started = [], []
             for step in range(STEPS):
                 x, t = replica_batch(c["loss"], step, dp)
                 opt.zero_grad()
                 loss = pipe.step(x if pipe.is_first else None,
                                  t if pipe.is_last else None, loss_fn)
                 losses.append(loss.item())
+                started.append(pipe._replicas.started_in_step)
+                assert len(pipe.last_reductions()) == \
+                    len(pipe._replicas.buckets) > 1
                 opt.step()
             results[f"{K}x{R}-{c['name']}"] = dict(
                 params={n: p.detach().clone()
                         for n, p in pipe.named_parameters()},
-                losses=losses, dp=dp, pp=pp)
+                losses=losses, dp=dp, pp=pp, started=started)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -283,7 +287,9 @@ def test_replicas_train_like_the_plain_model_on_the_global_batch(launched):
     equal the plain model's trained on the global batch, float64, to 1e-10:
     every checkpoint mode, both schedules, uneven replica batches, a mean, a
     sum and a weighted cross-entropy with ignore_index (one replica's batch
-    entirely ignored in a step), replicas initialised differently."""
+    entirely ignored in a step), replicas initialised differently, many
+    buckets, the sums started after each stage's last backward cell (and,
+    in one configuration, after the step)."""
     world, ranks = launched
     for K, R, balance, how, configs in LAYOUTS[world]:
         for c in configs:
@@ -292,6 +298,9 @@ def test_replicas_train_like_the_plain_model_on_the_global_batch(launched):
             seen = {d: set() for d in range(R)}
             for r, res in enumerate(ranks):
                 got = res[key]
+                # overlapped: started after the last backward cell, within
+                # the pipeline's step; else after it
+                assert got["started"] == [c["overlap"]] * STEPS, (key, r)
                 for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
                     assert abs(a - b) <= 1e-10 * max(1.0, abs(b)), \
                         (key, r, step, a, b)

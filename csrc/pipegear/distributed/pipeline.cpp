@@ -53,6 +53,10 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   const std::shared_ptr<Stage>& stage() const { return stage_; }
   torch::nn::Sequential module() const { return module_; }
   bool broken() const { return link_.broken(); }
+  void set_after_backward(std::function<void()> hook) {
+    std::lock_guard<std::mutex> call(call_mutex_);
+    after_backward_ = std::move(hook);
+  }
   std::vector<TraceEvent> last_events() const {
     std::lock_guard<std::mutex> lock(events_mutex_);
     return events_;
@@ -91,6 +95,7 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   Link link_;
   Protocol protocol_;
 
+  std::function<void()> after_backward_;  // set_after_backward
   std::mutex call_mutex_;  // one call (step, forward, drain) at a time
   std::weak_ptr<StepState> undrained_;  // module style: fill done, drain not
   torch::Tensor placeholder_;           // module style: for backward()
@@ -341,6 +346,14 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
   if (!error) {
     error = run_cells(*state, /*forward=*/true, /*backward=*/run.grad);
   }
+  if (!error && run.grad && after_backward_) {
+    // This rank's gradients are complete; the others may still drain.
+    try {
+      after_backward_();
+    } catch (...) {
+      error = std::current_exception();  // nothing owed any more
+    }
+  }
   if (!error) {
     try {
       if (rank() == 0 && run.grad) {
@@ -586,6 +599,9 @@ torch::nn::Sequential DistributedPipeline::module() const {
   return core_->module();
 }
 bool DistributedPipeline::broken() const { return core_->broken(); }
+void DistributedPipeline::set_after_backward(std::function<void()> hook) {
+  core_->set_after_backward(std::move(hook));
+}
 std::vector<TraceEvent> DistributedPipeline::last_events() const {
   return core_->last_events();
 }

@@ -126,6 +126,12 @@ class DistributedPipeline {
   /// This rank's slice (Sequential and factory constructors; null
   /// otherwise). Its parameters() are what this rank's optimizer updates.
   torch::nn::Sequential module() const;
+  /// Called on the calling thread in every step with a graph, as soon as
+  /// this rank's last backward cell has run (its parameters' gradients of
+  /// the step are complete) while the other ranks may still drain: where a
+  /// data-parallel reduction of this stage's gradients starts (replicas).
+  /// If it throws, this rank's step fails (on every rank). Empty: none.
+  void set_after_backward(std::function<void()> hook);
   /// True after a failure that left the transport in an unknown state.
   bool broken() const;
   /// This rank's cells of the last step (stage = rank).
