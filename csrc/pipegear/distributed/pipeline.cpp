@@ -20,6 +20,7 @@
 #include <pipegear/detail/pipeline_node.h>
 #include <pipegear/distributed/detail/link.h>
 #include <pipegear/distributed/detail/protocol.h>
+#include <pipegear/distributed/detail/replicas.h>
 #include <pipegear/distributed/detail/transport.h>
 #include <pipegear/gpipe.h>
 #include <pipegear/microbatch.h>
@@ -32,9 +33,12 @@ namespace detail {
 
 class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
  public:
+  // `dp_group` (may be null): the replicas of this rank's stage.
   DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                   std::shared_ptr<Stage> stage, torch::nn::Sequential module,
-                  DistributedOptions options);
+                  DistributedOptions options,
+                  c10::intrusive_ptr<c10d::ProcessGroup> dp_group = {},
+                  int64_t bucket_bytes = int64_t{25} << 20);
 
   // `local_error`: this rank's mistake found before the step, if any: every
   // rank's call throws at once (see Protocol::lead).
@@ -49,10 +53,12 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
 
   int64_t rank() const { return link_.rank(); }
   int64_t world() const { return link_.world(); }
+  int64_t replica() const { return replicas_ ? replicas_->replica() : 0; }
+  int64_t replicas() const { return replicas_ ? replicas_->replicas() : 1; }
   const DistributedOptions& options() const { return options_; }
   const std::shared_ptr<Stage>& stage() const { return stage_; }
   torch::nn::Sequential module() const { return module_; }
-  bool broken() const { return link_.broken(); }
+  bool broken() const { return link_.broken() || (replicas_ && replicas_->broken()); }
   void set_after_backward(std::function<void()> hook) {
     std::lock_guard<std::mutex> call(call_mutex_);
     after_backward_ = std::move(hook);
@@ -64,6 +70,10 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
 
  private:
   bool is_last() const { return rank() + 1 == world(); }
+  // One step of this pipeline (step() without the replicas).
+  torch::Tensor run_step(const Batch& input, const Batch& target,
+                         const LossFn& loss_fn, const StepOptions& options,
+                         std::exception_ptr local_error);
   // The start of a step (Protocol::lead / follow): the header every rank
   // agrees on, and the step's state. A rank whose own call disagrees with
   // the header keeps the error in the state's pre_error and fails the step
@@ -96,6 +106,8 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   Protocol protocol_;
 
   std::function<void()> after_backward_;  // set_after_backward
+  std::unique_ptr<Replicas> replicas_;    // null without a dp group
+  int64_t last_origin_ = -1;  // the pipeline rank that failed the last step
   std::mutex call_mutex_;  // one call (step, forward, drain) at a time
   std::weak_ptr<StepState> undrained_;  // module style: fill done, drain not
   torch::Tensor placeholder_;           // module style: for backward()
@@ -212,7 +224,9 @@ struct RankStep : PendingStep {
 DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                                  std::shared_ptr<Stage> stage,
                                  torch::nn::Sequential module,
-                                 DistributedOptions options)
+                                 DistributedOptions options,
+                                 c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+                                 int64_t bucket_bytes)
     : stage_(std::move(stage)),
       module_(std::move(module)),
       options_(checked(group, stage_, std::move(options))),
@@ -221,6 +235,13 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
       protocol_(link_, options_) {
   register_random_kernels();
   protocol_.connect();
+  if (dp_group) {
+    TORCH_CHECK_VALUE(module_, "replicas (a dp group) need the Sequential or "
+                      "factory constructor: their parameters are the module's");
+    replicas_ = std::make_unique<Replicas>(
+        std::move(dp_group), rank(), world(), module_->parameters(),
+        module_->buffers(), options_, bucket_bytes);
+  }
 }
 
 std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
@@ -264,6 +285,7 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
 
 void DistributedCore::fail_early(StepState& state) {
   const bool step = state.face == Face::kStep;
+  last_origin_ = state.origin;
   if (!link_.nccl()) {
     protocol_.post_agreement(state);
   }
@@ -317,6 +339,66 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
                                     const LossFn& loss_fn,
                                     const StepOptions& options,
                                     std::exception_ptr local_error) {
+  if (!replicas_) {
+    return run_step(input, target, loss_fn, options, local_error);
+  }
+  const bool grad = c10::GradMode::is_enabled();
+  replicas_->begin();
+  // The last stages weigh their replica's mean loss by its share of the
+  // global count; a failure before the step is shared with the replicas.
+  LossFn scaled;  // outlives the step: the run keeps a pointer to it
+  const LossFn* fn = &loss_fn;
+  if (is_last()) {
+    std::exception_ptr mine = local_error;
+    double local = 0;
+    if (!mine && loss_fn) {
+      try {
+        local = local_count(target, options_.chunks(), options);
+      } catch (...) {
+        mine = std::current_exception();
+      }
+    }
+    std::exception_ptr other;
+    const double share = replicas_->exchange_count(local, mine, other);
+    local_error = mine ? mine : other;
+    if (!local_error && loss_fn && options.reduction() == LossReduction::kMean &&
+        share != 1.0) {
+      scaled = [&loss_fn, share](const Batch& y, const Batch& t) {
+        if (share == 0.0) {
+          // Nothing of this replica's batch counts: its mean is 0/0, whose
+          // gradient (nan) would poison the sum; its share is a zero still
+          // attached to the output.
+          torch::Tensor zero;
+          for (const auto& o : y) {
+            if (o.defined() && o.is_floating_point()) {
+              auto term = o.sum() * 0.0;
+              zero = zero.defined() ? zero + term : term;
+            }
+          }
+          if (zero.defined()) {
+            return zero;
+          }
+        }
+        return loss_fn(y, t) * share;
+      };
+      fn = &scaled;
+    }
+  }
+  torch::Tensor loss;
+  std::exception_ptr error;
+  last_origin_ = -1;
+  try {
+    loss = run_step(input, target, *fn, options, local_error);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  return replicas_->end(loss, error, error ? last_origin_ : -1, grad);
+}
+
+torch::Tensor DistributedCore::run_step(const Batch& input, const Batch& target,
+                                        const LossFn& loss_fn,
+                                        const StepOptions& options,
+                                        std::exception_ptr local_error) {
   std::lock_guard<std::mutex> call(call_mutex_);
   if (is_last() && !loss_fn && !local_error) {
     try {
@@ -346,10 +428,15 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
   if (!error) {
     error = run_cells(*state, /*forward=*/true, /*backward=*/run.grad);
   }
-  if (!error && run.grad && after_backward_) {
+  if (!error && run.grad && (after_backward_ || replicas_)) {
     // This rank's gradients are complete; the others may still drain.
     try {
-      after_backward_();
+      if (replicas_) {
+        replicas_->start();
+      }
+      if (after_backward_) {
+        after_backward_();
+      }
     } catch (...) {
       error = std::current_exception();  // nothing owed any more
     }
@@ -368,6 +455,7 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
     }
   }
   // Every rank learns who failed, and the loss of the last rank.
+  last_origin_ = error ? (state->origin >= 0 ? state->origin : rank()) : -1;
   const auto [value, dtype] = protocol_.agree(*state, error, loss, "step");
   runner_.end_forward();  // every rank succeeded: commit (DeferredBatchNorm)
   state->transport->grow_capacities(true, true);
@@ -385,6 +473,9 @@ Batch DistributedCore::forward(const Batch& input, bool training,
   Batch out;
   {
     std::lock_guard<std::mutex> call(call_mutex_);
+    TORCH_CHECK_VALUE(!replicas_, "a pipeline with data-parallel replicas "
+                      "runs through step() only (module-style forward is not "
+                      "supported with a dp group)");
     TORCH_CHECK_VALUE(options_.schedule() == ScheduleKind::kGPipe,
                       "module-style forward needs a fill/drain schedule "
                       "('gpipe'); the '1f1b' schedule runs only through step()");
@@ -525,9 +616,16 @@ DistributedPipeline::DistributedPipeline(
                               .schedule(options.schedule())
                               .timeout(timeout)) {}
 
-DistributedPipeline::DistributedPipeline(
-    c10::intrusive_ptr<c10d::ProcessGroup> group,
-    const torch::nn::Sequential& model, DistributedOptions options) {
+namespace {
+
+// This rank's slice and stage, from the whole model or the factories.
+struct Slice {
+  torch::nn::Sequential part;
+  std::shared_ptr<Stage> stage;
+};
+
+Slice slice_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                  const torch::nn::Sequential& model, const DistributedOptions& options) {
   detail::check_group(group, options);
   TORCH_CHECK_VALUE(model && !model->is_empty(),
                     "the module to pipeline must be a non-empty Sequential");
@@ -537,13 +635,12 @@ DistributedPipeline::DistributedPipeline(
   auto part = detail::slice_of(options.balance(), group->getRank(),
                                [&](int64_t l) { return *(model->begin() + l); });
   auto stage = detail::make_stage(part, *group, options);
-  core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(stage), part, std::move(options));
+  return {part, std::move(stage)};
 }
 
-DistributedPipeline::DistributedPipeline(
-    c10::intrusive_ptr<c10d::ProcessGroup> group,
-    const std::vector<LayerFactory>& layers, DistributedOptions options) {
+Slice slice_factories(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                      const std::vector<LayerFactory>& layers,
+                      const DistributedOptions& options) {
   detail::check_group(group, options);
   TORCH_CHECK_VALUE(!layers.empty(), "the pipeline needs at least 1 layer factory");
   TORCH_CHECK_VALUE(!options.balance().empty(), "the factory form needs "
@@ -557,8 +654,49 @@ DistributedPipeline::DistributedPipeline(
     return layer;
   });
   auto stage = detail::make_stage(part, *group, options);
+  return {part, std::move(stage)};
+}
+
+} // namespace
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    const torch::nn::Sequential& model, DistributedOptions options) {
+  auto slice = slice_model(group, model, options);
   core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(stage), part, std::move(options));
+      std::move(group), std::move(slice.stage), slice.part, std::move(options));
+}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    const std::vector<LayerFactory>& layers, DistributedOptions options) {
+  auto slice = slice_factories(group, layers, options);
+  core_ = std::make_shared<detail::DistributedCore>(
+      std::move(group), std::move(slice.stage), slice.part, std::move(options));
+}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+    const std::vector<LayerFactory>& layers, DistributedOptions options,
+    int64_t bucket_bytes) {
+  TORCH_CHECK_VALUE(dp_group, "DistributedPipeline needs a dp group, got null");
+  auto slice = slice_factories(group, layers, options);
+  core_ = std::make_shared<detail::DistributedCore>(
+      std::move(group), std::move(slice.stage), slice.part, std::move(options),
+      std::move(dp_group), bucket_bytes);
+}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+    const torch::nn::Sequential& model, DistributedOptions options,
+    int64_t bucket_bytes) {
+  TORCH_CHECK_VALUE(dp_group, "DistributedPipeline needs a dp group, got null");
+  auto slice = slice_model(group, model, options);
+  core_ = std::make_shared<detail::DistributedCore>(
+      std::move(group), std::move(slice.stage), slice.part, std::move(options),
+      std::move(dp_group), bucket_bytes);
 }
 
 DistributedPipeline::~DistributedPipeline() = default;
@@ -589,6 +727,8 @@ void DistributedPipeline::backward() { core_->backward(); }
 
 int64_t DistributedPipeline::rank() const { return core_->rank(); }
 int64_t DistributedPipeline::world_size() const { return core_->world(); }
+int64_t DistributedPipeline::replica() const { return core_->replica(); }
+int64_t DistributedPipeline::replicas() const { return core_->replicas(); }
 const DistributedOptions& DistributedPipeline::options() const {
   return core_->options();
 }

@@ -76,6 +76,25 @@ class DistributedPipeline {
   DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
                       const std::vector<LayerFactory>& layers,
                       DistributedOptions options);
+  /// One replica of R on a pp x dp mesh (docs/distributed.md, "Replicas"):
+  /// `group` runs this replica's pipeline (rank r = stage r), `dp_group`
+  /// holds the ranks running this rank's stage in every replica (replica
+  /// d = rank d; see init_mesh_from_env). Replica 0's parameters and
+  /// buffers are broadcast at construction; step() returns the loss of
+  /// the global batch (every replica's), the step's gradients summed over
+  /// the replicas (started after this rank's last backward cell, in
+  /// buckets of `bucket_bytes`), and raises on every rank of the mesh when
+  /// any fails. Step style only.
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+                      const std::vector<LayerFactory>& layers,
+                      DistributedOptions options,
+                      int64_t bucket_bytes = int64_t{25} << 20);
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+                      const torch::nn::Sequential& model,
+                      DistributedOptions options,
+                      int64_t bucket_bytes = int64_t{25} << 20);
   ~DistributedPipeline();
   DistributedPipeline(const DistributedPipeline&) = delete;
   DistributedPipeline& operator=(const DistributedPipeline&) = delete;
@@ -117,6 +136,9 @@ class DistributedPipeline {
 
   int64_t rank() const;
   int64_t world_size() const;
+  /// This rank's replica and the number of replicas (0 and 1 without).
+  int64_t replica() const;
+  int64_t replicas() const;
   bool is_first() const { return rank() == 0; }
   bool is_last() const { return rank() + 1 == world_size(); }
   const DistributedOptions& options() const;
@@ -140,6 +162,23 @@ class DistributedPipeline {
  private:
   std::shared_ptr<detail::DistributedCore> core_;
 };
+
+/// This rank's groups of a pp x dp mesh (init_mesh_from_env).
+struct MeshGroups {
+  c10::intrusive_ptr<c10d::ProcessGroup> pp;  // this replica's pipeline
+  c10::intrusive_ptr<c10d::ProcessGroup> dp;  // this stage's replicas
+  int64_t replica = 0;
+  int64_t replicas = 1;
+  int64_t stage = 0;
+};
+
+/// The groups of replicas of a `stages`-stage pipeline from torchrun's
+/// environment: global rank g is replica g / stages, stage g % stages
+/// (WORLD_SIZE must be a multiple of stages). Each rank makes only its own
+/// two groups, over one TCPStore served by rank 0.
+MeshGroups init_mesh_from_env(int64_t stages, const std::string& backend = "gloo",
+                              std::chrono::milliseconds timeout =
+                                  std::chrono::seconds(60));
 
 /// Creates a process group from torchrun's environment (RANK, WORLD_SIZE,
 /// MASTER_ADDR, MASTER_PORT): a TCPStore served by rank 0 and a Gloo
