@@ -36,7 +36,8 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 # Page order: the paper's claims first, then the engine's own numbers.
 ORDER = ["bench_paper", "bench_memory", "bench_engine", "bench_checkpoint",
          "bench_random",
-         "bench_torchgpipe", "bench_distributed", "bench_gpt2",
+         "bench_torchgpipe", "bench_distributed", "bench_replicas",
+         "bench_gpt2",
          "bench_partition",
          "bench_gpu"]
 

@@ -16,6 +16,33 @@
 
 namespace pipegear::bindings {
 
+namespace {
+
+// A Python callable as a hook the executor calls on the stepping thread,
+// without the GIL; None: no hook.
+std::function<void()> python_hook(const py::object& hook, const char* name) {
+  if (hook.is_none()) {
+    return nullptr;
+  }
+  // The object is released under the GIL whichever thread drops the last
+  // copy.
+  std::shared_ptr<py::object> fn(new py::object(hook), [](py::object* o) {
+    py::gil_scoped_acquire gil;
+    delete o;
+  });
+  return [fn, name] {
+    py::gil_scoped_acquire gil;
+    try {
+      (*fn)();
+    } catch (py::error_already_set& e) {
+      // The Python error must not leave the GIL's scope.
+      TORCH_CHECK(false, "pipegear: the ", name, " hook failed: ", e.what());
+    }
+  };
+}
+
+} // namespace
+
 void init_distributed(py::module_& m) {
   py::class_<DistributedPipeline, std::shared_ptr<DistributedPipeline>>(
       m, "_DistributedPipeline")
@@ -137,26 +164,13 @@ void init_distributed(py::module_& m) {
       .def(
           "set_after_backward",
           [](DistributedPipeline& p, const py::object& hook) {
-            if (hook.is_none()) {
-              p.set_after_backward(nullptr);
-              return;
-            }
-            // Called on the stepping thread without the GIL; the object is
-            // released under the GIL whichever thread drops the last copy.
-            std::shared_ptr<py::object> fn(new py::object(hook), [](py::object* o) {
-              py::gil_scoped_acquire gil;
-              delete o;
-            });
-            p.set_after_backward([fn] {
-              py::gil_scoped_acquire gil;
-              try {
-                (*fn)();
-              } catch (py::error_already_set& e) {
-                // The Python error must not leave the GIL's scope.
-                TORCH_CHECK(false, "pipegear: the after-backward hook failed: ",
-                            e.what());
-              }
-            });
+            p.set_after_backward(python_hook(hook, "after-backward"));
+          },
+          py::arg("hook"))
+      .def(
+          "set_before_last_backward",
+          [](DistributedPipeline& p, const py::object& hook) {
+            p.set_before_last_backward(python_hook(hook, "before-last-backward"));
           },
           py::arg("hook"))
       .def_property_readonly("rank", &DistributedPipeline::rank)

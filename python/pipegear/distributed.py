@@ -127,9 +127,10 @@ class DistributedGPipe(_Placed):
             :meth:`step` returns (docs/distributed.md, "Replicas").
         bucket_cap_mb: the size of a bucket of gradients summed over the
             replicas in one collective.
-        overlap: start summing a stage's gradients over its replicas as
-            soon as its last backward cell has run, while the other stages
-            still drain (False: after the step).
+        overlap: start summing a stage's gradients over its replicas
+            while the drain runs: a bucket as soon as all its parameters
+            got their last gradient within this stage's last backward cell,
+            the rest once that cell has run (False: after the step).
 
     Every rank makes the same calls. Step style::
 
@@ -284,6 +285,7 @@ class DistributedGPipe(_Placed):
             chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
             balance)
         if self._replicas is not None and overlap:
+            self._pipeline.set_before_last_backward(self._replicas.arm)
             self._pipeline.set_after_backward(self._replicas.start_reduction)
         # This rank's layers, under their original names (state_dict keys as
         # the plain model's, for this slice); add_module() would refuse a

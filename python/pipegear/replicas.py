@@ -92,6 +92,8 @@ class Replicas:
         # Whether the sums of the last step started within the pipeline's
         # step (after the last backward cell), not after it.
         self.started_in_step = False
+        # How many buckets of the last step started within the last cell.
+        self.launched_in_cell = 0
         # The whole mesh, [dp][pp] -> global rank, and the agreement on the
         # configuration: one gather over this stage's replicas.
         mine = dict(config, pipeline=dist.get_process_group_ranks(pp_group),
@@ -121,6 +123,17 @@ class Replicas:
             for t in list(params) + list(buffers):
                 dist.broadcast(t.data, src=src, group=dp_group)
         self._buckets = self._make_buckets(int(bucket_cap_mb * 2 ** 20))
+        # Within the last backward cell (arm()), a bucket whose parameters
+        # all got their last gradient starts at once; buckets start in
+        # index order on every replica (a collective's order must agree).
+        self._armed = False
+        self._ready = [0] * len(self._buckets)
+        self._seen: set = set()
+        self._next = 0  # the next bucket to start
+        for b, bucket in enumerate(self._buckets):
+            for p in bucket:
+                p.register_post_accumulate_grad_hook(
+                    functools.partial(self._accumulated, b))
 
     # -- naming ------------------------------------------------------------
     def global_rank(self, pp: int, dp: Optional[int] = None) -> int:
@@ -159,7 +172,7 @@ class Replicas:
 
     @property
     def started(self) -> bool:
-        """Whether this step's gradient sums have started."""
+        """Whether this step's gradient sums have all started."""
         return self._reduced
 
     # -- a step --------------------------------------------------------------
@@ -173,31 +186,57 @@ class Replicas:
         self._pending = []
         self._hook_error = None
         self._reduced = False
+        self._events = []
+        self._armed = False
+        self._ready = [0] * len(self._buckets)
+        self._seen = set()
+        self._next = 0
+
+    def arm(self) -> None:
+        """Just before this stage's last backward cell: every gradient
+        accumulated from now on is its parameter's last of the step."""
+        self._armed = True
+
+    def _accumulated(self, b: int, param: Tensor) -> None:
+        if not self._armed or self._reduced or id(param) in self._seen:
+            return
+        self._seen.add(id(param))
+        self._ready[b] += 1
+        while (self._next < len(self._buckets) and
+               self._ready[self._next] == len(self._buckets[self._next])):
+            self._launch(self._next)
+            self._next += 1
 
     def start_reduction(self) -> None:
-        """Starts summing this step's gradients over the replicas, bucket
-        by bucket, without waiting: after this stage's last backward cell
-        (called from within the step) or after the step."""
+        """Starts summing this step's gradients over the replicas, the
+        buckets not started yet, without waiting: after this stage's last
+        backward cell (called from within the step) or after the step."""
         if self._reduced:
             return
         self._reduced = True
-        events = self._events = []
+        self._armed = False
+        self.launched_in_cell = self._next
+        while self._next < len(self._buckets):
+            self._launch(self._next)
+            self._next += 1
+
+    def _launch(self, i: int) -> None:
+        bucket = self._buckets[i]
         try:
-            for i, bucket in enumerate(self._buckets):
-                start = time.monotonic_ns()
-                flat = torch.cat([
-                    (p.grad if p.grad is not None else
-                     torch.zeros_like(p)).reshape(-1) for p in bucket])
-                work = dist.all_reduce(flat, group=self.dp_group,
-                                       async_op=True)
-                self._pending.append((bucket, flat, work))
-                events.append([i, start, None])
-                # When the sum completed (the backend's thread), for the
-                # timeline; the wait comes after the step.
-                work.get_future().then(functools.partial(self._done,
-                                                         events[-1]))
+            start = time.monotonic_ns()
+            flat = torch.cat([
+                (p.grad if p.grad is not None else
+                 torch.zeros_like(p)).reshape(-1) for p in bucket])
+            work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
+            self._pending.append((bucket, flat, work))
+            event = [i, start, None]
+            self._events.append(event)
+            # When the sum completed (the backend's thread), for the
+            # timeline; the wait comes after the step.
+            work.get_future().then(functools.partial(self._done, event))
         except BaseException as e:  # noqa: BLE001 - reported after the step
-            self._hook_error = e
+            if self._hook_error is None:
+                self._hook_error = e
 
     @staticmethod
     def _done(event: list, _future: Any) -> None:

@@ -136,7 +136,9 @@ def worker_compare(rank, world, port, out):
                 loss = pipe.step(x if pipe.is_first else None,
                                  t if pipe.is_last else None, loss_fn)
                 losses.append(loss.item())
-                started.append(pipe._replicas.started_in_step)
+                started.append((pipe._replicas.started_in_step,
+                                pipe._replicas.launched_in_cell
+                                == len(pipe._replicas.buckets)))
                 assert len(pipe.last_reductions()) == \
                     len(pipe._replicas.buckets) > 1
                 opt.step()
@@ -300,7 +302,10 @@ def test_replicas_train_like_the_plain_model_on_the_global_batch(launched):
                 got = res[key]
                 # overlapped: started after the last backward cell, within
                 # the pipeline's step; else after it
-                assert got["started"] == [c["overlap"]] * STEPS, (key, r)
+                # and every bucket within the last cell, as soon as its
+                # parameters had their last gradient
+                assert got["started"] == [(c["overlap"], c["overlap"])] * \
+                    STEPS, (key, r)
                 for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
                     assert abs(a - b) <= 1e-10 * max(1.0, abs(b)), \
                         (key, r, step, a, b)

@@ -63,6 +63,10 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
     std::lock_guard<std::mutex> call(call_mutex_);
     after_backward_ = std::move(hook);
   }
+  void set_before_last_backward(std::function<void()> hook) {
+    std::lock_guard<std::mutex> call(call_mutex_);
+    before_last_backward_ = std::move(hook);
+  }
   std::vector<TraceEvent> last_events() const {
     std::lock_guard<std::mutex> lock(events_mutex_);
     return events_;
@@ -106,6 +110,7 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   Protocol protocol_;
 
   std::function<void()> after_backward_;  // set_after_backward
+  std::function<void()> before_last_backward_;  // set_before_last_backward
   std::unique_ptr<Replicas> replicas_;    // null without a dp group
   int64_t last_origin_ = -1;  // the pipeline rank that failed the last step
   std::mutex call_mutex_;  // one call (step, forward, drain) at a time
@@ -306,7 +311,19 @@ std::exception_ptr DistributedCore::run_cells(StepState& state, bool forward,
       protocol_.post_agreement(state);  // NCCL: in order, see Protocol::agree
     }
     state.transport->begin_pass(cells, forward, backward && run.grad);
+    // The last backward cell: where this rank's gradients become final.
+    size_t last_backward = cells.size();
+    if (backward && run.grad && before_last_backward_) {
+      for (size_t i = 0; i < cells.size(); ++i) {
+        if (cells[i].phase == Phase::kBackward) {
+          last_backward = i;
+        }
+      }
+    }
     for (size_t i = 0; i < cells.size(); ++i) {
+      if (i == last_backward) {
+        before_last_backward_();
+      }
       runner_.run(run, *state.transport, cells, i, forward, backward);
     }
   } catch (...) {
@@ -741,6 +758,9 @@ torch::nn::Sequential DistributedPipeline::module() const {
 bool DistributedPipeline::broken() const { return core_->broken(); }
 void DistributedPipeline::set_after_backward(std::function<void()> hook) {
   core_->set_after_backward(std::move(hook));
+}
+void DistributedPipeline::set_before_last_backward(std::function<void()> hook) {
+  core_->set_before_last_backward(std::move(hook));
 }
 std::vector<TraceEvent> DistributedPipeline::last_events() const {
   return core_->last_events();

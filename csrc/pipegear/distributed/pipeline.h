@@ -154,6 +154,11 @@ class DistributedPipeline {
   /// data-parallel reduction of this stage's gradients starts (replicas).
   /// If it throws, this rank's step fails (on every rank). Empty: none.
   void set_after_backward(std::function<void()> hook);
+  /// Called on the calling thread just before this rank's last backward
+  /// cell of a step with a graph: from then on every gradient accumulated
+  /// into a parameter is its last of the step (a reduction may start
+  /// bucket by bucket within the cell). Empty: none.
+  void set_before_last_backward(std::function<void()> hook);
   /// True after a failure that left the transport in an unknown state.
   bool broken() const;
   /// This rank's cells of the last step (stage = rank).
