@@ -65,9 +65,17 @@ def replica_batch(loss, step, replica):
     return x, t
 
 
-def cfg(name, checkpoint, schedule, loss, chunks=3, overlap=True):
+def cfg(name, checkpoint, schedule, loss, chunks=3, overlap=True,
+        tied=False, accumulate=1):
+    """`tied`: layers 2 and 4 share their weight (a tie across stages
+    with K=2); `accumulate`: steps per optimizer step (no zero_grad
+    between them)."""
     return dict(name=name, checkpoint=checkpoint, schedule=schedule,
-                loss=loss, chunks=chunks, overlap=overlap)
+                loss=loss, chunks=chunks, overlap=overlap, tied=tied,
+                accumulate=accumulate)
+
+
+TIE = [["2.weight", "4.weight"]]
 
 
 ALL = [cfg("always-gpipe-mse", "always", "gpipe", "mse"),
@@ -75,7 +83,9 @@ ALL = [cfg("always-gpipe-mse", "always", "gpipe", "mse"),
        cfg("never-gpipe-sum-after", "never", "gpipe", "sum", overlap=False),
        cfg("always-1f1b-ce", "always", "1f1b", "ce-ignore"),
        cfg("except_last-1f1b-sum", "except_last", "1f1b", "sum"),
-       cfg("never-1f1b-mse", "never", "1f1b", "mse", chunks=2)]
+       cfg("never-1f1b-mse", "never", "1f1b", "mse", chunks=2),
+       cfg("tied-accumulate-ce", "except_last", "gpipe", "ce-ignore",
+           tied=True, accumulate=2)]
 SOME = [ALL[1], ALL[2], ALL[5]]
 
 # (K stages, R replicas, balance, how the groups are made, configs)
@@ -125,22 +135,24 @@ def worker_compare(rank, world, port, out):
                 layer_factories(seed=1 + dp), balance, chunks=c["chunks"],
                 checkpoint=c["checkpoint"], schedule=c["schedule"],
                 timeout=20.0, overlap=c["overlap"], bucket_cap_mb=1e-4,
-                **groups)
+                tied_parameters=TIE if c["tied"] else None, **groups)
             assert pipe.coordinates == (dp, pp)
             opt = torch.optim.SGD(pipe.parameters(), lr=LR)
             loss_fn = LOSSES[c["loss"]][0]
             losses, started = [], []
             for step in range(STEPS):
-                x, t = replica_batch(c["loss"], step, dp)
                 opt.zero_grad()
-                loss = pipe.step(x if pipe.is_first else None,
-                                 t if pipe.is_last else None, loss_fn)
-                losses.append(loss.item())
-                started.append((pipe._replicas.started_in_step,
-                                pipe._replicas.launched_in_cell
-                                == len(pipe._replicas.buckets)))
-                assert len(pipe.last_reductions()) == \
-                    len(pipe._replicas.buckets) > 1
+                for a in range(c["accumulate"]):
+                    x, t = replica_batch(c["loss"],
+                                         step * c["accumulate"] + a, dp)
+                    loss = pipe.step(x if pipe.is_first else None,
+                                     t if pipe.is_last else None, loss_fn)
+                    losses.append(loss.item())
+                    started.append((pipe._replicas.started_in_step,
+                                    pipe._replicas.launched_in_cell
+                                    == len(pipe._replicas.buckets)))
+                    assert len(pipe.last_reductions()) == \
+                        len(pipe._replicas.buckets) > 1
                 opt.step()
             results[f"{K}x{R}-{c['name']}"] = dict(
                 params={n: p.detach().clone()
@@ -258,18 +270,22 @@ def _reference(c, R):
     torch.set_default_dtype(torch.float64)
     try:
         model = nn.Sequential(*[f() for f in layer_factories(seed=1)])
+        if c["tied"]:
+            model[4].weight = model[2].weight
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         loss_fn = LOSSES[c["loss"]][0]
         losses = []
         for step in range(STEPS):
-            xs, ts = zip(*[replica_batch(c["loss"], step, d)
-                           for d in range(R)])
             opt.zero_grad()
-            loss = loss_fn(model(torch.cat(xs)), torch.cat(ts))
-            loss.backward()
-            losses.append(float(loss))
+            for a in range(c["accumulate"]):
+                xs, ts = zip(*[replica_batch(
+                    c["loss"], step * c["accumulate"] + a, d)
+                    for d in range(R)])
+                loss = loss_fn(model(torch.cat(xs)), torch.cat(ts))
+                loss.backward()
+                losses.append(loss.item())
             opt.step()
-        return dict(model.named_parameters()), losses
+        return dict(model.named_parameters(remove_duplicate=False)), losses
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -291,7 +307,8 @@ def test_replicas_train_like_the_plain_model_on_the_global_batch(launched):
     sum and a weighted cross-entropy with ignore_index (one replica's batch
     entirely ignored in a step), replicas initialised differently, many
     buckets, the sums started after each stage's last backward cell (and,
-    in one configuration, after the step)."""
+    in one configuration, after the step), a parameter tied across
+    stages, and gradients accumulated over 2 steps per optimizer step."""
     world, ranks = launched
     for K, R, balance, how, configs in LAYOUTS[world]:
         for c in configs:
@@ -305,7 +322,7 @@ def test_replicas_train_like_the_plain_model_on_the_global_batch(launched):
                 # and every bucket within the last cell, as soon as its
                 # parameters had their last gradient
                 assert got["started"] == [(c["overlap"], c["overlap"])] * \
-                    STEPS, (key, r)
+                    (STEPS * c["accumulate"]), (key, r)
                 for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
                     assert abs(a - b) <= 1e-10 * max(1.0, abs(b)), \
                         (key, r, step, a, b)
