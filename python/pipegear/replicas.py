@@ -130,10 +130,7 @@ class Replicas:
         self._ready = [0] * len(self._buckets)
         self._seen: set = set()
         self._next = 0  # the next bucket to start
-        for b, bucket in enumerate(self._buckets):
-            for p in bucket:
-                p.register_post_accumulate_grad_hook(
-                    functools.partial(self._accumulated, b))
+        self._hooks: list = []  # while armed: one per parameter
 
     # -- naming ------------------------------------------------------------
     def global_rank(self, pp: int, dp: Optional[int] = None) -> int:
@@ -187,15 +184,28 @@ class Replicas:
         self._hook_error = None
         self._reduced = False
         self._events = []
-        self._armed = False
+        self._disarm()
         self._ready = [0] * len(self._buckets)
         self._seen = set()
         self._next = 0
 
     def arm(self) -> None:
         """Just before this stage's last backward cell: every gradient
-        accumulated from now on is its parameter's last of the step."""
+        accumulated from now on is its parameter's last of the step. The
+        hooks live only as long as that cell (no Python call for the
+        other micro-batches' gradients)."""
+        self._disarm()
         self._armed = True
+        for b, bucket in enumerate(self._buckets):
+            for p in bucket:
+                self._hooks.append(p.register_post_accumulate_grad_hook(
+                    functools.partial(self._accumulated, b)))
+
+    def _disarm(self) -> None:
+        self._armed = False
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def _accumulated(self, b: int, param: Tensor) -> None:
         if not self._armed or self._reduced or id(param) in self._seen:
@@ -214,7 +224,7 @@ class Replicas:
         if self._reduced:
             return
         self._reduced = True
-        self._armed = False
+        self._disarm()
         self.launched_in_cell = self._next
         while self._next < len(self._buckets):
             self._launch(self._next)
@@ -281,6 +291,7 @@ class Replicas:
         sum of the replicas' weighted losses). Raises when any replica
         failed, naming the rank that failed and its coordinates."""
         stash, self._stash = self._stash, []
+        self._disarm()  # the step is over, whatever happened in it
         try:
             if self.broken:
                 raise RuntimeError(
