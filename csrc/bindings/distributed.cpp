@@ -51,7 +51,10 @@ void init_distributed(py::module_& m) {
                        const py::object& hooks, int64_t chunks,
                        const std::string& checkpoint,
                        const std::string& schedule, double timeout,
-                       double idle_timeout, std::vector<int64_t> balance) {
+                       double idle_timeout, std::vector<int64_t> balance,
+                       const c10::intrusive_ptr<c10d::ProcessGroup>& dp_group,
+                       std::vector<torch::Tensor> dp_parameters,
+                       std::vector<torch::Tensor> dp_buffers, int64_t bucket_bytes) {
              TORCH_CHECK_VALUE(group, "process_group is None");
              TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
                                timeout);
@@ -77,13 +80,22 @@ void init_distributed(py::module_& m) {
              // The constructor agrees on the options with the other ranks
              // (a collective): no GIL while it waits.
              py::gil_scoped_release no_gil;
+             if (dp_group) {
+               // The C++ face's replicas (the Python face has its own).
+               return std::make_shared<DistributedPipeline>(
+                   group, dp_group, std::move(stage), std::move(dp_parameters),
+                   std::move(dp_buffers), std::move(options), bucket_bytes);
+             }
              return std::make_shared<DistributedPipeline>(group, std::move(stage),
                                                           std::move(options));
            }),
            py::arg("group"), py::arg("module"), py::arg("device"),
            py::arg("hooks"), py::arg("chunks"), py::arg("checkpoint"),
            py::arg("schedule"), py::arg("timeout"), py::arg("idle_timeout"),
-           py::arg("balance"))
+           py::arg("balance"), py::arg("dp_group") = nullptr,
+           py::arg("dp_parameters") = std::vector<torch::Tensor>{},
+           py::arg("dp_buffers") = std::vector<torch::Tensor>{},
+           py::arg("bucket_bytes") = int64_t{25} << 20)
       .def(
           "step",
           [](DistributedPipeline& p, const py::object& input,
@@ -175,6 +187,8 @@ void init_distributed(py::module_& m) {
           py::arg("hook"))
       .def_property_readonly("rank", &DistributedPipeline::rank)
       .def_property_readonly("world_size", &DistributedPipeline::world_size)
+      .def_property_readonly("replica", &DistributedPipeline::replica)
+      .def_property_readonly("replicas", &DistributedPipeline::replicas)
       .def_property_readonly("broken", &DistributedPipeline::broken)
       .def_property_readonly("last_events", [](const DistributedPipeline& p) {
         py::list out;

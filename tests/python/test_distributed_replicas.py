@@ -163,6 +163,65 @@ def worker_compare(rank, world, port, out):
     dist.destroy_process_group()
 
 
+def _cpp_pipe(factories, balance, pp_group, dp_group, c, timeout=20.0):
+    """The C++ face's replicas (DistributedPipeline with a dp group) over
+    this rank's slice, through the binding: (pipeline, slice)."""
+    from collections import OrderedDict
+
+    from pipegear import _C
+    from pipegear.gpipe import GPipe, _Partition
+    rank = pp_group.rank()
+    offset = sum(balance[:rank])
+    part = _Partition(OrderedDict(
+        (str(i), factories[i]()) for i in range(offset, offset + balance[rank])))
+    pipe = _C._DistributedPipeline(
+        pp_group, part, "cpu", GPipe._hooks(part), c["chunks"], c["checkpoint"],
+        c["schedule"], timeout, 1800.0, list(balance), dp_group=dp_group,
+        dp_parameters=list(part.parameters()),
+        dp_buffers=list(part.buffers()), bucket_bytes=100)
+    return pipe, part
+
+
+def _cpp_step(pipe, x, t, loss_fn):
+    from pipegear.loss import plan_loss
+    first, last = pipe.rank == 0, pipe.rank == pipe.world_size - 1
+    if not last:
+        return pipe.step(x if first else None, None, None, "mean")
+    reduction, count = plan_loss(loss_fn, t, None, None)
+    return pipe.step(x if first else None, t, loss_fn, reduction, count=count)
+
+
+def worker_cpp(rank, world, port, out):
+    """The C++ face (2 x 2): every configuration but the tie (a tie is the
+    Python face's)."""
+    torch.set_default_dtype(torch.float64)
+    dist = _init(rank, world, port)
+    groups, dp, pp = _groups(dist, 2, 2, "groups")
+    results = {}
+    for c in ALL:
+        if c["tied"]:
+            continue
+        pipe, part = _cpp_pipe(layer_factories(seed=1 + dp), [4, 3],
+                               groups["process_group"], groups["dp_group"], c)
+        assert (pipe.replica, pipe.replicas) == (dp, 2)
+        opt = torch.optim.SGD(part.parameters(), lr=LR)
+        losses = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            for a in range(c["accumulate"]):
+                x, t = replica_batch(c["loss"], step * c["accumulate"] + a, dp)
+                losses.append(_cpp_step(pipe, x, t,
+                                        LOSSES[c["loss"]][0]).item())
+            opt.step()
+        results[c["name"]] = dict(
+            params={n: p.detach().clone()
+                    for n, p in part.named_parameters()},
+            losses=losses, dp=dp, pp=pp)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 class _Exit(nn.Linear):
     """The last layer, with the same parameters (the replicas agree on
     them), dying in its forward."""
@@ -185,13 +244,23 @@ def worker_crash(rank, world, port, out):
     if rank == dying:
         layers[rank % 2] = _Exit
     timeout = float(os.environ["PIPEGEAR_TEST_TIMEOUT"])
-    pipe = pipegear.DistributedGPipe(layers, [1, 1], chunks=2, mesh=mesh,
-                                     timeout=timeout)
+    cpp = os.environ.get("PIPEGEAR_TEST_FACE") == "cpp"
+    if cpp:
+        pipe, _ = _cpp_pipe(layers, [1, 1], mesh.get_group("pp"),
+                            mesh.get_group("dp"), cfg("", "except_last",
+                                                      "gpipe", "mse", chunks=2),
+                            timeout=timeout)
+    else:
+        pipe = pipegear.DistributedGPipe(layers, [1, 1], chunks=2, mesh=mesh,
+                                         timeout=timeout)
     x, t = torch.randn(6, D), torch.randn(6, C)
     start = time.monotonic()
     try:
-        pipe.step(x if pipe.is_first else None, t if pipe.is_last else None,
-                  F.mse_loss)
+        if cpp:
+            _cpp_step(pipe, x, t, F.mse_loss)
+        else:
+            pipe.step(x if pipe.is_first else None,
+                      t if pipe.is_last else None, F.mse_loss)
         result = {"error": None}
     except Exception as e:  # noqa: BLE001
         result = {"error": f"{type(e).__name__}: {e}",
@@ -335,7 +404,37 @@ def test_replicas_train_like_the_plain_model_on_the_global_batch(launched):
                 assert seen[d] == set(ref_params), (key, d)
 
 
-def test_a_killed_rank_makes_every_rank_of_the_mesh_raise(tmp_path):
+@pytest.fixture(scope="module")
+def launched_cpp(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("replicas_cpp"))
+    codes, logs = _launch("cpp", 4, out)
+    assert codes == [0] * 4, "\n".join(logs)
+    return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(4)]
+
+
+def test_the_cpp_face_trains_like_the_plain_model_on_the_global_batch(
+        launched_cpp):
+    """The C++ DistributedPipeline with a dp group (2 x 2), through the
+    binding: the same configurations as the Python face but the tie
+    (every checkpoint mode, both schedules, mean / sum / cross-entropy with
+    ignore_index and class weights, uneven replicas, accumulation)."""
+    for c in ALL:
+        if c["tied"]:
+            continue
+        ref_params, ref_losses = _reference(c, 2)
+        for r, res in enumerate(launched_cpp):
+            got = res[c["name"]]
+            for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
+                assert abs(a - b) <= 1e-10 * max(1.0, abs(b)), \
+                    (c["name"], r, step, a, b)
+            for name, p in got["params"].items():
+                torch.testing.assert_close(
+                    p, ref_params[name].detach(), rtol=1e-10, atol=1e-10,
+                    msg=lambda m: f"{c['name']} rank {r} {name}: {m}")
+
+
+@pytest.mark.parametrize("face", ["python", "cpp"])
+def test_a_killed_rank_makes_every_rank_of_the_mesh_raise(tmp_path, face):
     """Global rank 3 (dp=1, pp=1) dies mid-step: its pipeline peer raises
     from the pipeline, the other replica's ranks raise naming it (or, for
     its dp peer, the lost replica), all within the timeouts."""
@@ -343,7 +442,8 @@ def test_a_killed_rank_makes_every_rank_of_the_mesh_raise(tmp_path):
     survivors = [0, 1, 2]
     codes, logs = _launch("crash", 4, str(tmp_path),
                           {"PIPEGEAR_TEST_DYING": "3",
-                           "PIPEGEAR_TEST_TIMEOUT": str(timeout)},
+                           "PIPEGEAR_TEST_TIMEOUT": str(timeout),
+                           "PIPEGEAR_TEST_FACE": face},
                           timeout=90, wait_for=survivors)
     assert codes[3] == 3, logs
     results = {}
@@ -353,14 +453,16 @@ def test_a_killed_rank_makes_every_rank_of_the_mesh_raise(tmp_path):
         assert results[r]["error"] is not None, logs
         assert results[r]["elapsed"] < 2 * timeout + 6.0, results[r]
         assert results[r]["broken"] or r == 0, results[r]
-    # the same replica's first stage: the pipeline's error, mapped to the mesh
+    # the same replica's first stage: the pipeline's error (naming the
+    # pipeline rank), mapped to the mesh by a note (Python face)
     assert "rank 1" in results[2]["error"], results[2]
-    assert any("rank 3 (dp=1, pp=1)" in n for n in results[2]["notes"]), \
-        results[2]
+    dead = "rank 3 (dp=1, pp=1)" if face == "python" else "(dp=1, pp=1)"
+    if face == "python":
+        assert any(dead in n for n in results[2]["notes"]), results[2]
     # the other replica's first stage: told by its dp peer (rank 2)
-    assert "rank 3 (dp=1, pp=1)" in results[0]["error"], results[0]
+    assert dead in results[0]["error"], results[0]
     # the other replica's last stage: its dp peer is the dead rank
-    assert "rank 3 (dp=1, pp=1)" in results[1]["error"], results[1]
+    assert dead in results[1]["error"], results[1]
 
 
 def test_a_mistake_on_one_replica_fails_every_rank_and_the_next_step_works(

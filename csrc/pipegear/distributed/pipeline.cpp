@@ -33,12 +33,16 @@ namespace detail {
 
 class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
  public:
-  // `dp_group` (may be null): the replicas of this rank's stage.
+  // `dp_group` (may be null): the replicas of this rank's stage, whose
+  // parameters and buffers are `module`'s, else `tensors` (a Python
+  // stage's: parameters, then buffers).
   DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                   std::shared_ptr<Stage> stage, torch::nn::Sequential module,
                   DistributedOptions options,
                   c10::intrusive_ptr<c10d::ProcessGroup> dp_group = {},
-                  int64_t bucket_bytes = int64_t{25} << 20);
+                  int64_t bucket_bytes = int64_t{25} << 20,
+                  std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>
+                      tensors = {});
 
   // `local_error`: this rank's mistake found before the step, if any: every
   // rank's call throws at once (see Protocol::lead).
@@ -231,7 +235,9 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
                                  torch::nn::Sequential module,
                                  DistributedOptions options,
                                  c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
-                                 int64_t bucket_bytes)
+                                 int64_t bucket_bytes,
+                                 std::pair<std::vector<torch::Tensor>,
+                                           std::vector<torch::Tensor>> tensors)
     : stage_(std::move(stage)),
       module_(std::move(module)),
       options_(checked(group, stage_, std::move(options))),
@@ -241,11 +247,13 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
   register_random_kernels();
   protocol_.connect();
   if (dp_group) {
-    TORCH_CHECK_VALUE(module_, "replicas (a dp group) need the Sequential or "
-                      "factory constructor: their parameters are the module's");
-    replicas_ = std::make_unique<Replicas>(
-        std::move(dp_group), rank(), world(), module_->parameters(),
-        module_->buffers(), options_, bucket_bytes);
+    if (module_) {
+      tensors = {module_->parameters(), module_->buffers()};
+    }
+    replicas_ = std::make_unique<Replicas>(std::move(dp_group), rank(), world(),
+                                           std::move(tensors.first),
+                                           std::move(tensors.second), options_,
+                                           bucket_bytes);
   }
 }
 
@@ -290,11 +298,11 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
 
 void DistributedCore::fail_early(StepState& state) {
   const bool step = state.face == Face::kStep;
-  last_origin_ = state.origin;
   if (!link_.nccl()) {
     protocol_.post_agreement(state);
   }
   protocol_.fail(state, state.pre_error, /*forward=*/true, /*backward=*/step);
+  last_origin_ = state.origin;
   protocol_.agree(state, state.pre_error, torch::Tensor(), step ? "step" : "forward");
   std::rethrow_exception(state.pre_error);  // agree rethrows it already
 }
@@ -473,6 +481,10 @@ torch::Tensor DistributedCore::run_step(const Batch& input, const Batch& target,
   }
   // Every rank learns who failed, and the loss of the last rank.
   last_origin_ = error ? (state->origin >= 0 ? state->origin : rank()) : -1;
+  if (error && state->transport->kind == FailKind::kComm &&
+      state->transport->lost_peer >= 0) {
+    last_origin_ = state->transport->lost_peer;  // the replicas name it
+  }
   const auto [value, dtype] = protocol_.agree(*state, error, loss, "step");
   runner_.end_forward();  // every rank succeeded: commit (DeferredBatchNorm)
   state->transport->grow_capacities(true, true);
@@ -714,6 +726,18 @@ DistributedPipeline::DistributedPipeline(
   core_ = std::make_shared<detail::DistributedCore>(
       std::move(group), std::move(slice.stage), slice.part, std::move(options),
       std::move(dp_group), bucket_bytes);
+}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    c10::intrusive_ptr<c10d::ProcessGroup> dp_group, std::shared_ptr<Stage> stage,
+    std::vector<torch::Tensor> parameters, std::vector<torch::Tensor> buffers,
+    DistributedOptions options, int64_t bucket_bytes) {
+  TORCH_CHECK_VALUE(dp_group, "DistributedPipeline needs a dp group, got null");
+  core_ = std::make_shared<detail::DistributedCore>(
+      std::move(group), std::move(stage), nullptr, std::move(options),
+      std::move(dp_group), bucket_bytes,
+      std::make_pair(std::move(parameters), std::move(buffers)));
 }
 
 DistributedPipeline::~DistributedPipeline() = default;

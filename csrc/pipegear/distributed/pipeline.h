@@ -95,6 +95,14 @@ class DistributedPipeline {
                       const torch::nn::Sequential& model,
                       DistributedOptions options,
                       int64_t bucket_bytes = int64_t{25} << 20);
+  /// A ready-made stage as a replica: `parameters` and `buffers` are the
+  /// stage's (what the replicas make equal and sum the gradients of).
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+                      std::shared_ptr<Stage> stage,
+                      std::vector<torch::Tensor> parameters,
+                      std::vector<torch::Tensor> buffers, DistributedOptions options,
+                      int64_t bucket_bytes = int64_t{25} << 20);
   ~DistributedPipeline();
   DistributedPipeline(const DistributedPipeline&) = delete;
   DistributedPipeline& operator=(const DistributedPipeline&) = delete;
