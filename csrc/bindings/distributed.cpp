@@ -16,6 +16,33 @@
 
 namespace pipegear::bindings {
 
+namespace {
+
+// A Python callable as a hook the executor calls on the stepping thread,
+// without the GIL; None: no hook.
+std::function<void()> python_hook(const py::object& hook, const char* name) {
+  if (hook.is_none()) {
+    return nullptr;
+  }
+  // The object is released under the GIL whichever thread drops the last
+  // copy.
+  std::shared_ptr<py::object> fn(new py::object(hook), [](py::object* o) {
+    py::gil_scoped_acquire gil;
+    delete o;
+  });
+  return [fn, name] {
+    py::gil_scoped_acquire gil;
+    try {
+      (*fn)();
+    } catch (py::error_already_set& e) {
+      // The Python error must not leave the GIL's scope.
+      TORCH_CHECK(false, "pipegear: the ", name, " hook failed: ", e.what());
+    }
+  };
+}
+
+} // namespace
+
 void init_distributed(py::module_& m) {
   py::class_<DistributedPipeline, std::shared_ptr<DistributedPipeline>>(
       m, "_DistributedPipeline")
@@ -27,7 +54,10 @@ void init_distributed(py::module_& m) {
                        double idle_timeout, std::vector<int64_t> balance,
                        std::vector<int64_t> skip_pop,
                        std::vector<int64_t> skip_stash,
-                       std::vector<int64_t> skip_routes) {
+                       std::vector<int64_t> skip_routes,
+                       const c10::intrusive_ptr<c10d::ProcessGroup>& dp_group,
+                       std::vector<torch::Tensor> dp_parameters,
+                       std::vector<torch::Tensor> dp_buffers, int64_t bucket_bytes) {
              TORCH_CHECK_VALUE(group, "process_group is None");
              TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
                                timeout);
@@ -57,6 +87,12 @@ void init_distributed(py::module_& m) {
              // The constructor agrees on the options with the other ranks
              // (a collective): no GIL while it waits.
              py::gil_scoped_release no_gil;
+             if (dp_group) {
+               // The C++ face's replicas (the Python face has its own).
+               return std::make_shared<DistributedPipeline>(
+                   group, dp_group, std::move(stage), std::move(dp_parameters),
+                   std::move(dp_buffers), std::move(options), bucket_bytes);
+             }
              return std::make_shared<DistributedPipeline>(group, std::move(stage),
                                                           std::move(options));
            }),
@@ -65,7 +101,11 @@ void init_distributed(py::module_& m) {
            py::arg("schedule"), py::arg("timeout"), py::arg("idle_timeout"),
            py::arg("balance"), py::arg("skip_pop") = std::vector<int64_t>{},
            py::arg("skip_stash") = std::vector<int64_t>{},
-           py::arg("skip_routes") = std::vector<int64_t>{})
+           py::arg("skip_routes") = std::vector<int64_t>{},
+           py::arg("dp_group") = nullptr,
+           py::arg("dp_parameters") = std::vector<torch::Tensor>{},
+           py::arg("dp_buffers") = std::vector<torch::Tensor>{},
+           py::arg("bucket_bytes") = int64_t{25} << 20)
       .def(
           "step",
           [](DistributedPipeline& p, const py::object& input,
@@ -143,8 +183,22 @@ void init_distributed(py::module_& m) {
              py::gil_scoped_release no_gil;
              p.backward();
            })
+      .def(
+          "set_after_backward",
+          [](DistributedPipeline& p, const py::object& hook) {
+            p.set_after_backward(python_hook(hook, "after-backward"));
+          },
+          py::arg("hook"))
+      .def(
+          "set_before_last_backward",
+          [](DistributedPipeline& p, const py::object& hook) {
+            p.set_before_last_backward(python_hook(hook, "before-last-backward"));
+          },
+          py::arg("hook"))
       .def_property_readonly("rank", &DistributedPipeline::rank)
       .def_property_readonly("world_size", &DistributedPipeline::world_size)
+      .def_property_readonly("replica", &DistributedPipeline::replica)
+      .def_property_readonly("replicas", &DistributedPipeline::replicas)
       .def_property_readonly("broken", &DistributedPipeline::broken)
       .def_property_readonly("last_events", [](const DistributedPipeline& p) {
         py::list out;

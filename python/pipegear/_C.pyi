@@ -83,11 +83,17 @@ class _Pipeline:
 class _DistributedPipeline:
     rank: int
     world_size: int
+    replica: int
+    replicas: int
     broken: bool
     last_events: list[tuple[int, str, bool, int, int]]
     def __init__(self, group: Any, module: Any, device: str, hooks: Any,
                  chunks: int, checkpoint: str, schedule: str, timeout: float,
-                 idle_timeout: float, balance: Sequence[int]) -> None: ...
+                 idle_timeout: float, balance: Sequence[int],
+                 dp_group: Any = None,
+                 dp_parameters: Sequence[torch.Tensor] = (),
+                 dp_buffers: Sequence[torch.Tensor] = (),
+                 bucket_bytes: int = 25 << 20) -> None: ...
     def forward(self, input: Optional[Tensors],
                 training: bool = True) -> Tensors: ...
     def step(self, input: Optional[Tensors], target: Optional[Tensors],
@@ -97,3 +103,5 @@ class _DistributedPipeline:
              error: Optional[str] = None,
              error_type: str = "ValueError") -> torch.Tensor: ...
     def backward(self) -> None: ...
+    def set_after_backward(self, hook: Optional[Callable[[], None]]) -> None: ...
+    def set_before_last_backward(self, hook: Optional[Callable[[], None]]) -> None: ...

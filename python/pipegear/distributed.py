@@ -31,6 +31,8 @@ from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe, _Partition,
                             _check_available, _check_int, _parse_device,
                             _Placed, _prepare_batch_norm, state_dict_hooks)
 from pipegear.loss import Count, plan_loss
+from pipegear.replicas import (Replicas, local_count, mesh_groups,
+                               scaled_loss)
 from pipegear.tied import DistributedTies, find_ties
 
 __all__ = ["DistributedGPipe", "init_from_env"]
@@ -113,6 +115,24 @@ class DistributedGPipe(_Placed):
             own: the first one's value is broadcast at construction, and
             after every drain they sum the step's gradient over it
             (docs/distributed.md, "Tied parameters").
+        mesh: a ``torch.distributed.DeviceMesh`` with dimensions named
+            ``"dp"`` and ``"pp"``: the pipeline runs along ``pp``, its
+            replicas along ``dp`` (instead of ``process_group``).
+        dp_group: with ``process_group`` (this replica's pipeline), the
+            ranks running this rank's stage in every replica (replica d =
+            rank d of the group). With replicas (``mesh`` or ``dp_group``)
+            every replica starts from the first one's parameters and
+            buffers (broadcast here), each step's loss is that of the
+            global batch (the replicas' batches together, weighed as the
+            loss counts: rows, targets not ignored, ``count=``), and the
+            step's gradients are summed over each stage's replicas before
+            :meth:`step` returns (docs/distributed.md, "Replicas").
+        bucket_cap_mb: the size of a bucket of gradients summed over the
+            replicas in one collective.
+        overlap: start summing a stage's gradients over its replicas
+            while the drain runs: a bucket as soon as all its parameters
+            got their last gradient within this stage's last backward cell,
+            the rest once that cell has run (False: after the step).
 
     Every rank makes the same calls. Step style::
 
@@ -141,9 +161,23 @@ class DistributedGPipe(_Placed):
                  deferred_batch_norm: bool = False, timeout: float = 30.0,
                  device=None, schedule: str = "gpipe",
                  idle_timeout: float = 1800.0,
-                 tied_parameters: Optional[Sequence[Sequence[str]]] = None
-                 ) -> None:
+                 tied_parameters: Optional[Sequence[Sequence[str]]] = None,
+                 mesh=None, dp_group=None, bucket_cap_mb: float = 25.0,
+                 overlap: bool = True) -> None:
         super().__init__()
+        if mesh is not None:
+            if process_group is not None or dp_group is not None:
+                raise ValueError("pass either mesh= or process_group= (and "
+                                 "dp_group=), not both")
+            process_group, dp_group = mesh_groups(mesh)
+        if (isinstance(bucket_cap_mb, bool)
+                or not isinstance(bucket_cap_mb, (int, float))
+                or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0):
+            raise ValueError("bucket_cap_mb must be a positive number of "
+                             f"megabytes, got {bucket_cap_mb!r}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got "
+                            f"{type(overlap).__name__}")
         if process_group is None:
             if not dist.is_available() or not dist.is_initialized():
                 raise RuntimeError(
@@ -262,12 +296,25 @@ class DistributedGPipe(_Placed):
         self._ties = DistributedTies(groups, [n for n, _ in named], balance,
                                      rank, local, process_group,
                                      float(timeout))
+        self._replicas = None
+        self._overlap = overlap
+        if dp_group is not None:
+            self._replicas = Replicas(
+                process_group, dp_group, list(partition.parameters()),
+                list(partition.buffers()),
+                dict(balance=balance, chunks=chunks, checkpoint=checkpoint,
+                     schedule=schedule, layers=[n for n, _ in named],
+                     deferred_batch_norm=bool(deferred_batch_norm)),
+                float(timeout), float(idle_timeout), float(bucket_cap_mb))
         self._pipeline = _C._DistributedPipeline(
             process_group, partition, str(device), GPipe._hooks(partition),
             chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
             balance, skip_pop=[i for i, _ in skip_pop],
             skip_stash=[i for i, _ in skip_stash],
             skip_routes=[r for fr, to, _ in routes for r in (fr, to)])
+        if self._replicas is not None and overlap:
+            self._pipeline.set_before_last_backward(self._replicas.arm)
+            self._pipeline.set_after_backward(self._replicas.start_reduction)
         # This rank's layers, under their original names (state_dict keys as
         # the plain model's, for this slice); add_module() would refuse a
         # name that is an attribute of DistributedGPipe.
@@ -350,7 +397,17 @@ class DistributedGPipe(_Placed):
         raised there and makes every other rank raise at once.
         """
         with self._tied_step():
-            return self._step(input, target, loss_fn, reduction, count)
+            replicas = self._replicas
+            if replicas is None:
+                return self._step(input, target, loss_fn, reduction, count)
+            replicas.begin()
+            loss = error = None
+            try:
+                loss = self._step(input, target, loss_fn, reduction, count)
+            except BaseException as e:  # noqa: BLE001 - raised by end()
+                error = e
+            replicas.started_in_step = replicas.started
+            return replicas.end(loss, error, torch.is_grad_enabled())
 
     def _step(self, input: Optional[Tensors], target: Optional[Tensors],
               loss_fn: Callable[..., Tensor], reduction: Optional[str],
@@ -369,9 +426,25 @@ class DistributedGPipe(_Placed):
             # No loss_fn at all: the pipeline reports it, on every rank.
             reduction, count = (("mean", None) if loss_fn is None else
                                 plan_loss(loss_fn, target, reduction, count))
+            total = (local_count(target, reduction, count, self._chunks)
+                     if self._replicas is not None and loss_fn is not None
+                     else 0.0)
         except (TypeError, ValueError) as e:
             mistake = e
         else:
+            mistake = None
+        if self._replicas is not None:
+            # Every replica's last rank takes part, a failed one too.
+            whole, other, kind = self._replicas.pre_step(total if mistake is
+                                                         None else 0.0, mistake)
+            if other is not None and mistake is None:
+                self._pipeline.step(first_input, None, None, "mean",
+                                    training=self.training, error=other,
+                                    error_type=kind)
+            if mistake is None and reduction == "mean" and loss_fn is not None:
+                loss_fn = scaled_loss(loss_fn, total / whole if whole > 0
+                                      else math.nan)
+        if mistake is None:
             return self._pipeline.step(first_input, target, loss_fn,
                                        reduction, count=count,
                                        training=self.training)
@@ -398,6 +471,11 @@ class DistributedGPipe(_Placed):
         its next forward (use ``torch.no_grad()`` for evaluation). In eval
         mode nothing is checkpointed.
         """
+        if self._replicas is not None:
+            raise ValueError("DistributedGPipe with data-parallel replicas "
+                             "runs through step() only (module-style "
+                             "forward/backward is not supported with mesh= "
+                             "or dp_group=)")
         ties = self._ties
         if not ties:
             return self._pipeline.forward(input if self.is_first else None,
@@ -448,7 +526,27 @@ class DistributedGPipe(_Placed):
     def broken(self) -> bool:
         """True after a failure that left the process group in an unknown
         state (a timeout, a lost peer): destroy the group and restart."""
-        return self._pipeline.broken
+        return self._pipeline.broken or (self._replicas is not None
+                                         and self._replicas.broken)
+
+    def last_reductions(self) -> list:
+        """The gradient sums over the replicas in the last step: (bucket,
+        start_ns, end_ns), on the clock of :meth:`last_events`."""
+        return [] if self._replicas is None else self._replicas.last_events()
+
+    @property
+    def dp_group(self):
+        """The ranks running this rank's stage in every replica (None
+        without replicas)."""
+        return None if self._replicas is None else self._replicas.dp_group
+
+    @property
+    def coordinates(self) -> tuple:
+        """(dp, pp): this rank's replica and stage ((0, rank) without
+        replicas)."""
+        if self._replicas is None:
+            return (0, self._rank)
+        return (self._replicas.dp, self._rank)
 
     def last_events(self) -> list:
         """This rank's cells of the last step:

@@ -21,6 +21,7 @@
 #include <pipegear/detail/pipeline_node.h>
 #include <pipegear/distributed/detail/link.h>
 #include <pipegear/distributed/detail/protocol.h>
+#include <pipegear/distributed/detail/replicas.h>
 #include <pipegear/distributed/detail/transport.h>
 #include <pipegear/gpipe.h>
 #include <pipegear/microbatch.h>
@@ -34,9 +35,16 @@ namespace detail {
 
 class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
  public:
+  // `dp_group` (may be null): the replicas of this rank's stage, whose
+  // parameters and buffers are `module`'s, else `tensors` (a Python
+  // stage's: parameters, then buffers).
   DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                   std::shared_ptr<Stage> stage, torch::nn::Sequential module,
-                  DistributedOptions options);
+                  DistributedOptions options,
+                  c10::intrusive_ptr<c10d::ProcessGroup> dp_group = {},
+                  int64_t bucket_bytes = int64_t{25} << 20,
+                  std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>
+                      tensors = {});
 
   // `local_error`: this rank's mistake found before the step, if any: every
   // rank's call throws at once (see Protocol::lead).
@@ -55,10 +63,20 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
 
   int64_t rank() const { return link_.rank(); }
   int64_t world() const { return link_.world(); }
+  int64_t replica() const { return replicas_ ? replicas_->replica() : 0; }
+  int64_t replicas() const { return replicas_ ? replicas_->replicas() : 1; }
   const DistributedOptions& options() const { return options_; }
   const std::shared_ptr<Stage>& stage() const { return stage_; }
   torch::nn::Sequential module() const { return module_; }
-  bool broken() const { return link_.broken(); }
+  bool broken() const { return link_.broken() || (replicas_ && replicas_->broken()); }
+  void set_after_backward(std::function<void()> hook) {
+    std::lock_guard<std::mutex> call(call_mutex_);
+    after_backward_ = std::move(hook);
+  }
+  void set_before_last_backward(std::function<void()> hook) {
+    std::lock_guard<std::mutex> call(call_mutex_);
+    before_last_backward_ = std::move(hook);
+  }
   std::vector<TraceEvent> last_events() const {
     std::lock_guard<std::mutex> lock(events_mutex_);
     return events_;
@@ -66,6 +84,10 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
 
  private:
   bool is_last() const { return rank() + 1 == world(); }
+  // One step of this pipeline (step() without the replicas).
+  torch::Tensor run_step(const Batch& input, const Batch& target,
+                         const LossFn& loss_fn, const StepOptions& options,
+                         std::exception_ptr local_error);
   // The start of a step (Protocol::lead / follow): the header every rank
   // agrees on, and the step's state. A rank whose own call disagrees with
   // the header keeps the error in the state's pre_error and fails the step
@@ -99,6 +121,10 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
 
   std::unique_ptr<TiedAcrossRanks> ties_;  // null: none
 
+  std::function<void()> after_backward_;  // set_after_backward
+  std::function<void()> before_last_backward_;  // set_before_last_backward
+  std::unique_ptr<Replicas> replicas_;    // null without a dp group
+  int64_t last_origin_ = -1;  // the pipeline rank that failed the last step
   std::mutex call_mutex_;  // one call (step, forward, drain) at a time
   std::weak_ptr<StepState> undrained_;  // module style: fill done, drain not
   torch::Tensor placeholder_;           // module style: for backward()
@@ -271,7 +297,11 @@ struct RankStep : PendingStep {
 DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                                  std::shared_ptr<Stage> stage,
                                  torch::nn::Sequential module,
-                                 DistributedOptions options)
+                                 DistributedOptions options,
+                                 c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+                                 int64_t bucket_bytes,
+                                 std::pair<std::vector<torch::Tensor>,
+                                           std::vector<torch::Tensor>> tensors)
     : stage_(std::move(stage)),
       module_(std::move(module)),
       options_(checked(group, stage_, std::move(options))),
@@ -281,6 +311,15 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
       protocol_(link_, options_) {
   register_random_kernels();
   protocol_.connect();
+  if (dp_group) {
+    if (module_) {
+      tensors = {module_->parameters(), module_->buffers()};
+    }
+    replicas_ = std::make_unique<Replicas>(std::move(dp_group), rank(), world(),
+                                           std::move(tensors.first),
+                                           std::move(tensors.second), options_,
+                                           bucket_bytes);
+  }
 }
 
 void DistributedCore::tie(std::vector<TiedParameter> ties) {
@@ -338,6 +377,7 @@ void DistributedCore::fail_early(StepState& state) {
     protocol_.post_agreement(state);
   }
   protocol_.fail(state, state.pre_error, /*forward=*/true, /*backward=*/step);
+  last_origin_ = state.origin;
   protocol_.agree(state, state.pre_error, torch::Tensor(), step ? "step" : "forward");
   std::rethrow_exception(state.pre_error);  // agree rethrows it already
 }
@@ -354,7 +394,19 @@ std::exception_ptr DistributedCore::run_cells(StepState& state, bool forward,
       protocol_.post_agreement(state);  // NCCL: in order, see Protocol::agree
     }
     state.transport->begin_pass(cells, forward, backward && run.grad);
+    // The last backward cell: where this rank's gradients become final.
+    size_t last_backward = cells.size();
+    if (backward && run.grad && before_last_backward_) {
+      for (size_t i = 0; i < cells.size(); ++i) {
+        if (cells[i].phase == Phase::kBackward) {
+          last_backward = i;
+        }
+      }
+    }
     for (size_t i = 0; i < cells.size(); ++i) {
+      if (i == last_backward) {
+        before_last_backward_();
+      }
       runner_.run(run, *state.transport, cells, i, forward, backward);
     }
   } catch (...) {
@@ -387,6 +439,66 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
                                     const LossFn& loss_fn,
                                     const StepOptions& options,
                                     std::exception_ptr local_error) {
+  if (!replicas_) {
+    return run_step(input, target, loss_fn, options, local_error);
+  }
+  const bool grad = c10::GradMode::is_enabled();
+  replicas_->begin();
+  // The last stages weigh their replica's mean loss by its share of the
+  // global count; a failure before the step is shared with the replicas.
+  LossFn scaled;  // outlives the step: the run keeps a pointer to it
+  const LossFn* fn = &loss_fn;
+  if (is_last()) {
+    std::exception_ptr mine = local_error;
+    double local = 0;
+    if (!mine && loss_fn) {
+      try {
+        local = local_count(target, options_.chunks(), options);
+      } catch (...) {
+        mine = std::current_exception();
+      }
+    }
+    std::exception_ptr other;
+    const double share = replicas_->exchange_count(local, mine, other);
+    local_error = mine ? mine : other;
+    if (!local_error && loss_fn && options.reduction() == LossReduction::kMean &&
+        share != 1.0) {
+      scaled = [&loss_fn, share](const Batch& y, const Batch& t) {
+        if (share == 0.0) {
+          // Nothing of this replica's batch counts: its mean is 0/0, whose
+          // gradient (nan) would poison the sum; its share is a zero still
+          // attached to the output.
+          torch::Tensor zero;
+          for (const auto& o : y) {
+            if (o.defined() && o.is_floating_point()) {
+              auto term = o.sum() * 0.0;
+              zero = zero.defined() ? zero + term : term;
+            }
+          }
+          if (zero.defined()) {
+            return zero;
+          }
+        }
+        return loss_fn(y, t) * share;
+      };
+      fn = &scaled;
+    }
+  }
+  torch::Tensor loss;
+  std::exception_ptr error;
+  last_origin_ = -1;
+  try {
+    loss = run_step(input, target, *fn, options, local_error);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  return replicas_->end(loss, error, error ? last_origin_ : -1, grad);
+}
+
+torch::Tensor DistributedCore::run_step(const Batch& input, const Batch& target,
+                                        const LossFn& loss_fn,
+                                        const StepOptions& options,
+                                        std::exception_ptr local_error) {
   std::lock_guard<std::mutex> call(call_mutex_);
   if (is_last() && !loss_fn && !local_error) {
     try {
@@ -417,6 +529,19 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
   if (!error) {
     error = run_cells(*state, /*forward=*/true, /*backward=*/run.grad);
   }
+  if (!error && run.grad && (after_backward_ || replicas_)) {
+    // This rank's gradients are complete; the others may still drain.
+    try {
+      if (replicas_) {
+        replicas_->start();
+      }
+      if (after_backward_) {
+        after_backward_();
+      }
+    } catch (...) {
+      error = std::current_exception();  // nothing owed any more
+    }
+  }
   if (!error) {
     try {
       if (rank() == 0 && run.grad) {
@@ -431,6 +556,11 @@ torch::Tensor DistributedCore::step(const Batch& input, const Batch& target,
     }
   }
   // Every rank learns who failed, and the loss of the last rank.
+  last_origin_ = error ? (state->origin >= 0 ? state->origin : rank()) : -1;
+  if (error && state->transport->kind == FailKind::kComm &&
+      state->transport->lost_peer >= 0) {
+    last_origin_ = state->transport->lost_peer;  // the replicas name it
+  }
   const auto [value, dtype] = protocol_.agree(*state, error, loss, "step");
   tied.commit(run.grad);  // every rank's drain succeeded: sum (collective)
   runner_.end_forward();  // every rank succeeded: commit (DeferredBatchNorm)
@@ -449,6 +579,9 @@ Batch DistributedCore::forward(const Batch& input, bool training,
   Batch out;
   {
     std::lock_guard<std::mutex> call(call_mutex_);
+    TORCH_CHECK_VALUE(!replicas_, "a pipeline with data-parallel replicas "
+                      "runs through step() only (module-style forward is not "
+                      "supported with a dp group)");
     TORCH_CHECK_VALUE(options_.schedule() == ScheduleKind::kGPipe,
                       "module-style forward needs a fill/drain schedule "
                       "('gpipe'); '1f1b', 'zb-h1', 'zb-h2' and 'interleaved' "
@@ -594,9 +727,20 @@ DistributedPipeline::DistributedPipeline(
                               .schedule(options.schedule())
                               .timeout(timeout)) {}
 
-DistributedPipeline::DistributedPipeline(
-    c10::intrusive_ptr<c10d::ProcessGroup> group,
-    const torch::nn::Sequential& model, DistributedOptions options) {
+namespace {
+
+// This rank's slice and stage, from the whole model or the factories.
+struct Slice {
+  torch::nn::Sequential part;
+  std::shared_ptr<Stage> stage;
+  // Parameters this rank shares with others (the Sequential form only:
+  // factories build each rank's layers apart).
+  std::vector<detail::TiedParameter> ties;
+};
+
+// Sets the options' skip routes when they are not given.
+Slice slice_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                  const torch::nn::Sequential& model, DistributedOptions& options) {
   detail::check_group(group, options);
   TORCH_CHECK_VALUE(model && !model->is_empty(),
                     "the module to pipeline must be a non-empty Sequential");
@@ -628,14 +772,12 @@ DistributedPipeline::DistributedPipeline(
                                            group->getRank());
   auto stage = detail::make_stage(part, *group, options,
                                   std::move(layout[group->getRank()]));
-  core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(stage), part, std::move(options));
-  core_->tie(std::move(ties));
+  return {part, std::move(stage), std::move(ties)};
 }
 
-DistributedPipeline::DistributedPipeline(
-    c10::intrusive_ptr<c10d::ProcessGroup> group,
-    const std::vector<LayerFactory>& layers, DistributedOptions options) {
+Slice slice_factories(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                      const std::vector<LayerFactory>& layers,
+                      const DistributedOptions& options) {
   detail::check_group(group, options);
   TORCH_CHECK_VALUE(!layers.empty(), "the pipeline needs at least 1 layer factory");
   TORCH_CHECK_VALUE(!options.balance().empty(), "the factory form needs "
@@ -649,8 +791,69 @@ DistributedPipeline::DistributedPipeline(
     return layer;
   });
   auto stage = detail::make_stage(part, *group, options);
+  return {part, std::move(stage)};
+}
+
+} // namespace
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    const torch::nn::Sequential& model, DistributedOptions options) {
+  auto slice = slice_model(group, model, options);
   core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(stage), part, std::move(options));
+      std::move(group), std::move(slice.stage), slice.part, std::move(options));
+  core_->tie(std::move(slice.ties));
+}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    const std::vector<LayerFactory>& layers, DistributedOptions options) {
+  auto slice = slice_factories(group, layers, options);
+  core_ = std::make_shared<detail::DistributedCore>(
+      std::move(group), std::move(slice.stage), slice.part, std::move(options));
+}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+    const std::vector<LayerFactory>& layers, DistributedOptions options,
+    int64_t bucket_bytes) {
+  TORCH_CHECK_VALUE(dp_group, "DistributedPipeline needs a dp group, got null");
+  auto slice = slice_factories(group, layers, options);
+  core_ = std::make_shared<detail::DistributedCore>(
+      std::move(group), std::move(slice.stage), slice.part, std::move(options),
+      std::move(dp_group), bucket_bytes);
+}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+    const torch::nn::Sequential& model, DistributedOptions options,
+    int64_t bucket_bytes) {
+  TORCH_CHECK_VALUE(dp_group, "DistributedPipeline needs a dp group, got null");
+  auto slice = slice_model(group, model, options);
+  // Both set a tied parameter's gradient aside around a step; how the two
+  // compose is not built (the Python face ties with replicas).
+  TORCH_CHECK_VALUE(slice.ties.empty(), "parameter '", slice.ties.empty() ? ""
+                    : slice.ties.front().name, "' is held by several ranks "
+                    "(tied): the C++ DistributedPipeline does not tie "
+                    "parameters across ranks together with replicas (a dp "
+                    "group); use the Python DistributedGPipe");
+  core_ = std::make_shared<detail::DistributedCore>(
+      std::move(group), std::move(slice.stage), slice.part, std::move(options),
+      std::move(dp_group), bucket_bytes);
+}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    c10::intrusive_ptr<c10d::ProcessGroup> dp_group, std::shared_ptr<Stage> stage,
+    std::vector<torch::Tensor> parameters, std::vector<torch::Tensor> buffers,
+    DistributedOptions options, int64_t bucket_bytes) {
+  TORCH_CHECK_VALUE(dp_group, "DistributedPipeline needs a dp group, got null");
+  core_ = std::make_shared<detail::DistributedCore>(
+      std::move(group), std::move(stage), nullptr, std::move(options),
+      std::move(dp_group), bucket_bytes,
+      std::make_pair(std::move(parameters), std::move(buffers)));
 }
 
 DistributedPipeline::~DistributedPipeline() = default;
@@ -681,6 +884,8 @@ void DistributedPipeline::backward() { core_->backward(); }
 
 int64_t DistributedPipeline::rank() const { return core_->rank(); }
 int64_t DistributedPipeline::world_size() const { return core_->world(); }
+int64_t DistributedPipeline::replica() const { return core_->replica(); }
+int64_t DistributedPipeline::replicas() const { return core_->replicas(); }
 const DistributedOptions& DistributedPipeline::options() const {
   return core_->options();
 }
@@ -691,6 +896,12 @@ torch::nn::Sequential DistributedPipeline::module() const {
   return core_->module();
 }
 bool DistributedPipeline::broken() const { return core_->broken(); }
+void DistributedPipeline::set_after_backward(std::function<void()> hook) {
+  core_->set_after_backward(std::move(hook));
+}
+void DistributedPipeline::set_before_last_backward(std::function<void()> hook) {
+  core_->set_before_last_backward(std::move(hook));
+}
 std::vector<TraceEvent> DistributedPipeline::last_events() const {
   return core_->last_events();
 }

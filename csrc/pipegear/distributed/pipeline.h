@@ -78,6 +78,33 @@ class DistributedPipeline {
   DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
                       const std::vector<LayerFactory>& layers,
                       DistributedOptions options);
+  /// One replica of R on a pp x dp mesh (docs/distributed.md, "Replicas"):
+  /// `group` runs this replica's pipeline (rank r = stage r), `dp_group`
+  /// holds the ranks running this rank's stage in every replica (replica
+  /// d = rank d; see init_mesh_from_env). Replica 0's parameters and
+  /// buffers are broadcast at construction; step() returns the loss of
+  /// the global batch (every replica's), the step's gradients summed over
+  /// the replicas (started after this rank's last backward cell, in
+  /// buckets of `bucket_bytes`), and raises on every rank of the mesh when
+  /// any fails. Step style only.
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+                      const std::vector<LayerFactory>& layers,
+                      DistributedOptions options,
+                      int64_t bucket_bytes = int64_t{25} << 20);
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+                      const torch::nn::Sequential& model,
+                      DistributedOptions options,
+                      int64_t bucket_bytes = int64_t{25} << 20);
+  /// A ready-made stage as a replica: `parameters` and `buffers` are the
+  /// stage's (what the replicas make equal and sum the gradients of).
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
+                      std::shared_ptr<Stage> stage,
+                      std::vector<torch::Tensor> parameters,
+                      std::vector<torch::Tensor> buffers, DistributedOptions options,
+                      int64_t bucket_bytes = int64_t{25} << 20);
   ~DistributedPipeline();
   DistributedPipeline(const DistributedPipeline&) = delete;
   DistributedPipeline& operator=(const DistributedPipeline&) = delete;
@@ -119,6 +146,9 @@ class DistributedPipeline {
 
   int64_t rank() const;
   int64_t world_size() const;
+  /// This rank's replica and the number of replicas (0 and 1 without).
+  int64_t replica() const;
+  int64_t replicas() const;
   bool is_first() const { return rank() == 0; }
   bool is_last() const { return rank() + 1 == world_size(); }
   const DistributedOptions& options() const;
@@ -128,6 +158,17 @@ class DistributedPipeline {
   /// This rank's slice (Sequential and factory constructors; null
   /// otherwise). Its parameters() are what this rank's optimizer updates.
   torch::nn::Sequential module() const;
+  /// Called on the calling thread in every step with a graph, as soon as
+  /// this rank's last backward cell has run (its parameters' gradients of
+  /// the step are complete) while the other ranks may still drain: where a
+  /// data-parallel reduction of this stage's gradients starts (replicas).
+  /// If it throws, this rank's step fails (on every rank). Empty: none.
+  void set_after_backward(std::function<void()> hook);
+  /// Called on the calling thread just before this rank's last backward
+  /// cell of a step with a graph: from then on every gradient accumulated
+  /// into a parameter is its last of the step (a reduction may start
+  /// bucket by bucket within the cell). Empty: none.
+  void set_before_last_backward(std::function<void()> hook);
   /// True after a failure that left the transport in an unknown state.
   bool broken() const;
   /// This rank's cells of the last step (stage = rank).
@@ -136,6 +177,23 @@ class DistributedPipeline {
  private:
   std::shared_ptr<detail::DistributedCore> core_;
 };
+
+/// This rank's groups of a pp x dp mesh (init_mesh_from_env).
+struct MeshGroups {
+  c10::intrusive_ptr<c10d::ProcessGroup> pp;  // this replica's pipeline
+  c10::intrusive_ptr<c10d::ProcessGroup> dp;  // this stage's replicas
+  int64_t replica = 0;
+  int64_t replicas = 1;
+  int64_t stage = 0;
+};
+
+/// The groups of replicas of a `stages`-stage pipeline from torchrun's
+/// environment: global rank g is replica g / stages, stage g % stages
+/// (WORLD_SIZE must be a multiple of stages). Each rank makes only its own
+/// two groups, over one TCPStore served by rank 0.
+MeshGroups init_mesh_from_env(int64_t stages, const std::string& backend = "gloo",
+                              std::chrono::milliseconds timeout =
+                                  std::chrono::seconds(60));
 
 /// Creates a process group from torchrun's environment (RANK, WORLD_SIZE,
 /// MASTER_ADDR, MASTER_PORT): a TCPStore served by rank 0 and a Gloo

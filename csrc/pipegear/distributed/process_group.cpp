@@ -47,8 +47,16 @@ class TORCH_API ProcessGroupGloo : public Backend {
 
 namespace pipegear {
 
-c10::intrusive_ptr<c10d::ProcessGroup> init_process_group_from_env(
-    const std::string& backend, std::chrono::milliseconds timeout) {
+namespace {
+
+struct Env {
+  int64_t rank;
+  int64_t world;
+  c10::intrusive_ptr<c10d::Store> tcp;
+};
+
+// torchrun's environment and the TCPStore served by rank 0.
+Env from_env(const std::string& backend, std::chrono::milliseconds timeout) {
   auto env = [](const char* name) -> std::string {
     const char* v = std::getenv(name);
     TORCH_CHECK_VALUE(v != nullptr && *v != '\0', "init_process_group_from_env "
@@ -82,18 +90,22 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_process_group_from_env(
   opts.numWorkers = static_cast<size_t>(world);
   opts.waitWorkers = true;
   opts.timeout = timeout;
-  auto tcp = c10::make_intrusive<c10d::TCPStore>(host, opts);
-  auto store = c10::make_intrusive<c10d::PrefixStore>("pipegear/", tcp);
-  auto group = c10::make_intrusive<c10d::ProcessGroup>(
-      store, static_cast<int>(rank), static_cast<int>(world));
+  return {rank, world, c10::make_intrusive<c10d::TCPStore>(host, opts)};
+}
 
+// A group of `size` ranks over `store` (a prefix of its own).
+c10::intrusive_ptr<c10d::ProcessGroup> make_group(
+    const c10::intrusive_ptr<c10d::Store>& store, int64_t rank, int64_t size,
+    const std::string& backend, std::chrono::milliseconds timeout) {
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(
+      store, static_cast<int>(rank), static_cast<int>(size));
   if (backend == "gloo") {
 #ifdef USE_C10D_GLOO
     // Devices as torch.distributed picks them: GLOO_SOCKET_IFNAME, else the
     // address of this host's name, else loopback.
     auto options = c10d::ProcessGroupGloo::Options::create_default(timeout);
     auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
-        store, static_cast<int>(rank), static_cast<int>(world), options);
+        store, static_cast<int>(rank), static_cast<int>(size), options);
     auto as_backend = c10::static_intrusive_pointer_cast<c10d::Backend>(gloo);
     group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
     group->setBackend(c10::DeviceType::CPU,
@@ -109,7 +121,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_process_group_from_env(
   auto options = c10d::ProcessGroupNCCL::Options::create();
   options->timeout = timeout;
   auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
-      store, static_cast<int>(rank), static_cast<int>(world), options);
+      store, static_cast<int>(rank), static_cast<int>(size), options);
   group->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
   group->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL,
                     c10::static_intrusive_pointer_cast<c10d::Backend>(nccl));
@@ -120,6 +132,35 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_process_group_from_env(
                     "the group with torch.distributed in Python instead, or "
                     "use 'gloo'");
 #endif
+}
+
+} // namespace
+
+c10::intrusive_ptr<c10d::ProcessGroup> init_process_group_from_env(
+    const std::string& backend, std::chrono::milliseconds timeout) {
+  const auto env = from_env(backend, timeout);
+  auto store = c10::make_intrusive<c10d::PrefixStore>("pipegear/", env.tcp);
+  return make_group(store, env.rank, env.world, backend, timeout);
+}
+
+MeshGroups init_mesh_from_env(int64_t stages, const std::string& backend,
+                              std::chrono::milliseconds timeout) {
+  const auto env = from_env(backend, timeout);
+  TORCH_CHECK_VALUE(stages >= 1 && env.world % stages == 0, "init_mesh_from_env: ",
+                    env.world, " ranks (WORLD_SIZE) do not make replicas of ",
+                    stages, " stages");
+  MeshGroups m;
+  m.replicas = env.world / stages;
+  m.replica = env.rank / stages;
+  m.stage = env.rank % stages;
+  // Each rank makes only its two groups, each over a prefix of its own.
+  m.pp = make_group(c10::make_intrusive<c10d::PrefixStore>(
+                        "pipegear/pp/" + std::to_string(m.replica) + "/", env.tcp),
+                    m.stage, stages, backend, timeout);
+  m.dp = make_group(c10::make_intrusive<c10d::PrefixStore>(
+                        "pipegear/dp/" + std::to_string(m.stage) + "/", env.tcp),
+                    m.replica, m.replicas, backend, timeout);
+  return m;
 }
 
 } // namespace pipegear

@@ -114,6 +114,7 @@ void C10dTransport::poisoned(Poison p, const std::string& what) {
 void C10dTransport::lost(int64_t peer) {
   if (kind == FailKind::kNone) {
     kind = FailKind::kComm;
+    lost_peer = peer;
   }
   bad_peers_.insert(peer);
 }

@@ -98,6 +98,7 @@ class C10dTransport final : public Transport {
   int64_t origin = -1;       // kPeer: the rank that failed first
   bool peer_broken = false;  // kPeer: its transport is in an unknown state
   std::string peer_text;     // kPeer: its error
+  int64_t lost_peer = -1;    // kComm: the first peer this rank lost
 
  private:
   static constexpr int kPrepost = 2;
