@@ -63,3 +63,12 @@ def run_ranks(script: str, world: int, out: "os.PathLike[str]", *extra: str,
         with open(os.path.join(out, f"rank{r}.json")) as f:
             reports.append(json.load(f))
     return reports
+
+
+def launch_kind(script: str, kind: str, world: int, out: str, **options
+                ) -> tuple[list[Optional[int]], list[str]]:
+    """``script KIND RANK WORLD PORT OUT`` as `world` ranks: the form of
+    the test files whose worker runs one of several kinds of work
+    (options: those of :func:`launch`)."""
+    return launch(script, world, lambda r, port: [kind, r, world, port, out],
+                  **options)

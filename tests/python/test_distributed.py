@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from ranks import launch
+from ranks import launch_kind
 
 D, H, O = 6, 8, 3
 
@@ -568,9 +568,8 @@ def _mismatches(rank, world):
 def _launch(kind, world, out, env_extra=None, timeout=120, wait_for=None):
     """Starts `world` ranks of this file; waits for all of them, or only for
     the ranks in `wait_for` (the others are killed afterwards)."""
-    return launch(__file__, world,
-                  lambda r, port: [kind, r, world, port, out],
-                  timeout=timeout, env_extra=env_extra, wait_for=wait_for)
+    return launch_kind(__file__, kind, world, out, timeout=timeout,
+                       env_extra=env_extra, wait_for=wait_for)
 
 
 def _reference(c):

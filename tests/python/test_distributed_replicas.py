@@ -9,8 +9,6 @@ rank; one launch runs every configuration of its layouts in a row.
 import functools
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -18,6 +16,8 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ranks import launch_kind
 
 D, H, C = 5, 7, 4
 STEPS = 3
@@ -301,36 +301,10 @@ def worker_mistake(rank, world, port, out):
 
 
 # ------------------------------------------------------------------ tests
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(kind, world, out, env_extra=None, timeout=240, wait_for=None):
-    import pipegear
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(pipegear.__file__)),
-         env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(env_extra or {})
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, kind, str(r), str(world), str(port), out],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for r in range(world)]
-    logs = [""] * world
-    try:
-        for r in (range(world) if wait_for is None else wait_for):
-            logs[r] = procs[r].communicate(timeout=timeout)[0].decode(
-                errors="replace")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [p.returncode for p in procs], logs
+def _launch(kind, world, out, env_extra=None, **options):
+    options.setdefault("timeout", 240)
+    return launch_kind(__file__, kind, world, out, env_extra=env_extra,
+                       **options)
 
 
 def _reference(c, R):

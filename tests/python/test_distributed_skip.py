@@ -11,13 +11,13 @@ This file is also the worker script: ``python test_distributed_skip.py
 KIND RANK WORLD PORT OUT``.
 """
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 from torch import nn
+
+from ranks import launch_kind
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_skip import WIDTH, down, jumps, resnet, unet, up  # noqa: E402
@@ -140,35 +140,9 @@ def worker_fail(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(kind, world, out, timeout=240):
-    import pipegear
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(pipegear.__file__)),
-         env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, kind, str(r), str(world), str(port), out],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for r in range(world)]
-    logs = [""] * world
-    try:
-        for r in range(world):
-            logs[r] = procs[r].communicate(timeout=timeout)[0].decode(
-                errors="replace")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [p.returncode for p in procs], logs
+def _launch(kind, world, out, **options):
+    options.setdefault("timeout", 240)
+    return launch_kind(__file__, kind, world, out, **options)
 
 
 def reference(name, face):

@@ -413,60 +413,38 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
 }
 
 void CellRunner::backward(StepRun& run, Transport& transport, int64_t j) {
-  const int64_t s = index_;
-  const auto device = stage_->device();
-  auto& cell = run.cells[s][j];
-  if (cell.checkpointed) {
-    const int64_t recompute_start = now_ns();
-    // Recompute first: it needs no gradient, so it overlaps the wait. The
-    // cell's own random streams draw what its forward drew.
-    CellRandomness randomness(run.rng_seed, stream_key(), j);
-    CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
-    cell.outputs = apply(run, j, alias_leaves(cell.leaves));
-    run.events[s].push_back(
-        {s, j, Phase::kBackward, true, recompute_start, now_ns()});
-  }
-  Batch grads;
-  int64_t start = now_ns();
-  if (!is_last(run)) {
-    Message m = transport.recv_backward(s, j);
-    start = now_ns();
-    grads = copier_.receive(std::move(m), device, false);
-    receive_stash_grads(transport, j, grads);
-  } else if (run.loss_fn != nullptr) {
-    grads = {torch::ones_like(cell.outputs.front())};
-  } else {
-    grads = run.output_grads[j];
-    for (auto& g : grads) {
-      if (g.defined() && g.device() != device) {
-        g = copier_.copy_to(g, device, nullptr);
-      }
-    }
-  }
-  std::vector<torch::Tensor> outs, gs;
-  for (size_t i = 0; i < cell.outputs.size() && i < grads.size(); ++i) {
-    if (cell.outputs[i].defined() && cell.outputs[i].requires_grad() &&
-        grads[i].defined()) {
-      outs.push_back(cell.outputs[i]);
-      gs.push_back(grads[i]);
-    }
-  }
+  int64_t start = 0;
+  auto [outs, gs] = output_gradients(run, transport, j, start, Phase::kBackward);
   if (!outs.empty()) {
     torch::autograd::backward(outs, gs);
   }
-  Batch input_grads;
-  input_grads.reserve(cell.leaves.size());
-  for (const auto& leaf : cell.leaves) {
-    input_grads.push_back(leaf.requires_grad() ? leaf.grad() : torch::Tensor());
-  }
+  auto& cell = run.cells[index_][j];
+  Batch input_grads = leaf_grads(cell.leaves);
   cell = CellState{};
+  send_input_grads(run, transport, j, std::move(input_grads));
+  run.events[index_].push_back(
+      {index_, j, Phase::kBackward, false, start, now_ns()});
+}
+
+Batch CellRunner::leaf_grads(const Batch& leaves) {
+  Batch grads;
+  grads.reserve(leaves.size());
+  for (const auto& leaf : leaves) {
+    grads.push_back(leaf.requires_grad() ? leaf.grad() : torch::Tensor());
+  }
+  return grads;
+}
+
+void CellRunner::send_input_grads(StepRun& run, Transport& transport, int64_t j,
+                                  Batch input_grads) {
+  // The popped skips' gradients (the last ones) go to their stashing stage.
   send_pop_grads(transport, j, input_grads);
-  if (s == 0) {
+  if (index_ == 0) {
     run.input_grads[j] = std::move(input_grads);
   } else {
-    transport.send_backward(s, j, make_message(std::move(input_grads), device));
+    transport.send_backward(index_, j,
+                            make_message(std::move(input_grads), stage_->device()));
   }
-  run.events[s].push_back({s, j, Phase::kBackward, false, start, now_ns()});
 }
 
 // ---- split backward (B and W) ---------------------------------------------
@@ -571,17 +549,18 @@ std::unordered_map<Node*, bool> reaches(
 
 std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>
 CellRunner::output_gradients(StepRun& run, Transport& transport, int64_t j,
-                             int64_t& start) {
+                             int64_t& start, Phase phase) {
   const int64_t s = index_;
   const auto device = stage_->device();
   auto& cell = run.cells[s][j];
   if (cell.checkpointed) {
     const int64_t recompute_start = now_ns();
+    // Recompute first: it needs no gradient, so it overlaps the wait. The
+    // cell's own random streams draw what its forward drew.
     CellRandomness randomness(run.rng_seed, stream_key(), j);
     CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
     cell.outputs = apply(run, j, alias_leaves(cell.leaves));
-    run.events[s].push_back(
-        {s, j, Phase::kBackwardInput, true, recompute_start, now_ns()});
+    run.events[s].push_back({s, j, phase, true, recompute_start, now_ns()});
   }
   Batch grads;
   start = now_ns();
@@ -589,7 +568,7 @@ CellRunner::output_gradients(StepRun& run, Transport& transport, int64_t j,
     Message m = transport.recv_backward(s, j);
     start = now_ns();
     grads = copier_.receive(std::move(m), device, false);
-    // The gradients of the stashed skips are output gradients: B's.
+    // The stashed skips' gradients are output gradients (B's, when split).
     receive_stash_grads(transport, j, grads);
   } else if (run.loss_fn != nullptr) {
     grads = {torch::ones_like(cell.outputs.front())};
@@ -616,9 +595,9 @@ void CellRunner::backward_input(StepRun& run, Transport& transport,
                                 int64_t j) {
   namespace impl = torch::autograd::impl;
   const int64_t s = index_;
-  const auto device = stage_->device();
   int64_t start = 0;
-  auto [outs, gs] = output_gradients(run, transport, j, start);
+  auto [outs, gs] = output_gradients(run, transport, j, start,
+                                     Phase::kBackwardInput);
   auto& cell = run.cells[s][j];
 
   std::vector<torch::Tensor> inputs;
@@ -697,22 +676,12 @@ void CellRunner::backward_input(StepRun& run, Transport& transport,
       node->release_variables();
     }
   }
-  Batch input_grads;
-  input_grads.reserve(cell.leaves.size());
-  for (const auto& leaf : cell.leaves) {
-    input_grads.push_back(leaf.requires_grad() ? leaf.grad() : torch::Tensor());
-  }
+  Batch input_grads = leaf_grads(cell.leaves);
   cell = CellState{};
   if (keep_for_w) {
     cell.weight_grads = std::move(w);
   }
-  // The popped skips' gradients are input gradients: B's.
-  send_pop_grads(transport, j, input_grads);
-  if (s == 0) {
-    run.input_grads[j] = std::move(input_grads);
-  } else {
-    transport.send_backward(s, j, make_message(std::move(input_grads), device));
-  }
+  send_input_grads(run, transport, j, std::move(input_grads));
   run.events[s].push_back({s, j, Phase::kBackwardInput, false, start, now_ns()});
 }
 

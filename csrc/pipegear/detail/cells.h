@@ -97,11 +97,18 @@ class CellRunner {
   void send_stashed(Transport& transport, int64_t j, Batch& y);
   void receive_stash_grads(Transport& transport, int64_t j, Batch& grads);
   void send_pop_grads(Transport& transport, int64_t j, Batch& input_grads);
-  // B's first half: recomputes a checkpointed cell, receives the output
-  // gradients; returns the outputs that take one, with their gradients.
+  // The first half of a backward (whole, or B): recomputes a checkpointed
+  // cell (its trace event as `phase`), receives the output gradients (the
+  // stashed skips' too); returns the outputs that take one, with their
+  // gradients; `start`: when the wait for them ended.
   std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>
   output_gradients(StepRun& run, Transport& transport, int64_t j,
-                   int64_t& start);
+                   int64_t& start, Phase phase);
+  // The last half: the leaves' gradients, sent to the previous stage (or
+  // kept as the input's), the popped skips' to their stashing stage.
+  static Batch leaf_grads(const Batch& leaves);
+  void send_input_grads(StepRun& run, Transport& transport, int64_t j,
+                        Batch input_grads);
   int64_t stream_key() const;
 
   std::shared_ptr<Stage> stage_;
