@@ -170,10 +170,15 @@ void C10dTransport::send(int64_t dst, int64_t j, bool backward, const Batch& ten
       " of micro-batch " + std::to_string(j);
   link_.prune();
   Encoded e = encode_batch(tensors, seq_);
+  largest_sent_[backward] = std::max(largest_sent_[backward], e.total());
+  post_encoded(e, link_.capacity(backward, /*send=*/true), dst,
+               link_.tag_of(j, backward), what);
+}
+
+void C10dTransport::post_encoded(Encoded& e, int64_t cap, int64_t dst, int tag,
+                                 const std::string& what) {
   const int64_t base = e.base();
   const int64_t total = e.total();
-  largest_sent_[backward] = std::max(largest_sent_[backward], total);
-  const int64_t cap = link_.capacity(backward, /*send=*/true);
   const bool packed = total <= cap;
   e.words[0] = packed ? kPacked : kSpill;
   // The header region (and the payload, when packed), built on the CPU
@@ -189,7 +194,6 @@ void C10dTransport::send(int64_t dst, int64_t j, bool backward, const Batch& ten
                          torch::TensorOptions().dtype(torch::kUInt8).device(device()));
     write_payload(e, spill, 0);
   }
-  const int tag = link_.tag_of(j, backward);
   post(message, dst, tag, what);
   if (!packed) {
     post(spill, dst, tag, what);
@@ -290,26 +294,8 @@ void C10dTransport::send_skip_message(int64_t dst, int tag, const Batch& tensors
                                       const std::string& what) {
   link_.prune();
   Encoded e = encode_batch(tensors, seq_);
-  const int64_t base = e.base();
-  const int64_t total = e.total();
-  const int64_t cap = kHeaderBytes;
-  const bool packed = total <= cap;
-  e.words[0] = packed ? kPacked : kSpill;
-  const int64_t first = link_.nccl() ? cap : (packed ? total : base);
-  auto head = write_head(e.words, first, link_.nccl() ? first : base);
-  torch::Tensor message = device().is_cpu() ? head : head.to(device());
-  torch::Tensor spill;
-  if (packed) {
-    write_payload(e, message, base);
-  } else {
-    spill = torch::empty({e.payload},
-                         torch::TensorOptions().dtype(torch::kUInt8).device(device()));
-    write_payload(e, spill, 0);
-  }
-  post(message, dst, tag, what);
-  if (!packed) {
-    post(spill, dst, tag, what);
-  }
+  // A skip's messages have no grown capacity: the header's size.
+  post_encoded(e, kHeaderBytes, dst, tag, what);
 }
 
 Message C10dTransport::recv_skip_message(int64_t src, int tag,

@@ -140,6 +140,10 @@ class C10dTransport final : public Transport {
   void wait(const c10::intrusive_ptr<c10d::Work>& work, int64_t peer,
             const std::string& what);
   void post(const torch::Tensor& t, int64_t dst, int tag, const std::string& what);
+  // Posts an encoded batch: packed into one message of `cap` bytes when it
+  // fits, else the header then the payload (a spill).
+  void post_encoded(Encoded& e, int64_t cap, int64_t dst, int tag,
+                    const std::string& what);
   // A receive buffer of the link's capacity, posted for micro-batch j.
   Posted post_receive(int64_t src, int64_t j, bool backward, const std::string& what);
   void post_next(bool backward);
