@@ -46,6 +46,22 @@ void init_batchnorm(py::module_& m) {
       .def_readonly("micro_batches", &DeferredBatchNormStats::micro_batches)
       .def("empty", &DeferredBatchNormStats::empty)
       .def("reset", &DeferredBatchNormStats::reset)
+      .def(
+          "assign",
+          [](DeferredBatchNormStats& s, const std::optional<torch::Tensor>& sum,
+             const std::optional<torch::Tensor>& sum_squares, int64_t count,
+             int64_t micro_batches) {
+            // The statistics of several replicas summed (replicas.py).
+            TORCH_CHECK_VALUE(count >= 0 && micro_batches >= 0,
+                              "count and micro_batches must be >= 0, got ",
+                              count, " and ", micro_batches);
+            s.sum = value_or_undefined(sum);
+            s.sum_squares = value_or_undefined(sum_squares);
+            s.count = count;
+            s.micro_batches = micro_batches;
+          },
+          py::arg("sum"), py::arg("sum_squares"), py::arg("count"),
+          py::arg("micro_batches"))
       .def("__repr__",
            [](const DeferredBatchNormStats& s) {
              return "DeferredBatchNormStats(micro_batches=" +

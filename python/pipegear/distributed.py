@@ -306,8 +306,15 @@ class DistributedGPipe(_Placed):
                      schedule=schedule, layers=[n for n, _ in named],
                      deferred_batch_norm=bool(deferred_batch_norm)),
                 float(timeout), float(idle_timeout), float(bucket_cap_mb))
+            # Their statistics are summed over the replicas and committed
+            # once every replica's step succeeded (Replicas.end).
+            from pipegear.batchnorm import DeferredBatchNorm
+            self._replicas.batch_norms = [
+                m for m in partition.modules()
+                if isinstance(m, DeferredBatchNorm)]
         self._pipeline = _C._DistributedPipeline(
-            process_group, partition, str(device), GPipe._hooks(partition),
+            process_group, partition, str(device),
+            GPipe._hooks(partition, commit=self._replicas is None),
             chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
             balance, skip_pop=[i for i, _ in skip_pop],
             skip_stash=[i for i, _ in skip_stash],

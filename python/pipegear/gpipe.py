@@ -583,7 +583,13 @@ class GPipe(_Placed):
             part.training = training
 
     @staticmethod
-    def _hooks(part: nn.Module) -> Optional[Callable[[str], None]]:
+    def _hooks(part: nn.Module, commit: bool = True
+               ) -> Optional[Callable[[str], None]]:
+        """The stage's begin/end hook for its DeferredBatchNorm layers (None
+        without any): the accumulated statistics dropped before a step's
+        first forward, committed after the forwards of every stage
+        succeeded; `commit=False` leaves the commit to the caller (replicas
+        commit the statistics of the global batch)."""
         from pipegear.batchnorm import DeferredBatchNorm
 
         bns = [m for m in part.modules() if isinstance(m, DeferredBatchNorm)]
@@ -596,7 +602,7 @@ class GPipe(_Placed):
             for bn in bns:
                 if when == "begin":
                     bn.reset_accumulated()
-                else:
+                elif commit:
                     bn.commit()
 
         return hook

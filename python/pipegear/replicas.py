@@ -83,6 +83,7 @@ class Replicas:
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         self.params = params
+        self.batch_norms: list = []  # DeferredBatchNorm layers (distributed.py)
         self.broken = False
         self._stash: list = []
         self._pending: list = []  # (bucket, flat, work) in flight
@@ -345,10 +346,38 @@ class Replicas:
                     p.grad = flat[offset:offset + n].view_as(p).clone()
                     offset += n
         self._restore(stash)
+        self._commit_batch_norms()
         if loss is None:
             return None
         return torch.tensor(sum(e[2] for e in every), dtype=torch.float64
                             ).to(loss.dtype)
+
+    def _commit_batch_norms(self) -> None:
+        """After a step that succeeded on every replica: each
+        DeferredBatchNorm's statistics (per-channel sums and sums of
+        squares, counts) summed over the replicas, then committed, so that
+        every replica's running statistics are those of the global batch,
+        as the plain model's on it (the pipeline commits nothing itself
+        with replicas: GPipe._hooks(commit=False)). One all-reduce per layer,
+        in the same order on every replica, empty statistics as zeros."""
+        for bn in self.batch_norms:
+            stats = bn._stats
+            c = bn.num_features
+            flat = torch.zeros(2 * c + 2, dtype=torch.float64)
+            if not stats.empty():
+                flat[:c] = stats.sum.detach().double().cpu()
+                flat[c:2 * c] = stats.sum_squares.detach().double().cpu()
+            flat[2 * c] = stats.count
+            flat[2 * c + 1] = stats.micro_batches
+            self._wait(dist.all_reduce(flat, group=self.dp_group,
+                                       async_op=True),
+                       self.timeout, "the BatchNorm statistics")
+            if flat[2 * c + 1] == 0:
+                continue  # no replica accumulated (evaluation)
+            device = bn.running_mean.device
+            stats.assign(flat[:c].to(device), flat[c:2 * c].to(device),
+                         int(flat[2 * c]), int(flat[2 * c + 1]))
+            bn.commit()
 
     def _restore(self, stash: list) -> None:
         """Adds back the gradients set aside before the step."""

@@ -1,0 +1,88 @@
+"""DeferredBatchNorm with replicas: the running statistics are those of
+the global batch. K=2 stages x R=2 replicas with uneven batches (5 and 8
+rows), chunks 2, 4 processes over Gloo: after 3 steps the running mean,
+variance and count of the BatchNorm (the model's first layer, so its
+input is the data) equal nn.BatchNorm1d's run on the concatenated batches,
+on both replicas; every replica's statistics are the same.
+
+This file is also the worker script: ``python
+test_distributed_replicas_batchnorm.py RANK WORLD PORT OUT``.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from ranks import run_ranks
+
+K, R, STEPS, D = 2, 2, 3, 4
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.BatchNorm1d(D), nn.Linear(D, D), nn.Tanh(),
+                         nn.Linear(D, 1)).double()
+
+
+def batch(step, dp):
+    g = torch.Generator().manual_seed(10 * step + dp)
+    rows = 5 + 3 * dp  # uneven replicas
+    return (2 + 3 * torch.randn(rows, D, generator=g, dtype=torch.float64),
+            torch.randn(rows, 1, generator=g, dtype=torch.float64))
+
+
+def _worker(rank, world, port, out):
+    import datetime
+
+    import torch.distributed as dist
+
+    import pipegear
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    dp, pp = divmod(rank, K)
+    pp_groups = [dist.new_group([d * K + p for p in range(K)])
+                 for d in range(R)]
+    dp_groups = [dist.new_group([d * K + p for d in range(R)])
+                 for p in range(K)]
+    pipe = pipegear.DistributedGPipe(
+        model(), [2, 2], chunks=2, deferred_batch_norm=True, timeout=30.0,
+        process_group=pp_groups[dp], dp_group=dp_groups[pp])
+    opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, t = batch(step, dp)
+        opt.zero_grad()
+        pipe.step(x if pipe.is_first else None, t if pipe.is_last else None,
+                  nn.functional.mse_loss)
+        opt.step()
+    state = {k: v.tolist() for k, v in pipe.state_dict().items()
+             if k.startswith("0.") and "running" in k or "tracked" in k}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(state, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_running_statistics_are_those_of_the_global_batch(tmp_path):
+    reports = run_ranks(__file__, K * R, tmp_path, timeout=300)
+    bn = model()[0]
+    for step in range(STEPS):
+        bn(torch.cat([batch(step, dp)[0] for dp in range(R)]))
+    for dp in range(R):
+        state = reports[dp * K]  # the replica's first stage holds it
+        torch.testing.assert_close(
+            torch.tensor(state["0.running_mean"], dtype=torch.float64),
+            bn.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            torch.tensor(state["0.running_var"], dtype=torch.float64),
+            bn.running_var, rtol=1e-12, atol=1e-12)
+        assert state["0.num_batches_tracked"] == STEPS
+
+
+if __name__ == "__main__":
+    _worker(*map(int, sys.argv[1:4]), sys.argv[4])
