@@ -57,7 +57,8 @@ void init_distributed(py::module_& m) {
                        std::vector<int64_t> skip_routes,
                        const c10::intrusive_ptr<c10d::ProcessGroup>& dp_group,
                        std::vector<torch::Tensor> dp_parameters,
-                       std::vector<torch::Tensor> dp_buffers, int64_t bucket_bytes) {
+                       std::vector<torch::Tensor> dp_buffers, int64_t bucket_bytes,
+                       std::vector<std::string> skip_names) {
              TORCH_CHECK_VALUE(group, "process_group is None");
              TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
                                timeout);
@@ -72,6 +73,7 @@ void init_distributed(py::module_& m) {
              StageSkips skips;
              skips.pop = std::move(skip_pop);
              skips.stash = std::move(skip_stash);
+             skips.names = std::move(skip_names);
              auto stage = make_py_stage(module, c10::Device(device), hooks,
                                         rank, first_layer, std::move(skips));
              auto options = DistributedOptions()
@@ -105,7 +107,8 @@ void init_distributed(py::module_& m) {
            py::arg("dp_group") = nullptr,
            py::arg("dp_parameters") = std::vector<torch::Tensor>{},
            py::arg("dp_buffers") = std::vector<torch::Tensor>{},
-           py::arg("bucket_bytes") = int64_t{25} << 20)
+           py::arg("bucket_bytes") = int64_t{25} << 20,
+           py::arg("skip_names") = std::vector<std::string>{})
       .def(
           "step",
           [](DistributedPipeline& p, const py::object& input,

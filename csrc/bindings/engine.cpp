@@ -309,13 +309,17 @@ void init_engine(py::module_& m) {
              int64_t first_layer = 0;
              for (size_t i = 0; i < stages.size(); ++i) {
                const auto& s = stages[i];
-               TORCH_CHECK_VALUE(s.size() == 3 || s.size() == 5, "stage ", i,
+               TORCH_CHECK_VALUE(s.size() == 3 || s.size() == 5 || s.size() == 6,
+                                 "stage ", i,
                                  " must be (module, device, hooks[, popped "
-                                 "skip ids, stashed skip ids])");
+                                 "skip ids, stashed skip ids[, skip names]])");
                StageSkips skips;
-               if (s.size() == 5) {
+               if (s.size() >= 5) {
                  skips.pop = s[3].cast<std::vector<int64_t>>();
                  skips.stash = s[4].cast<std::vector<int64_t>>();
+               }
+               if (s.size() == 6) {
+                 skips.names = s[5].cast<std::vector<std::string>>();
                }
                built.push_back(make_py_stage(
                    s[0], c10::Device(s[1].cast<std::string>()), s[2],

@@ -71,10 +71,29 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
       TORCH_CHECK_VALUE(stages[s] != nullptr, "stage ", s, " is null");
     }
     skips_ = count_skips(stages);
+    // How errors name the skips (cells.h, skip_labels).
+    std::vector<std::string> names(skips_);
+    std::vector<int64_t> from(skips_, -1), to(skips_, -1);
+    for (size_t s = 0; s < stages.size(); ++s) {
+      const StageSkips& k = stages[s]->skips();
+      for (int64_t id : k.stash) {
+        from[id] = static_cast<int64_t>(s);
+      }
+      for (int64_t id : k.pop) {
+        to[id] = static_cast<int64_t>(s);
+      }
+      for (size_t id = 0; id < k.names.size() && id < names.size(); ++id) {
+        if (names[id].empty()) {
+          names[id] = k.names[id];
+        }
+      }
+    }
+    const auto labels = skip_labels(names, from, to, "stage");
     for (size_t s = 0; s < stages.size(); ++s) {
       TORCH_CHECK_VALUE(stages[s] != nullptr, "stage ", s, " is null");
       runners_.push_back(std::make_unique<CellRunner>(
           stages[s], static_cast<int64_t>(s)));
+      runners_.back()->set_skip_labels(labels);
     }
     int64_t cpu_workers = 0;
     for (int64_t d = 0; d < workers_count_; ++d) {

@@ -1,5 +1,6 @@
 #include <pipegear/stage.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -172,6 +173,14 @@ SequentialStage::SequentialStage(torch::nn::Sequential layers,
   TORCH_CHECK_VALUE(skips_.pop.size() == skip_keys_.pop.size() &&
                         skips_.stash.size() == skip_keys_.stash.size(),
                     "StageSkipKeys needs one id per key");
+  for (const auto& [ids, keys] : {std::pair(&skips_.pop, &skip_keys_.pop),
+                                  std::pair(&skips_.stash, &skip_keys_.stash)}) {
+    for (size_t i = 0; i < ids->size(); ++i) {
+      const auto id = static_cast<size_t>(std::max<int64_t>((*ids)[i], 0));
+      skips_.names.resize(std::max(skips_.names.size(), id + 1));
+      skips_.names[id] = (*keys)[i].second;
+    }
+  }
   for (const auto& layer : *layers_) {
     has_skippables_ = has_skippables_ ||
         dynamic_cast<const Skippable*>(layer.ptr().get()) != nullptr;

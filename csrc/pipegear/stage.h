@@ -20,6 +20,9 @@ namespace pipegear {
 struct StageSkips {
   std::vector<int64_t> pop;
   std::vector<int64_t> stash;
+  /// Optional, for error messages: skip names by id (any number of the
+  /// pipeline's skips; an empty or missing entry is "skip <id>").
+  std::vector<std::string> names;
   bool empty() const { return pop.empty() && stash.empty(); }
 };
 

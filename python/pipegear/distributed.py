@@ -318,7 +318,8 @@ class DistributedGPipe(_Placed):
             chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
             balance, skip_pop=[i for i, _ in skip_pop],
             skip_stash=[i for i, _ in skip_stash],
-            skip_routes=[r for fr, to, _ in routes for r in (fr, to)])
+            skip_routes=[r for fr, to, _ in routes for r in (fr, to)],
+            skip_names=[k[1] for _, _, k in routes])
         if self._replicas is not None and overlap:
             self._pipeline.set_before_last_backward(self._replicas.arm)
             self._pipeline.set_after_backward(self._replicas.start_reduction)

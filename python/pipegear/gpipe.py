@@ -544,8 +544,11 @@ class GPipe(_Placed):
         ties = Ties(find_ties(named, balance), devices, tied.needs_copy)
         for part, device in zip(partitions, devices):
             part.to(device)
+        # Skip names by id, for the engine's errors.
+        names = {i: key[1] for pops, stashes in layout for i, key in pops + stashes}
+        names = [names[i] for i in range(len(names))]
         stages = [(part, str(device), self._hooks(part),
-                   [i for i, _ in pops], [i for i, _ in stashes])
+                   [i for i, _ in pops], [i for i, _ in stashes], names)
                   for part, device, (pops, stashes)
                   in zip(partitions, devices, layout)]
         # The configuration lives in private fields behind read-only

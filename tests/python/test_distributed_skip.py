@@ -20,7 +20,9 @@ from torch import nn
 from ranks import launch_kind
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_skip import WIDTH, down, jumps, resnet, unet, up  # noqa: E402
+from test_skip import (WIDTH, add_into_pop, add_into_pop_of_input,  # noqa: E402
+                       down, identity_then_inplace_elsewhere, jumps,
+                       relu_after_stash, resnet, unet, up)
 
 MODELS = {"unet": unet, "resnet": resnet, "jumps": jumps}
 # (model, chunks, checkpoint, face, schedule)
@@ -140,6 +142,62 @@ def worker_fail(rank, world, port, out):
     dist.destroy_process_group()
 
 
+# In-place operations on memory a skip shares (test_skip.py): (model,
+# balance over 2 ranks, whether rank 1 raises).
+INPLACE = {
+    "relu_after_stash": (relu_after_stash, [2, 4], True),
+    "add_into_pop": (add_into_pop, [2, 3], True),
+    "relu_after_stash_same_rank": (relu_after_stash, [3, 3], False),
+    "add_into_pop_of_input": (add_into_pop_of_input, [2, 3], False),
+    "identity": (identity_then_inplace_elsewhere, [2, 5], False),
+}
+INPLACE_RUNS = [(name, checkpoint, face, schedule)
+                for name in INPLACE
+                for checkpoint in ["never", "always", "except_last"]
+                for face, schedule in [("module", "gpipe"), ("step", "gpipe"),
+                                       ("step", "1f1b")]]
+
+
+def worker_inplace(rank, world, port, out):
+    """Each run on a group of its own: a failed step with skips between
+    ranks leaves its pipeline (and messages on its group) behind."""
+    import pipegear
+    dist = _init(rank, world, port)
+    results = []
+    for name, checkpoint, face, schedule in INPLACE_RUNS:
+        make_model, balance, _ = INPLACE[name]
+        group = dist.new_group(list(range(world)))
+        torch.manual_seed(0)
+        pipe = pipegear.DistributedGPipe(
+            make_model(), balance, process_group=group, chunks=4,
+            checkpoint=checkpoint, schedule=schedule, timeout=60)
+        x, t = data()
+        x.requires_grad_(True)
+        record = {}
+        try:
+            if face == "step":
+                record["loss"] = pipe.step(x if rank == 0 else None,
+                                           t if rank == 1 else None,
+                                           nn.MSELoss()).detach()
+            else:
+                y = pipe(x if rank == 0 else None)
+                if rank == 1:
+                    record["output"] = y.detach()
+                    nn.functional.mse_loss(y, t).backward()
+                else:
+                    y.backward()
+            if rank == 0:
+                record["input_grad"] = x.grad
+            record["grads"] = {n: p.grad.clone()
+                               for n, p in pipe.named_parameters()}
+        except Exception as e:  # noqa: BLE001
+            record["error"] = f"{type(e).__name__}: {e}"
+        results.append(record)
+        del pipe
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
 def _launch(kind, world, out, **options):
     options.setdefault("timeout", 240)
     return launch_kind(__file__, kind, world, out, **options)
@@ -199,8 +257,48 @@ def test_a_failed_step_with_skips_across_ranks_breaks_the_pipeline(tmp_path):
         assert "destroy the group and start again" in second, second
 
 
+def test_inplace_on_memory_a_skip_shares_across_ranks(tmp_path):
+    """A rank that modifies in place memory a skip shares with the stash
+    layer's output raises ValueError naming the skip (the skip arrives as a
+    tensor of its own: the change would not reach it); the other ranks
+    raise too. In-place operations away from that memory match the plain
+    model."""
+    codes, logs = _launch("inplace", 2, str(tmp_path), timeout=400)
+    assert codes == [0, 0], "\n".join(logs)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for i, (name, checkpoint, face, schedule) in enumerate(INPLACE_RUNS):
+        make_model, _, raises = INPLACE[name]
+        run = (name, checkpoint, face, schedule)
+        first, last = ranks[0][i], ranks[1][i]
+        if raises:
+            assert "error" in first, run
+            text = last.get("error", "")
+            assert text.startswith("ValueError: "), (run, text)
+            assert "modified in place" in text, (run, text)
+            assert "skip 's' (stashed by rank 0, popped by rank 1)" in text, (
+                run, text)
+            continue
+        assert "error" not in first and "error" not in last, (run, first,
+                                                              last)
+        torch.manual_seed(0)
+        model = make_model()
+        x, t = data()
+        x.requires_grad_(True)
+        y = model(x)
+        loss = nn.functional.mse_loss(y, t)
+        loss.backward()
+        if face == "step":
+            torch.testing.assert_close(last["loss"], loss.detach())
+        else:
+            torch.testing.assert_close(last["output"], y.detach())
+        torch.testing.assert_close(first["input_grad"], x.grad)
+        grads = {**first["grads"], **last["grads"]}
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, msg=f"{run} {n}")
+
+
 if __name__ == "__main__":
     kind, rank, world, port, out = sys.argv[1:6]
     fn = {"compare": worker_compare, "backwards": worker_backwards,
-          "fail": worker_fail}[kind]
+          "fail": worker_fail, "inplace": worker_inplace}[kind]
     fn(int(rank), int(world), int(port), out)

@@ -466,3 +466,154 @@ def test_deepcopy_of_a_pipeline_with_skips():
     x = torch.randn(4, WIDTH)
     torch.testing.assert_close(twin(x), pipe(x))
 
+
+
+# ---- In-place operations on memory a skip shares (design decision 16) ----
+# Without a pipeline a skip and the stashing layer's output can be one
+# tensor: an in-place change of either reaches both. Across stages the skip
+# travels on its own, so a stage that would make such a change raises
+# ValueError naming the skip; anything else equals the plain model.
+
+@skippable(stash=["s"])
+class StashOut(nn.Module):
+    """torchgpipe's Identity: the skip is the layer's output."""
+
+    def forward(self, x):
+        yield stash("s", x)
+        return x
+
+
+@skippable(stash=["s"])
+class StashIn(nn.Module):
+    """The skip is the layer's input; the output is a new tensor."""
+
+    def forward(self, x):
+        yield stash("s", x)
+        return torch.tanh(x)
+
+
+@skippable(pop=["s"])
+class PopAdd(nn.Module):
+    def forward(self, x):
+        k = yield pop("s")
+        return x + k
+
+
+@skippable(pop=["s"])
+class PopAddInPlace(nn.Module):
+    def forward(self, x):
+        k = yield pop("s")
+        return k.add_(x)
+
+
+def linear():
+    return nn.Linear(WIDTH, WIDTH)
+
+
+def relu_after_stash():
+    """The skip is the stash layer's output; ReLU(inplace) modifies it."""
+    return nn.Sequential(linear(), StashOut(), nn.ReLU(inplace=True),
+                         linear(), PopAdd(), linear())
+
+
+def add_into_pop():
+    """The popping layer adds into the popped tensor, which is also the
+    stash layer's output."""
+    return nn.Sequential(linear(), StashOut(), Dense(), PopAddInPlace(),
+                         linear())
+
+
+def add_into_pop_of_input():
+    """The popping layer adds into the popped tensor, which is the stash
+    layer's input: it shares memory with nothing that left the stage."""
+    return nn.Sequential(linear(), StashIn(), linear(), PopAddInPlace(),
+                         linear())
+
+
+def identity_then_inplace_elsewhere():
+    """torchgpipe's residual: stash x and return x, in-place ReLUs only on
+    new tensors."""
+    return nn.Sequential(linear(), StashOut(), linear(),
+                         nn.ReLU(inplace=True), PopAdd(),
+                         nn.ReLU(inplace=True), linear())
+
+
+CHECKPOINTS = ["never", "always", "except_last"]
+
+
+@pytest.mark.parametrize("face,schedule", FACES, ids=lambda v: str(v))
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+@pytest.mark.parametrize("chunks", [1, 4])
+@pytest.mark.parametrize("make,balance,what", [
+    (relu_after_stash, [2, 4], "its input"),
+    (relu_after_stash, [2, 2, 2], "its input"),
+    (add_into_pop, [2, 1, 2], "the popped tensor of skip 's'"),
+    (add_into_pop, [2, 3], "skip 's'"),
+], ids=["relu-next-stage", "relu-middle-stage", "pop-later", "pop-next"])
+def test_inplace_on_memory_a_skip_shares_raises(make, balance, what, chunks,
+                                                checkpoint, face, schedule):
+    torch.manual_seed(0)
+    model = make()
+    before = copy.deepcopy(model.state_dict())
+    pipe = pipegear.GPipe(model, balance, chunks=chunks,
+                          checkpoint=checkpoint, schedule=schedule)
+    x, target = torch.randn(7, WIDTH), torch.randn(7, WIDTH)
+    with pytest.raises(ValueError) as info:
+        run_pipe(pipe, x, target, face)
+    text = str(info.value)
+    assert "modified in place" in text and what in text, text
+    assert "skip 's' (stashed by stage 0, popped by stage" in text, text
+    assert "x.clone()" in text, text
+    for name, value in pipe.state_dict().items():
+        torch.testing.assert_close(value, before[name])
+
+
+@pytest.mark.parametrize("face,schedule", FACES, ids=lambda v: str(v))
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+@pytest.mark.parametrize("chunks", [1, 4])
+@pytest.mark.parametrize("make,balance", [
+    # The in-place change inside the stashing stage: every later stage
+    # sees the changed tensor, as without a pipeline.
+    (relu_after_stash, [3, 3]),
+    (relu_after_stash, [4, 2]),
+    (relu_after_stash, [3, 1, 2]),
+    # A popped tensor that shares memory only with the stash layer's input.
+    (add_into_pop_of_input, [1, 2, 2]),
+    (add_into_pop_of_input, [1, 1, 1, 2]),
+    (identity_then_inplace_elsewhere, [2, 5]),
+    (identity_then_inplace_elsewhere, [3, 4]),
+    (identity_then_inplace_elsewhere, [2, 2, 1, 2]),
+])
+def test_inplace_away_from_shared_memory_matches(make, balance, chunks,
+                                                 checkpoint, face, schedule):
+    check_transparent(make, balance, chunks, checkpoint, face, schedule)
+
+
+def test_inplace_add_into_unshared_pop_repeatedly_exact():
+    """The popping stage's recomputation works on a copy of its leaves: its
+    in-place add must not reach the stash layer's input while that stage
+    recomputes (it raced before)."""
+    for _ in range(5):
+        for checkpoint in ["always", "except_last"]:
+            check_transparent(add_into_pop_of_input, [1, 2, 2], 4,
+                              checkpoint, "module", "gpipe")
+
+
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_inplace_and_skips_interleaved(chunks, checkpoint):
+    """Interleaved 1F1B, 4 partitions on 2 workers: the same refusals and
+    the same matches."""
+    for make, balance in [(relu_after_stash, [2, 1, 1, 2]),
+                          (add_into_pop, [2, 1, 1, 1])]:
+        pipe = pipegear.GPipe(make(), balance, chunks=chunks,
+                              checkpoint=checkpoint, schedule="interleaved",
+                              virtual_stages=2)
+        with pytest.raises(ValueError, match="skip 's' \\(stashed by stage 0"):
+            run_pipe(pipe, torch.randn(7, WIDTH), torch.randn(7, WIDTH),
+                     "step")
+    for make, balance in [(relu_after_stash, [3, 1, 1, 1]),
+                          (add_into_pop_of_input, [1, 2, 1, 1]),
+                          (identity_then_inplace_elsewhere, [2, 2, 1, 2])]:
+        check_transparent(make, balance, chunks, checkpoint, "step",
+                          "interleaved", virtual_stages=2)

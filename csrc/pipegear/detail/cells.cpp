@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -86,6 +87,49 @@ Batch alias_leaves(const Batch& leaves) {
   return out;
 }
 
+// The leaves of a recomputation that modifies its input in place: copies
+// (through autograd, so the leaves get their gradients), since the leaves'
+// memory may be another stage's too (a same-device message is not copied)
+// and that stage may still read it.
+Batch copied_leaves(const Batch& leaves) {
+  Batch out;
+  out.tuple = leaves.tuple;
+  out.reserve(leaves.size());
+  for (const auto& t : leaves) {
+    out.push_back(t.defined() ? t.clone() : t);
+  }
+  return out;
+}
+
+// Inference tensors have no version counter (and no graph to protect).
+int64_t version_of(const torch::Tensor& t) {
+  return t.defined() && !t.is_inference() ? static_cast<int64_t>(t._version()) : 0;
+}
+
+std::vector<int64_t> versions_of(const Batch& b) {
+  std::vector<int64_t> v;
+  v.reserve(b.size());
+  for (const auto& t : b) {
+    v.push_back(version_of(t));
+  }
+  return v;
+}
+
+bool any_shared(const std::vector<int64_t>& shared) {
+  return std::any_of(shared.begin(), shared.end(),
+                     [](int64_t id) { return id >= 0; });
+}
+
+// Whether a and b may share memory (when the layout makes it hard to tell,
+// they may).
+bool overlap(const torch::Tensor& a, const torch::Tensor& b) {
+  if (!a.defined() || !b.defined() || !a.has_storage() || !b.has_storage() ||
+      a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) {
+    return false;
+  }
+  return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
+}
+
 /// Inside a handler: rethrows the current exception as a StageError with
 /// `context`, the original nested, when it is a std::exception; anything
 /// else unchanged.
@@ -134,6 +178,25 @@ void in_context(Stage& stage, int64_t index, const Where& where, F f) {
 
 } // namespace
 
+std::vector<std::string> skip_labels(const std::vector<std::string>& names,
+                                     const std::vector<int64_t>& from,
+                                     const std::vector<int64_t>& to,
+                                     const std::string& unit) {
+  std::vector<std::string> labels(std::max(from.size(), to.size()));
+  for (size_t id = 0; id < labels.size(); ++id) {
+    const bool named = id < names.size() && !names[id].empty();
+    std::string& l = labels[id];
+    l = "skip " + (named ? "'" + names[id] + "'" : std::to_string(id));
+    const int64_t a = id < from.size() ? from[id] : -1;
+    const int64_t b = id < to.size() ? to[id] : -1;
+    if (a >= 0 && b >= 0) {
+      l += " (stashed by " + unit + " " + std::to_string(a) + ", popped by " +
+          unit + " " + std::to_string(b) + ")";
+    }
+  }
+  return labels;
+}
+
 Message Transport::recv_skip(int64_t, int64_t) { no_skips(); }
 void Transport::send_skip(int64_t, int64_t, Message) { no_skips(); }
 Message Transport::recv_skip_grad(int64_t, int64_t) { no_skips(); }
@@ -157,21 +220,107 @@ Batch CellRunner::call_stage(const Batch& x,
   return y;
 }
 
-void CellRunner::receive_popped(Transport& transport, int64_t j, Batch& x) {
+void CellRunner::receive_popped(Transport& transport, int64_t j, Batch& x,
+                                std::vector<int64_t>& shared) {
   for (int64_t id : stage_->skips().pop) {
-    Batch b = copier_.receive(transport.recv_skip(id, j), stage_->device(), true);
+    Message m = transport.recv_skip(id, j);
+    shared.push_back(m.shared.empty() ? -1 : m.shared.front());
+    Batch b = copier_.receive(std::move(m), stage_->device(), true);
     x.push_back(b.front());
   }
 }
 
-void CellRunner::send_stashed(Transport& transport, int64_t j, Batch& y) {
+void CellRunner::send_stashed(Transport& transport, int64_t j, Batch& y,
+                              std::vector<int64_t>& shared) {
   const auto& ids = stage_->skips().stash;
   const size_t first = y.size() - ids.size();
   for (size_t i = 0; i < ids.size(); ++i) {
-    transport.send_skip(ids[i], j,
-                        make_message(Batch({y[first + i]}, true), stage_->device()));
+    Message m = make_message(Batch({y[first + i]}, true), stage_->device());
+    if (shared[first + i] >= 0) {
+      m.shared = {shared[first + i]};
+    }
+    transport.send_skip(ids[i], j, std::move(m));
   }
   y.resize(first);
+  shared.resize(first);
+}
+
+std::string CellRunner::skip_label(int64_t id) const {
+  if (id >= 0 && id < static_cast<int64_t>(skip_labels_.size()) &&
+      !skip_labels_[id].empty()) {
+    return skip_labels_[id];
+  }
+  return "skip " + std::to_string(id);
+}
+
+// The plain model's aliasing cannot cross stages: a skip travels as a
+// tensor of its own (a copy between devices or ranks, a copy in a
+// checkpointed forward), so an in-place change of memory that a skip
+// shares with another tensor that left its stage would reach one and not
+// the other. The stage that would make it refuses (design decision 16).
+void CellRunner::check_shared_unmodified(const Batch& ran,
+                                         const std::vector<int64_t>& before,
+                                         const std::vector<int64_t>& shared,
+                                         int64_t j) const {
+  const auto& pops = stage_->skips().pop;
+  const size_t inputs = ran.size() - std::min(ran.size(), pops.size());
+  // Same-device aliases share a version counter: every alias of the
+  // memory looks modified, so all of them are named.
+  std::string what;
+  int64_t id = -1;
+  int64_t count = 0;
+  for (size_t i = 0; i < ran.size() && i < shared.size(); ++i) {
+    if (shared[i] < 0 || version_of(ran[i]) == before[i]) {
+      continue;
+    }
+    what += (what.empty() ? "" : ", ") +
+        (i < inputs ? "its input (tensor " + std::to_string(i) + ")"
+                    : "the popped tensor of " + skip_label(pops[i - inputs]));
+    id = id >= 0 ? id : shared[i];
+    ++count;
+  }
+  if (count > 1) {
+    what += " (one of them at least: aliases share a version counter)";
+  }
+  TORCH_CHECK_VALUE(
+      what.empty(), "stage ", index_, " modified in place ", what,
+      " in the forward of micro-batch ", j, ": memory that ", skip_label(id),
+      " shares with another tensor leaving its stashing stage (its output "
+      "or another skip). Without a pipeline every alias would see the "
+      "change; across stages the skip travels as a tensor of its own, so "
+      "outputs or gradients would differ from the model's. Stash a copy "
+      "(`yield stash(name, x.clone())`; C++: `stash(name, x.clone())`) or do "
+      "not modify the tensor in place (docs/skip.md, \"In-place operations\")");
+}
+
+// Per tensor the stage sends (its output, then its stashes: y), the skip
+// whose memory it shares, or -1: a stash sharing memory with another
+// tensor leaving the stage, that tensor, and anything sharing memory with
+// an input that came marked (a layer passing it on).
+std::vector<int64_t> CellRunner::outgoing_shared(
+    const Batch& y, const Batch& ran, const std::vector<int64_t>& shared) const {
+  const auto& stash = stage_->skips().stash;
+  std::vector<int64_t> out(y.size(), -1);
+  if (any_shared(shared)) {
+    for (size_t o = 0; o < y.size(); ++o) {
+      for (size_t i = 0; i < ran.size() && i < shared.size() && out[o] < 0; ++i) {
+        if (shared[i] >= 0 && overlap(y[o], ran[i])) {
+          out[o] = shared[i];
+        }
+      }
+    }
+  }
+  const size_t first = y.size() - std::min(y.size(), stash.size());
+  for (size_t s = first; s < y.size(); ++s) {
+    for (size_t o = 0; o < y.size(); ++o) {
+      if (o != s && overlap(y[s], y[o])) {
+        const int64_t id = stash[s - first];
+        out[s] = out[s] >= 0 ? out[s] : id;
+        out[o] = out[o] >= 0 ? out[o] : id;
+      }
+    }
+  }
+  return out;
 }
 
 void CellRunner::receive_stash_grads(Transport& transport, int64_t j,
@@ -323,18 +472,23 @@ Batch CellRunner::apply(StepRun& run, int64_t j, const Batch& x) {
 // the first checkpointed forward of a stage runs on a copy and tells
 // whether later ones need one; a stage that starts modifying its input
 // later is caught by the version counter.
-Batch CellRunner::apply_checkpointed(StepRun& run, int64_t j, const Batch& x) {
+Batch CellRunner::apply_checkpointed(StepRun& run, int64_t j, const Batch& x,
+                                     const std::vector<int64_t>& shared,
+                                     Batch& ran) {
   torch::NoGradGuard no_grad;
   CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kCheckpointing);
   const bool probe = !probed_input_;
   if (probe || copy_input_) {
-    Batch copy = x;
-    for (auto& t : copy) {
+    ran = x;
+    for (auto& t : ran) {
       if (t.defined()) {
         t = t.clone();
       }
     }
+    const Batch& copy = ran;
     Batch y = apply(run, j, copy);
+    // On a copy the change would not reach the skip's other tensors.
+    check_shared_unmodified(copy, std::vector<int64_t>(copy.size(), 0), shared, j);
     if (probe) {
       probed_input_ = true;
       for (size_t i = 0; i < copy.size(); ++i) {
@@ -344,11 +498,10 @@ Batch CellRunner::apply_checkpointed(StepRun& run, int64_t j, const Batch& x) {
     }
     return y;
   }
-  std::vector<int64_t> versions;
-  for (const auto& t : x) {
-    versions.push_back(t.defined() ? static_cast<int64_t>(t._version()) : 0);
-  }
+  const std::vector<int64_t> versions = versions_of(x);
+  ran = x;
   Batch y = apply(run, j, x);
+  check_shared_unmodified(x, versions, shared, j);
   for (size_t i = 0; i < x.size(); ++i) {
     if (x[i].defined() && static_cast<int64_t>(x[i]._version()) != versions[i]) {
       copy_input_ = true;  // from the next step on
@@ -369,21 +522,32 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
   Message in = s == 0 ? Message{run.inputs[j], run.input_ready}
                       : transport.recv_forward(s, j);
   const int64_t start = now_ns();  // the trace shows work, not waiting
+  // Per tensor of x, the skip whose memory it shares (-1: none).
+  std::vector<int64_t> shared = std::move(in.shared);
+  shared.resize(in.tensors.size(), -1);
   Batch x = copier_.receive(std::move(in), device, true);
-  receive_popped(transport, j, x);
+  receive_popped(transport, j, x, shared);
   auto& cell = run.cells[s][j];
   Batch y;
+  Batch ran;  // what the layers got: x, its aliases or a copy
   bool y_requires_grad = false;
   CellRandomness randomness(run.rng_seed, stream_key(), j);
   if (run.checkpointed[j]) {
     cell.checkpointed = true;
-    y = apply_checkpointed(run, j, x);
+    y = apply_checkpointed(run, j, x, shared, ran);
     y_requires_grad = stage_->requires_grad() ||
         std::any_of(x.begin(), x.end(),
                     [](const auto& t) { return t.requires_grad(); });
     cell.leaves = std::move(x);
   } else {
-    y = apply(run, j, run.grad ? alias_leaves(x) : x);
+    ran = run.grad ? alias_leaves(x) : x;
+    const bool marked = any_shared(shared);
+    const std::vector<int64_t> versions = marked ? versions_of(ran)
+                                                 : std::vector<int64_t>();
+    y = apply(run, j, ran);
+    if (marked) {
+      check_shared_unmodified(ran, versions, shared, j);
+    }
     if (run.grad) {
       cell.leaves = std::move(x);
       cell.outputs = y;
@@ -397,6 +561,8 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
       run.outputs[j] = std::move(y);
     }
   } else {
+    std::vector<int64_t> out_shared = outgoing_shared(y, ran, shared);
+    ran = Batch();
     Batch send;
     send.tuple = y.tuple;
     send.reserve(y.size());
@@ -406,8 +572,12 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
       send.push_back(!t.defined() ? t
                      : grad ? t.detach().requires_grad_(true) : t.detach());
     }
-    send_stashed(transport, j, send);
-    transport.send_forward(s, j, make_message(std::move(send), device));
+    send_stashed(transport, j, send, out_shared);
+    Message m = make_message(std::move(send), device);
+    if (any_shared(out_shared)) {
+      m.shared = std::move(out_shared);
+    }
+    transport.send_forward(s, j, std::move(m));
   }
   run.events[s].push_back({s, j, Phase::kForward, false, start, now_ns()});
 }
@@ -559,7 +729,12 @@ CellRunner::output_gradients(StepRun& run, Transport& transport, int64_t j,
     // cell's own random streams draw what its forward drew.
     CellRandomness randomness(run.rng_seed, stream_key(), j);
     CheckpointFlagGuard flag(CheckpointFlagGuard::Flag::kRecomputing);
-    cell.outputs = apply(run, j, alias_leaves(cell.leaves));
+    // A stage that modifies its input in place ran its forward on a copy
+    // (apply_checkpointed); its recomputation does too, or it would write
+    // memory that the stage before it (an output passed on) or a skip's
+    // stasher may still read in its own recomputation.
+    cell.outputs = apply(run, j, copy_input_ ? copied_leaves(cell.leaves)
+                                             : alias_leaves(cell.leaves));
     run.events[s].push_back({s, j, phase, true, recompute_start, now_ns()});
   }
   Batch grads;

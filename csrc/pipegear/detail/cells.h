@@ -53,6 +53,14 @@ class Transport {
   virtual void send_skip_grad(int64_t id, int64_t j, Message m);
 };
 
+/// How errors name each of a pipeline's skips: "skip 'name' (stashed by
+/// <unit> a, popped by <unit> b)", by id. `names` by id (empty or missing:
+/// the id), `from`/`to` the stashing and popping stage or rank (-1: unknown).
+std::vector<std::string> skip_labels(const std::vector<std::string>& names,
+                                     const std::vector<int64_t>& from,
+                                     const std::vector<int64_t>& to,
+                                     const std::string& unit);
+
 /// Runs the cells of one stage: forward (checkpointed or not), backward
 /// (with recomputation), device copies, trace events. Not thread-safe: one
 /// thread runs a stage's cells.
@@ -81,6 +89,12 @@ class CellRunner {
   /// then frees the cell.
   void backward_weight(StepRun& run, int64_t j);
 
+  /// How errors name skip `id` (the name, the stages it joins), by id;
+  /// without one a skip is "skip <id>".
+  void set_skip_labels(std::vector<std::string> labels) {
+    skip_labels_ = std::move(labels);
+  }
+
   Stage& stage() { return *stage_; }
   const std::shared_ptr<Stage>& stage_ptr() const { return stage_; }
   int64_t index() const { return index_; }
@@ -88,13 +102,26 @@ class CellRunner {
  private:
   bool is_last(const StepRun& run) const { return index_ + 1 == run.stages; }
   Batch apply(StepRun& run, int64_t j, const Batch& x);
-  Batch apply_checkpointed(StepRun& run, int64_t j, const Batch& x);
+  // `shared`: per tensor of x, the skip it shares memory with or -1;
+  // `ran`: the tensors the stage's layers got (x or a copy of it).
+  Batch apply_checkpointed(StepRun& run, int64_t j, const Batch& x,
+                           const std::vector<int64_t>& shared, Batch& ran);
+  // ValueError when the forward modified in place (versions differ from
+  // `before`) a tensor of `ran` that shares memory with a skip.
+  void check_shared_unmodified(const Batch& ran,
+                               const std::vector<int64_t>& before,
+                               const std::vector<int64_t>& shared, int64_t j) const;
+  std::string skip_label(int64_t id) const;
+  std::vector<int64_t> outgoing_shared(const Batch& y, const Batch& ran,
+                                       const std::vector<int64_t>& shared) const;
   // Skips (StageSkips): a stage's popped skips are extra leaves after its
   // input, its stashed skips extra outputs after its output; these move
   // them between the cell's Batch and the transport.
   Batch call_stage(const Batch& x, std::vector<torch::Tensor>& stashed);
-  void receive_popped(Transport& transport, int64_t j, Batch& x);
-  void send_stashed(Transport& transport, int64_t j, Batch& y);
+  void receive_popped(Transport& transport, int64_t j, Batch& x,
+                      std::vector<int64_t>& shared);
+  void send_stashed(Transport& transport, int64_t j, Batch& y,
+                    std::vector<int64_t>& shared);
   void receive_stash_grads(Transport& transport, int64_t j, Batch& grads);
   void send_pop_grads(Transport& transport, int64_t j, Batch& input_grads);
   // The first half of a backward (whole, or B): recomputes a checkpointed
@@ -119,6 +146,7 @@ class CellRunner {
   // checkpointed forward, which always runs on a copy.
   bool probed_input_ = false;
   bool copy_input_ = false;
+  std::vector<std::string> skip_labels_;
 };
 
 } // namespace pipegear::detail

@@ -28,6 +28,10 @@ struct ReadyEvent {
 struct Message {
   Batch tensors;
   std::shared_ptr<ReadyEvent> ready;
+  /// Per tensor, the id of a skip connection whose tensor shares memory
+  /// with it (the receiver must not modify it in place: design decision
+  /// 16), or -1; empty when none does.
+  std::vector<int64_t> shared;
 };
 
 /// An event recorded on the calling thread's current stream of `device`;

@@ -310,6 +310,14 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
             static_cast<int64_t>(options_.skip_routes().size()) / 2),
       protocol_(link_, options_) {
   register_random_kernels();
+  // How errors name the skips (cells.h, skip_labels): by rank.
+  const auto& routes = options_.skip_routes();
+  std::vector<int64_t> from, to;
+  for (size_t i = 0; i + 1 < routes.size(); i += 2) {
+    from.push_back(routes[i]);
+    to.push_back(routes[i + 1]);
+  }
+  runner_.set_skip_labels(skip_labels(stage_->skips().names, from, to, "rank"));
   protocol_.connect();
   if (dp_group) {
     if (module_) {

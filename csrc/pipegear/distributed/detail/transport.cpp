@@ -22,7 +22,7 @@ Message C10dTransport::recv_forward(int64_t s, int64_t j) {
 
 void C10dTransport::send_forward(int64_t s, int64_t j, Message m) {
   sent_.insert({false, j});
-  send(s + 1, j, false, m.tensors);
+  send(s + 1, j, false, m.tensors, m.shared);
 }
 
 Message C10dTransport::recv_backward(int64_t s, int64_t j) {
@@ -164,12 +164,13 @@ void C10dTransport::post(const torch::Tensor& t, int64_t dst, int tag,
   on_link(dst, [&] { link_.send(t, dst, tag, what, seq_, OnError::kThrow); });
 }
 
-void C10dTransport::send(int64_t dst, int64_t j, bool backward, const Batch& tensors) {
+void C10dTransport::send(int64_t dst, int64_t j, bool backward, const Batch& tensors,
+                         const std::vector<int64_t>& shared) {
   const std::string what = std::string(backward ? "the gradients"
                                                 : "the activations") +
       " of micro-batch " + std::to_string(j);
   link_.prune();
-  Encoded e = encode_batch(tensors, seq_);
+  Encoded e = encode_batch(tensors, seq_, shared);
   largest_sent_[backward] = std::max(largest_sent_[backward], e.total());
   post_encoded(e, link_.capacity(backward, /*send=*/true), dst,
                link_.tag_of(j, backward), what);
@@ -247,7 +248,7 @@ Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard)
   }
   Message m;
   try {
-    m.tensors = decode_batch(head, data, data_offset, device());
+    m.tensors = decode_batch(head, data, data_offset, device(), &m.shared);
   } catch (const BadMessage& e) {
     comm_failure(src, here + e.what() + " while " + what);
   }
@@ -272,7 +273,7 @@ Message C10dTransport::recv_skip(int64_t id, int64_t j) {
 
 void C10dTransport::send_skip(int64_t id, int64_t j, Message m) {
   send_skip_message(skip_rank(id, true), link_.skip_tag(id, j, false), m.tensors,
-                    "skip " + std::to_string(id) + " of micro-batch " +
+                    m.shared, "skip " + std::to_string(id) + " of micro-batch " +
                         std::to_string(j));
 }
 
@@ -286,14 +287,15 @@ Message C10dTransport::recv_skip_grad(int64_t id, int64_t j) {
 
 void C10dTransport::send_skip_grad(int64_t id, int64_t j, Message m) {
   send_skip_message(skip_rank(id, false), link_.skip_tag(id, j, true), m.tensors,
-                    "the gradient of skip " + std::to_string(id) +
+                    m.shared, "the gradient of skip " + std::to_string(id) +
                         " of micro-batch " + std::to_string(j));
 }
 
 void C10dTransport::send_skip_message(int64_t dst, int tag, const Batch& tensors,
+                                      const std::vector<int64_t>& shared,
                                       const std::string& what) {
   link_.prune();
-  Encoded e = encode_batch(tensors, seq_);
+  Encoded e = encode_batch(tensors, seq_, shared);
   // A skip's messages have no grown capacity: the header's size.
   post_encoded(e, kHeaderBytes, dst, tag, what);
 }
@@ -323,7 +325,7 @@ Message C10dTransport::recv_skip_message(int64_t src, int tag,
   const auto [data, data_offset] = payload_of(posted, h, src, tag, what);
   Message m;
   try {
-    m.tensors = decode_batch(head, data, data_offset, device());
+    m.tensors = decode_batch(head, data, data_offset, device(), &m.shared);
   } catch (const BadMessage& e) {
     comm_failure(src, here + e.what() + " while " + what);
   }

@@ -151,7 +151,8 @@ class C10dTransport final : public Transport {
   // Sends are not waited for here (with 1F1B neighbours send to each other
   // at once, and a Gloo send completes only when the peer receives); the
   // pass waits for them at its end.
-  void send(int64_t dst, int64_t j, bool backward, const Batch& tensors);
+  void send(int64_t dst, int64_t j, bool backward, const Batch& tensors,
+            const std::vector<int64_t>& shared = {});
   Message recv(int64_t src, int64_t j, bool backward, bool discard);
   // The payload of a received message `h`: in the receive buffer, copied
   // out of it, or received as a second message. Returns it and its offset.
@@ -161,6 +162,7 @@ class C10dTransport final : public Transport {
 
   // A skip message: to `dst` (from `src`) on `tag`.
   void send_skip_message(int64_t dst, int tag, const Batch& tensors,
+                         const std::vector<int64_t>& shared,
                          const std::string& what);
   Message recv_skip_message(int64_t src, int tag, const std::string& what);
   int64_t skip_rank(int64_t id, bool popper) const;

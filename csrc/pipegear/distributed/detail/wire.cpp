@@ -23,17 +23,21 @@ std::string get_note(const int64_t* at, int64_t bytes) {
                      static_cast<size_t>(std::clamp<int64_t>(bytes, 0, kNoteBytes)));
 }
 
-Encoded encode_batch(const Batch& tensors, int64_t step) {
+Encoded encode_batch(const Batch& tensors, int64_t step,
+                     const std::vector<int64_t>& shared) {
   Encoded e;
   auto& w = e.words;
   w = {kPacked, step, 0, 0,
        static_cast<int64_t>(tensors.size()) +
            (tensors.size() == 1 && tensors.tuple ? kOneTuple : 0)};
-  for (const auto& t : tensors) {
-    w.push_back(t.defined() ? 1 : 0);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
     if (!t.defined()) {
+      w.push_back(0);
       continue;
     }
+    const int64_t id = i < shared.size() ? shared[i] : -1;
+    w.push_back(1 + 2 * (std::max<int64_t>(id, -1) + 1));
     w.push_back(static_cast<int64_t>(t.scalar_type()));
     w.push_back(t.requires_grad() ? 1 : 0);
     w.push_back(t.dim());
@@ -86,7 +90,8 @@ void check_batch_head(const Head& h, int64_t available) {
 }
 
 Batch decode_batch(const torch::Tensor& head, const torch::Tensor& data,
-                   int64_t data_offset, c10::Device device) {
+                   int64_t data_offset, c10::Device device,
+                   std::vector<int64_t>* shared) {
   const auto* w = reinterpret_cast<const int64_t*>(head.data_ptr<uint8_t>());
   const int64_t words = w[2];
   Batch out;
@@ -100,8 +105,15 @@ Batch decode_batch(const torch::Tensor& head, const torch::Tensor& data,
   const bool one_tuple = w[4] == 1 + kOneTuple;
   const int64_t count = one_tuple ? 1 : w[4];
   out.tuple = one_tuple;
+  if (shared != nullptr) {
+    shared->clear();
+  }
   for (int64_t i = 0; i < count; ++i) {
-    if (next() == 0) {
+    const int64_t defined = next();
+    if (shared != nullptr) {
+      shared->push_back(defined > 0 ? defined / 2 - 1 : -1);
+    }
+    if (defined == 0) {
       out.emplace_back();
       continue;
     }

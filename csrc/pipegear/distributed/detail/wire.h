@@ -16,6 +16,8 @@
 //   w[4] tensors (+ kOneTuple for a tuple of one tensor), then per tensor:
 //        defined [dtype, requires_grad, ndim,
 //        sizes..., offset, bytes]
+//        (defined: bit 0 set for a tensor; the bits above hold 1 + the id
+//        of a skip whose memory it shares, 0 for none: Message::shared)
 //   poison: w[3] text bytes (after the header), w[4] origin, w[5] broken
 
 #include <cstdint>
@@ -66,9 +68,11 @@ struct Encoded {
   int64_t total() const { return base() + payload; }
 };
 
-/// The layout of `tensors` in a message of `step`. ValueError when the
-/// header would exceed kHeaderBytes (too many tensors).
-Encoded encode_batch(const Batch& tensors, int64_t step);
+/// The layout of `tensors` in a message of `step`, with `shared`
+/// (Message::shared: per tensor a skip id or -1; empty: none). ValueError
+/// when the header would exceed kHeaderBytes (too many tensors).
+Encoded encode_batch(const Batch& tensors, int64_t step,
+                     const std::vector<int64_t>& shared = {});
 
 /// The first buffer of a message, on the CPU: `bytes` long, the header
 /// words at its start and zeros up to `zeroed` bytes (the rest is the
@@ -104,9 +108,10 @@ void check_batch_head(const Head& h, int64_t available);
 /// The tensors the header `head` describes, over their payload in `data`
 /// from `data_offset` on, on `device`: views of the message's memory (no
 /// copy), each keeping `data` alive. BadMessage for a header or a tensor
-/// that does not fit.
+/// that does not fit. `shared`, when given, gets Message::shared.
 Batch decode_batch(const torch::Tensor& head, const torch::Tensor& data,
-                   int64_t data_offset, c10::Device device);
+                   int64_t data_offset, c10::Device device,
+                   std::vector<int64_t>* shared = nullptr);
 
 // ---- poison ----------------------------------------------------------------
 /// What a failure notice says: the rank that failed first, whether its
