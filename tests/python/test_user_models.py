@@ -746,6 +746,80 @@ def test_a_mistake_of_the_last_rank_fails_every_rank_at_once(tmp_path):
                                    p.grad, **TOL)
 
 
+
+# -- outputs that share memory, modified in place by the next stage ---------
+class Dup(nn.Module):
+    """Returns its input twice: one memory, two tensors."""
+
+    def forward(self, x):
+        return x, x
+
+
+class AddInPlace(nn.Module):
+    """Adds 1 into the first tensor in place: in the model the second, the
+    same memory, sees it too."""
+
+    def forward(self, pair):
+        a, b = pair
+        a.add_(1.0)
+        return a * b
+
+
+def dup_then_in_place():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(D, D), Dup(), AddInPlace(),
+                         nn.Linear(D, C)).double()
+
+
+ALIAS_FACES = [("module", "gpipe"), ("step", "gpipe"), ("step", "1f1b"),
+               ("step", "zb-h1")]
+
+
+@pytest.mark.parametrize("face,schedule", ALIAS_FACES)
+@pytest.mark.parametrize("checkpoint", ["never", "except_last", "always"])
+def test_outputs_sharing_memory_modified_in_place_by_the_next_stage_raise(
+        checkpoint, face, schedule):
+    """Between stages each output travels as a tensor of its own (a copy
+    in a checkpointed forward, between devices or ranks), so the next
+    stage's in-place change of one would not reach the other as in the
+    model: a ValueError in every mode instead of a silently wrong output or
+    gradient. Within one stage the model's aliasing holds."""
+    x = torch.randn(7, D, dtype=torch.float64)
+    t = torch.randn(7, C, dtype=torch.float64)
+    for balance, raises in (([2, 2], True), ([3, 1], False)):
+        plain = dup_then_in_place()
+        pipe = pipegear.GPipe(dup_then_in_place(), balance, chunks=4,
+                              checkpoint=checkpoint, schedule=schedule)
+        if raises:
+            with pytest.raises(ValueError, match="memory that tensors of its "
+                               "input share with each other .stage 0 "
+                               "returned tensors sharing memory"):
+                if face == "module":
+                    pipe(x)
+                else:
+                    pipe.step(x, t, F.mse_loss)
+            continue
+        ref = F.mse_loss(plain(x), t)
+        ref.backward()
+        if face == "module":
+            loss = F.mse_loss(pipe(x), t)
+            loss.backward()
+        else:
+            loss = pipe.step(x, t, F.mse_loss)
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+        for a, b in zip(pipe.parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_an_input_holding_one_tensor_twice_modified_in_place_raises():
+    x = torch.randn(6, D, dtype=torch.float64)
+    for checkpoint in ("never", "always"):
+        pipe = pipegear.GPipe(nn.Sequential(AddInPlace(), nn.Linear(D, C)),
+                              [1, 1], chunks=2, checkpoint=checkpoint)
+        with pytest.raises(ValueError, match="the pipeline's input holds one "
+                                             "tensor twice"):
+            pipe((x, x))
+
 if __name__ == "__main__":
     _worker(*map(int, sys.argv[1:4]), sys.argv[4])
 

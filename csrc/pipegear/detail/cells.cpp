@@ -130,6 +130,23 @@ bool overlap(const torch::Tensor& a, const torch::Tensor& b) {
   return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
 }
 
+// Marks the first `count` tensors of `t` that share memory with each other
+// (`return x, x`; a pipeline input holding one tensor twice): the next
+// stage receives each as a tensor of its own (a copy between devices or
+// ranks, or in a checkpointed forward), so an in-place change of one would
+// not reach the other as it does in the model. Marks already set stay.
+void mark_shared_in_message(const Batch& t, size_t count,
+                            std::vector<int64_t>& marks) {
+  for (size_t a = 0; a < count; ++a) {
+    for (size_t b = a + 1; b < count; ++b) {
+      if (overlap(t[a], t[b])) {
+        marks[a] = marks[a] >= 0 ? marks[a] : kSharedInMessage;
+        marks[b] = marks[b] >= 0 ? marks[b] : kSharedInMessage;
+      }
+    }
+  }
+}
+
 /// Inside a handler: rethrows the current exception as a StageError with
 /// `context`, the original nested, when it is a std::exception; anything
 /// else unchanged.
@@ -283,6 +300,18 @@ void CellRunner::check_shared_unmodified(const Batch& ran,
     what += " (one of them at least: aliases share a version counter)";
   }
   TORCH_CHECK_VALUE(
+      what.empty() || id != kSharedInMessage, "stage ", index_,
+      " modified in place ", what, " in the forward of micro-batch ", j,
+      ": memory that tensors of its input share with each other (",
+      index_ == 0 ? std::string("the pipeline's input holds one tensor twice")
+                  : "stage " + std::to_string(index_ - 1) +
+                        " returned tensors sharing memory, such as `return x, x`",
+      "). Without a pipeline every alias would see the change; between "
+      "stages each travels as a tensor of its own, so outputs or gradients "
+      "would differ from the model's. Return a copy (`x.clone()`) or do not "
+      "modify the tensor in place (docs/engine.md, \"What flows between "
+      "stages\")");
+  TORCH_CHECK_VALUE(
       what.empty(), "stage ", index_, " modified in place ", what,
       " in the forward of micro-batch ", j, ": memory that ", skip_label(id),
       " shares with another tensor leaving its stashing stage (its output "
@@ -311,6 +340,7 @@ std::vector<int64_t> CellRunner::outgoing_shared(
     }
   }
   const size_t first = y.size() - std::min(y.size(), stash.size());
+  mark_shared_in_message(y, first, out);
   for (size_t s = first; s < y.size(); ++s) {
     for (size_t o = 0; o < y.size(); ++o) {
       if (o != s && overlap(y[s], y[o])) {
@@ -526,6 +556,9 @@ void CellRunner::forward(StepRun& run, Transport& transport, int64_t j) {
   std::vector<int64_t> shared = std::move(in.shared);
   shared.resize(in.tensors.size(), -1);
   Batch x = copier_.receive(std::move(in), device, true);
+  if (s == 0) {
+    mark_shared_in_message(x, x.size(), shared);  // the pipeline's input
+  }
   receive_popped(transport, j, x, shared);
   auto& cell = run.cells[s][j];
   Batch y;

@@ -29,10 +29,16 @@ struct Message {
   Batch tensors;
   std::shared_ptr<ReadyEvent> ready;
   /// Per tensor, the id of a skip connection whose tensor shares memory
-  /// with it (the receiver must not modify it in place: design decision
-  /// 16), or -1; empty when none does.
+  /// with it, kSharedInMessage when it shares memory with another tensor
+  /// of the message (`return x, x`), or -1; empty when none does. The
+  /// receiver must not modify a marked tensor in place (design decision
+  /// 16).
   std::vector<int64_t> shared;
 };
+
+/// The mark of tensors of one message that share memory with each other
+/// (no skip involved); far above any skip id, and an id on the wire too.
+constexpr int64_t kSharedInMessage = int64_t{1} << 40;
 
 /// An event recorded on the calling thread's current stream of `device`;
 /// null on the CPU.
