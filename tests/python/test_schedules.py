@@ -233,3 +233,47 @@ def test_split_backward_frees_each_micro_batch_by_its_w():
     # GPipe holds all 8 micro-batches on a stage; ZB-H1 at most 2 (K=2),
     # plus what the loss saves on the last one.
     assert peaks["zb-h1"] <= peaks["gpipe"] * 3 / 8, peaks
+
+
+class HookedLinear(nn.Module):
+    """A Linear whose output's gradient a hook doubles, and whose
+    retain_grad keeps it (gradient scaling as users write it)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.l = nn.Linear(width, width)
+        self.kept = []
+
+    def forward(self, x):
+        h = self.l(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: 2 * g)
+            h.register_hook(lambda g: self.kept.append(g.clone()))
+        return torch.tanh(h)
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "zb-h2"])
+@pytest.mark.parametrize("checkpoint", ["never", "always"])
+def test_a_hook_on_an_output_tensor_runs_once_under_split_backward(
+        schedule, checkpoint):
+    """W runs the frontier nodes again from the gradients B kept, which
+    their tensor hooks had already changed: the hooks are set aside for W
+    (a doubling hook doubled the weight gradients twice before)."""
+    def model():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(6, 6), HookedLinear(6),
+                             nn.Linear(6, 2)).double()
+
+    x = torch.randn(8, 6, dtype=torch.float64)
+    t = torch.randn(8, 2, dtype=torch.float64)
+    plain = model()
+    nn.functional.mse_loss(plain(x), t).backward()
+    pipe = pipegear.GPipe(model(), [2, 1], chunks=4, checkpoint=checkpoint,
+                          schedule=schedule)
+    pipe.step(x, t, nn.functional.mse_loss)
+    for (name, a), b in zip(pipe.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12,
+                                   msg=name)
+    # The hook saw each micro-batch's gradient once (a checkpointed forward
+    # runs without a graph, so only its recomputation registers it).
+    assert len(pipe[1].kept) == 4

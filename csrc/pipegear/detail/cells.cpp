@@ -893,13 +893,58 @@ void CellRunner::backward_input(StepRun& run, Transport& transport,
   run.events[s].push_back({s, j, Phase::kBackwardInput, false, start, now_ns()});
 }
 
+namespace {
+
+// A frontier node's pre-hooks, set aside while W runs it again: the
+// gradients B kept are what they made of the node's incoming gradients
+// already (the engine runs a node's tensor pre-hooks, retain_grad's and
+// then its own pre-hooks, ours last), so running them again would apply a
+// user's hook on the tensor (`h.register_hook(lambda g: 2 * g)`) twice.
+class PreHooksAside {
+ public:
+  explicit PreHooksAside(const std::vector<Edge>& nodes) {
+    for (const auto& e : nodes) {
+      Node* n = e.function.get();
+      aside_.push_back({n, std::move(n->tensor_pre_hooks()),
+                        std::move(n->retains_grad_hooks()),
+                        std::move(n->pre_hooks())});
+      n->tensor_pre_hooks().clear();
+      n->retains_grad_hooks().clear();
+      n->pre_hooks().clear();
+    }
+  }
+  ~PreHooksAside() {
+    for (auto& a : aside_) {
+      a.node->tensor_pre_hooks() = std::move(a.tensor);
+      a.node->retains_grad_hooks() = std::move(a.retains);
+      a.node->pre_hooks() = std::move(a.own);
+    }
+  }
+  PreHooksAside(const PreHooksAside&) = delete;
+  PreHooksAside& operator=(const PreHooksAside&) = delete;
+
+ private:
+  struct Aside {
+    Node* node;
+    std::vector<std::unique_ptr<torch::autograd::FunctionPreHook>> tensor;
+    std::unordered_map<size_t, std::unique_ptr<torch::autograd::FunctionPreHook>>
+        retains;
+    std::vector<std::unique_ptr<torch::autograd::FunctionPreHook>> own;
+  };
+  std::vector<Aside> aside_;
+};
+
+} // namespace
+
 void CellRunner::backward_weight(StepRun& run, int64_t j) {
   const int64_t s = index_;
   const int64_t start = now_ns();
   auto w = std::move(run.cells[s][j].weight_grads);
   run.cells[s][j] = CellState{};
   if (w != nullptr) {
+    std::vector<Edge> frontier;
     for (const auto& [node, kept] : w->frontier) {
+      frontier.push_back(node);
       for (size_t i = 0; i < kept->size(); ++i) {
         if ((*kept)[i].defined()) {
           w->roots.emplace_back(node.function, static_cast<uint32_t>(i));
@@ -909,6 +954,7 @@ void CellRunner::backward_weight(StepRun& run, int64_t j) {
     }
     w->frontier.clear();
     if (!w->roots.empty()) {
+      PreHooksAside aside(frontier);
       torch::autograd::Engine::get_default_engine().execute(
           w->roots, w->grads, /*keep_graph=*/false, /*create_graph=*/false,
           /*accumulate_grad=*/true);
