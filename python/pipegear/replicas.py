@@ -209,7 +209,21 @@ class Replicas:
         self._hooks = []
 
     def _accumulated(self, b: int, param: Tensor) -> None:
-        if not self._armed or self._reduced or id(param) in self._seen:
+        if not self._armed or self._reduced:
+            return
+        if id(param) in self._seen:
+            # Accumulated again within the last cell (a parameter used twice
+            # in one backward through a reentrant checkpoint): a sum started
+            # already would miss it. Refused on every replica after the
+            # step rather than summing a part.
+            if b < self._next and self._hook_error is None:
+                self._hook_error = ValueError(
+                    f"pipegear: {self.where(self.pp)}: a parameter of shape "
+                    f"{tuple(param.shape)} accumulated a gradient again after "
+                    "the sum of its bucket over the replicas had started (a "
+                    "parameter used twice in one backward pass, through a "
+                    "reentrant torch.utils.checkpoint, say); pass "
+                    "overlap=False to sum after the step")
             return
         self._seen.add(id(param))
         self._ready[b] += 1
@@ -218,10 +232,14 @@ class Replicas:
             self._launch(self._next)
             self._next += 1
 
-    def start_reduction(self) -> None:
+    def start_reduction(self, raise_refusal: bool = True) -> None:
         """Starts summing this step's gradients over the replicas, the
         buckets not started yet, without waiting: after this stage's last
-        backward cell (called from within the step) or after the step."""
+        backward cell (called from within the step) or after the step.
+        Within the step (`raise_refusal`), a sum this replica must refuse
+        (a gradient accumulated after its bucket started) raises once every
+        bucket started, as a failure of the step: every rank of the
+        pipeline raises, and the other replicas learn it after the step."""
         if self._reduced:
             return
         self._reduced = True
@@ -230,14 +248,22 @@ class Replicas:
         while self._next < len(self._buckets):
             self._launch(self._next)
             self._next += 1
+        if raise_refusal and isinstance(self._hook_error, ValueError):
+            raise self._hook_error
 
     def _launch(self, i: int) -> None:
         bucket = self._buckets[i]
         try:
             start = time.monotonic_ns()
+            # The gradients, then one flag per parameter: whether this
+            # replica has a gradient for it (a parameter no replica used
+            # keeps None, as in the plain model, not zeros that weight
+            # decay or momentum would act on).
             flat = torch.cat([
                 (p.grad if p.grad is not None else
-                 torch.zeros_like(p)).reshape(-1) for p in bucket])
+                 torch.zeros_like(p)).reshape(-1) for p in bucket] + [
+                torch.tensor([float(p.grad is not None) for p in bucket],
+                             dtype=bucket[0].dtype, device=bucket[0].device)])
             work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
             self._pending.append((bucket, flat, work))
             event = [i, start, None]
@@ -302,7 +328,7 @@ class Replicas:
             if grad:
                 # A rank whose step failed still takes part, with zeros,
                 # so that every replica makes the same collectives.
-                self.start_reduction()
+                self.start_reduction(raise_refusal=False)
             origin = -1 if error is None else _origin(error, self.pp)
             value = float(loss) if loss is not None else 0.0
             mine = torch.tensor([0.0 if error is None else 1.0, origin, value,
@@ -335,15 +361,24 @@ class Replicas:
                 "that rank's error)")
         if self._hook_error is not None or any(e[3] for e in every):
             self._restore(stash)
+            if isinstance(self._hook_error, ValueError):
+                raise self._hook_error
+            if self._hook_error is None:
+                d = next(d for d in range(self.replicas) if every[d][3])
+                raise RuntimeError(
+                    f"pipegear: {self.where(self.pp)}: the gradient sum "
+                    f"failed on {self.where(self.pp, d)} (see its error)")
             raise RuntimeError(
                 f"pipegear: {self.where(self.pp)}: starting the gradient sum "
                 f"failed: {self._hook_error}")
         with torch.no_grad():
             for bucket, flat, _ in pending:
                 offset = 0
-                for p in bucket:
+                flags = flat[-len(bucket):]
+                for k, p in enumerate(bucket):
                     n = p.numel()
-                    p.grad = flat[offset:offset + n].view_as(p).clone()
+                    p.grad = (flat[offset:offset + n].view_as(p).clone()
+                              if flags[k] > 0 else None)
                     offset += n
         self._restore(stash)
         self._commit_batch_norms()

@@ -191,12 +191,20 @@ void Replicas::start() {
   c10d::AllreduceOptions o;
   o.timeout = timeout_;
   for (const auto& bucket : buckets_) {
+    // The gradients, then one flag per parameter: whether this replica has
+    // a gradient for it (a parameter no replica used keeps none, as in the
+    // plain model, not zeros that weight decay or momentum would move).
     std::vector<torch::Tensor> parts;
+    std::vector<double> has;
     for (auto k : bucket) {
       const auto& p = params_[k];
       const auto& g = p.grad();
       parts.push_back((g.defined() ? g : torch::zeros_like(p)).reshape(-1));
+      has.push_back(g.defined() ? 1.0 : 0.0);
     }
+    const auto& first = params_[bucket.front()];
+    parts.push_back(torch::tensor(has, torch::kDouble)
+                        .to(first.device(), first.scalar_type()));
     auto flat = torch::cat(parts);
     std::vector<at::Tensor> v{flat};
     c10::intrusive_ptr<c10d::Work> work;
@@ -258,10 +266,15 @@ torch::Tensor Replicas::end(const torch::Tensor& loss, const std::exception_ptr&
     torch::NoGradGuard no_grad;
     for (auto& p : pending) {
       int64_t offset = 0;
-      for (auto k : p.params) {
-        auto& param = params_[k];
+      const auto count = static_cast<int64_t>(p.params.size());
+      const auto flags = p.flat.slice(0, p.flat.numel() - count).cpu();
+      for (int64_t i = 0; i < count; ++i) {
+        auto& param = params_[p.params[i]];
         const int64_t n = param.numel();
-        param.mutable_grad() = p.flat.slice(0, offset, offset + n).view_as(param).clone();
+        param.mutable_grad() =
+            flags[i].item<double>() > 0
+                ? p.flat.slice(0, offset, offset + n).view_as(param).clone()
+                : torch::Tensor();
         offset += n;
       }
     }
