@@ -72,3 +72,29 @@ def launch_kind(script: str, kind: str, world: int, out: str, **options
     (options: those of :func:`launch`)."""
     return launch(script, world, lambda r, port: [kind, r, world, port, out],
                   **options)
+
+
+def init_mesh(rank: int, world: int, port: int, stages: int) -> dict:
+    """In a worker: joins the Gloo group of `world` ranks and makes the
+    groups of a (world // stages) x `stages` layout, rank g = dp * stages +
+    pp. Returns the DistributedGPipe arguments of this rank
+    (``process_group``, ``dp_group``) and its coordinates (``dp``,
+    ``pp``)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    replicas = world // stages
+    dp, pp = divmod(rank, stages)
+    # Every rank makes every group, in the same order (new_group's rule).
+    pp_groups = [dist.new_group([d * stages + p for p in range(stages)])
+                 for d in range(replicas)]
+    dp_groups = [dist.new_group([d * stages + p for d in range(replicas)])
+                 for p in range(stages)]
+    return {"dp": dp, "pp": pp, "groups": dict(
+        process_group=pp_groups[dp], dp_group=dp_groups[pp])}

@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from ranks import run_ranks
+from ranks import init_mesh, run_ranks
 
 K, R, STEPS, D = 2, 2, 2, 4
 
@@ -81,27 +81,17 @@ CASES = [("branch", True), ("twice", True), ("twice", False)]
 
 
 def _worker(rank, world, port, out):
-    import datetime
-
     import torch.distributed as dist
 
     import pipegear
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    dp, pp = divmod(rank, K)
-    pp_groups = [dist.new_group([d * K + p for p in range(K)])
-                 for d in range(R)]
-    dp_groups = [dist.new_group([d * K + p for d in range(R)])
-                 for p in range(K)]
+    mesh = init_mesh(rank, world, port, K)
+    dp = mesh["dp"]
     report = {}
     for kind, overlap in CASES:
         pipe = pipegear.DistributedGPipe(
             model(kind), [2, 2], chunks=2, checkpoint="never", timeout=30.0,
-            overlap=overlap, process_group=pp_groups[dp],
-            dp_group=dp_groups[pp])
+            overlap=overlap, **mesh["groups"])
         opt = optimizer(pipe.parameters())
         result = {"error": None}
         try:

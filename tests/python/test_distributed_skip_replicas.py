@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from ranks import run_ranks
+from ranks import init_mesh, run_ranks
 from test_skip import WIDTH, unet
 
 K, R, STEPS = 2, 2, 2
@@ -36,28 +36,19 @@ def batch(step, dp):
 
 
 def _worker(rank, world, port, out):
-    import datetime
-
     import torch.distributed as dist
 
     import pipegear
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    dp, pp = divmod(rank, K)
-    pp_groups = [dist.new_group([d * K + p for p in range(K)])
-                 for d in range(R)]
-    dp_groups = [dist.new_group([d * K + p for d in range(R)])
-                 for p in range(K)]
+    mesh = init_mesh(rank, world, port, K)
+    dp = mesh["dp"]
     layers = len(model())
     balance = [layers // 2, layers - layers // 2]
     report = {}
     for checkpoint in CHECKPOINTS:
         pipe = pipegear.DistributedGPipe(
             model(), balance, chunks=3, checkpoint=checkpoint, timeout=30.0,
-            process_group=pp_groups[dp], dp_group=dp_groups[pp])
+            **mesh["groups"])
         opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
         for step in range(STEPS):
             x, t = batch(step, dp)
