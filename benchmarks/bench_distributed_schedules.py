@@ -36,46 +36,18 @@ BATCH, CHUNKS = 64, 8
 SLEEP_S = 0.002
 
 
-class InputPath(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, f, b):
-        ctx.b = b
-        time.sleep(f)
-        return x.clone()
+def simulated_layer():
+    """bench_schedules' layer: F = B = W = SLEEP_S."""
+    from bench_schedules import SimulatedLayer
 
-    @staticmethod
-    def backward(ctx, g):
-        time.sleep(ctx.b)
-        return g, None, None
-
-
-class WeightPath(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, seconds):
-        ctx.seconds = seconds
-        return w.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        time.sleep(ctx.seconds)
-        return g, None
-
-
-class SimulatedLayer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(16))
-
-    def forward(self, x):
-        return InputPath.apply(x, SLEEP_S, SLEEP_S) + \
-            WeightPath.apply(self.weight, SLEEP_S)
+    return SimulatedLayer(SLEEP_S, SLEEP_S, SLEEP_S)
 
 
 def factories(model):
     def make(i):
         def f():
             torch.manual_seed(i)
-            return nn.Linear(16, 16) if model == "real" else SimulatedLayer()
+            return nn.Linear(16, 16) if model == "real" else simulated_layer()
         return f
     return [make(i) for i in range(8 if model == "real" else 4)]
 
