@@ -85,7 +85,9 @@ ALL = [cfg("always-gpipe-mse", "always", "gpipe", "mse"),
        cfg("except_last-1f1b-sum", "except_last", "1f1b", "sum"),
        cfg("never-1f1b-mse", "never", "1f1b", "mse", chunks=2),
        cfg("tied-accumulate-ce", "except_last", "gpipe", "ce-ignore",
-           tied=True, accumulate=2)]
+           tied=True, accumulate=2),
+       # Split backward: the buckets start within the last W cell.
+       cfg("always-zb-h1-ce", "always", "zb-h1", "ce-ignore")]
 SOME = [ALL[1], ALL[2], ALL[5]]
 
 # (K stages, R replicas, balance, how the groups are made, configs)

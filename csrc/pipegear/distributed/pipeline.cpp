@@ -402,11 +402,13 @@ std::exception_ptr DistributedCore::run_cells(StepState& state, bool forward,
       protocol_.post_agreement(state);  // NCCL: in order, see Protocol::agree
     }
     state.transport->begin_pass(cells, forward, backward && run.grad);
-    // The last backward cell: where this rank's gradients become final.
+    // The last cell that accumulates parameter gradients (a whole
+    // backward, or W when split): where this rank's gradients become final.
     size_t last_backward = cells.size();
     if (backward && run.grad && before_last_backward_) {
       for (size_t i = 0; i < cells.size(); ++i) {
-        if (cells[i].phase == Phase::kBackward) {
+        if (cells[i].phase == Phase::kBackward ||
+            cells[i].phase == Phase::kBackwardWeight) {
           last_backward = i;
         }
       }
