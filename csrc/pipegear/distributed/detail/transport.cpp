@@ -215,15 +215,33 @@ Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard)
   if (!link_.nccl()) {
     post_next(backward);  // keep the window full
   }
-  const torch::Tensor& buffer = posted.buffer;
-  const torch::Tensor head = device().is_cpu()
+  const torch::Tensor head = head_of(posted.buffer);
+  const Head h = read_head(head);
+  if (discard && h.kind == kPoison) {
+    return {};
+  }
+  check_head(head, h, src, what,
+             " (module style: did every rank run the backward of the previous "
+             "forward?)");
+  largest_received_[backward] =
+      std::max(largest_received_[backward], h.base() + h.payload);
+  if (discard) {
+    payload_of(posted, h, src, link_.tag_of(j, backward), what);
+    return {};
+  }
+  return decode(posted, head, h, src, link_.tag_of(j, backward), what);
+}
+
+torch::Tensor C10dTransport::head_of(const torch::Tensor& buffer) const {
+  return device().is_cpu()
       ? buffer
       : buffer.narrow(0, 0, std::min<int64_t>(kHeaderBytes, buffer.numel())).cpu();
-  const Head h = read_head(head);
+}
+
+void C10dTransport::check_head(const torch::Tensor& head, const Head& h,
+                               int64_t src, const std::string& what,
+                               const char* step_hint) {
   if (h.kind == kPoison) {
-    if (discard) {
-      return {};
-    }
     poisoned(read_poison(head), what);
   }
   const std::string here = "pipegear: rank " + std::to_string(link_.rank()) + ": ";
@@ -235,22 +253,20 @@ Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard)
   if (h.step != seq_) {
     comm_failure(src, here + what + ": got a message of step " +
                           std::to_string(h.step) + " during step " +
-                          std::to_string(seq_) +
-                          " (module style: did every rank run the backward "
-                          "of the previous forward?)");
+                          std::to_string(seq_) + step_hint);
   }
-  largest_received_[backward] =
-      std::max(largest_received_[backward], h.base() + h.payload);
-  const auto [data, data_offset] =
-      payload_of(posted, h, src, link_.tag_of(j, backward), what);
-  if (discard) {
-    return {};
-  }
+}
+
+Message C10dTransport::decode(const Posted& posted, const torch::Tensor& head,
+                              const Head& h, int64_t src, int tag,
+                              const std::string& what) {
+  const auto [data, data_offset] = payload_of(posted, h, src, tag, what);
   Message m;
   try {
     m.tensors = decode_batch(head, data, data_offset, device(), &m.shared);
   } catch (const BadMessage& e) {
-    comm_failure(src, here + e.what() + " while " + what);
+    comm_failure(src, "pipegear: rank " + std::to_string(link_.rank()) + ": " +
+                          e.what() + " while " + what);
   }
   return m;
 }
@@ -306,30 +322,10 @@ Message C10dTransport::recv_skip_message(int64_t src, int tag,
                              torch::TensorOptions().dtype(torch::kUInt8).device(device()));
   Posted posted{buffer, post_recv(buffer, src, tag, what)};
   wait(posted.work, src, what);
-  const torch::Tensor head = device().is_cpu() ? buffer : buffer.cpu();
+  const torch::Tensor head = head_of(buffer);
   const Head h = read_head(head);
-  if (h.kind == kPoison) {
-    poisoned(read_poison(head), what);
-  }
-  const std::string here = "pipegear: rank " + std::to_string(link_.rank()) + ": ";
-  try {
-    check_batch_head(h, head.numel());
-  } catch (const BadMessage& e) {
-    comm_failure(src, here + e.what() + " while " + what);
-  }
-  if (h.step != seq_) {
-    comm_failure(src, here + what + ": got a message of step " +
-                          std::to_string(h.step) + " during step " +
-                          std::to_string(seq_));
-  }
-  const auto [data, data_offset] = payload_of(posted, h, src, tag, what);
-  Message m;
-  try {
-    m.tensors = decode_batch(head, data, data_offset, device(), &m.shared);
-  } catch (const BadMessage& e) {
-    comm_failure(src, here + e.what() + " while " + what);
-  }
-  return m;
+  check_head(head, h, src, what, "");
+  return decode(posted, head, h, src, tag, what);
 }
 
 std::pair<torch::Tensor, int64_t> C10dTransport::payload_of(const Posted& posted,

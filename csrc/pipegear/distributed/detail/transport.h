@@ -165,6 +165,15 @@ class C10dTransport final : public Transport {
                          const std::vector<int64_t>& shared,
                          const std::string& what);
   Message recv_skip_message(int64_t src, int tag, const std::string& what);
+  // A received message's header region on the CPU.
+  torch::Tensor head_of(const torch::Tensor& buffer) const;
+  // Raises for a poison notice, a malformed header or another step's
+  // message (`step_hint` ends that error).
+  void check_head(const torch::Tensor& head, const Head& h, int64_t src,
+                  const std::string& what, const char* step_hint);
+  // The tensors of a checked message (its payload packed or spilled).
+  Message decode(const Posted& posted, const torch::Tensor& head, const Head& h,
+                 int64_t src, int tag, const std::string& what);
   int64_t skip_rank(int64_t id, bool popper) const;
 
   Link& link_;
