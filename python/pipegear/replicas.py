@@ -393,25 +393,38 @@ class Replicas:
         squares, counts) summed over the replicas, then committed, so that
         every replica's running statistics are those of the global batch,
         as the plain model's on it (the pipeline commits nothing itself
-        with replicas: GPipe._hooks(commit=False)). One all-reduce per layer,
-        in the same order on every replica, empty statistics as zeros."""
+        with replicas: GPipe._hooks(commit=False)). One all-reduce for all
+        the layers, on their device (NCCL sums device tensors), empty
+        statistics as zeros."""
+        if not self.batch_norms:
+            return
+        device = self.batch_norms[0].running_mean.device
+        parts = []
         for bn in self.batch_norms:
-            stats = bn._stats
+            stats, c = bn._stats, bn.num_features
+            if stats.empty():
+                parts.append(torch.zeros(2 * c, dtype=torch.float64,
+                                         device=device))
+            else:
+                parts += [stats.sum.detach().double().to(device),
+                          stats.sum_squares.detach().double().to(device)]
+            parts.append(torch.tensor([stats.count, stats.micro_batches],
+                                      dtype=torch.float64, device=device))
+        flat = torch.cat(parts)
+        self._wait(dist.all_reduce(flat, group=self.dp_group, async_op=True),
+                   self.timeout, "the BatchNorm statistics")
+        offset = 0
+        for bn in self.batch_norms:
             c = bn.num_features
-            flat = torch.zeros(2 * c + 2, dtype=torch.float64)
-            if not stats.empty():
-                flat[:c] = stats.sum.detach().double().cpu()
-                flat[c:2 * c] = stats.sum_squares.detach().double().cpu()
-            flat[2 * c] = stats.count
-            flat[2 * c + 1] = stats.micro_batches
-            self._wait(dist.all_reduce(flat, group=self.dp_group,
-                                       async_op=True),
-                       self.timeout, "the BatchNorm statistics")
-            if flat[2 * c + 1] == 0:
+            total, count, micro_batches = (
+                flat[offset:offset + 2 * c], int(flat[offset + 2 * c]),
+                int(flat[offset + 2 * c + 1]))
+            offset += 2 * c + 2
+            if micro_batches == 0:
                 continue  # no replica accumulated (evaluation)
-            device = bn.running_mean.device
-            stats.assign(flat[:c].to(device), flat[c:2 * c].to(device),
-                         int(flat[2 * c]), int(flat[2 * c + 1]))
+            where = bn.running_mean.device
+            bn._stats.assign(total[:c].to(where), total[c:].to(where),
+                             count, micro_batches)
             bn.commit()
 
     def _restore(self, stash: list) -> None:
