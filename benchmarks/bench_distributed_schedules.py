@@ -12,13 +12,15 @@ rank), batch 64, 8 micro-batches, no checkpointing, MSE loss:
 - sleep: 4 simulated layers (bench_schedules.py's: forward F, input-gradient
   B, weight-gradient W, each 2 ms, waiting without CPU).
 
-pipegear runs gpipe, 1f1b, zb-h1, zb-h2 (one stage per rank); torch runs
-ScheduleGPipe, Schedule1F1B (one stage per rank), and with two stages per
-rank (the model cut in 4) ScheduleInterleaved1F1B, ScheduleInterleavedZero
-Bubble (rank r holds stages r and r + 2) and ScheduleZBVZeroBubble (the V:
-rank 0 holds stages 0 and 3). Steps of all runners alternate, so that all
-see the same load; the table gives the median steps/s and each pipegear
-schedule's ratio to the torch schedule of the same family.
+pipegear runs gpipe, 1f1b, zb-h1, zb-h2 (one stage per rank) and
+interleaved (two stages per rank, the model cut in 4: rank r holds stages r
+and r + 2); torch runs ScheduleGPipe, Schedule1F1B (one stage per rank),
+and with two stages per rank ScheduleInterleaved1F1B,
+ScheduleInterleavedZeroBubble (rank r holds stages r and r + 2) and
+ScheduleZBVZeroBubble (the V: rank 0 holds stages 0 and 3). Steps of all
+runners alternate, so that all see the same load; the table gives the
+median steps/s and each pipegear schedule's ratio to the torch schedule of
+the same family.
 """
 import argparse
 import json
@@ -34,6 +36,8 @@ from torch import nn
 
 BATCH, CHUNKS = 64, 8
 SLEEP_S = 0.002
+# pipegear's schedules and their stages per rank.
+KINDS = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zb-h2": 1, "interleaved": 2}
 
 
 def simulated_layer():
@@ -72,12 +76,12 @@ def worker(rank, world, port, steps):
     for model in ("real", "sleep"):
         layers = len(factories(model))
         runners = {}
-        busy = {k: [] for k in ("gpipe", "1f1b", "zb-h1", "zb-h2")}
+        busy = {k: [] for k in KINDS}
         cells = {}
-        for kind in ("gpipe", "1f1b", "zb-h1", "zb-h2"):
+        for kind, v in KINDS.items():
             pipe = pipegear.DistributedGPipe(
-                factories(model), [layers // 2] * 2, chunks=CHUNKS,
-                checkpoint="never", schedule=kind)
+                factories(model), [layers // (2 * v)] * (2 * v), chunks=CHUNKS,
+                checkpoint="never", schedule=kind, virtual_stages=v)
 
             def ours(pipe=pipe, kind=kind):
                 pipe.step(x if first else None, t if last else None, loss_fn)
@@ -141,7 +145,8 @@ def worker(rank, world, port, steps):
 
 PAIRS = {"gpipe": "torch ScheduleGPipe", "1f1b": "torch Schedule1F1B",
          "zb-h1": "torch ScheduleInterleavedZeroBubble",
-         "zb-h2": "torch ScheduleZBVZeroBubble"}
+         "zb-h2": "torch ScheduleZBVZeroBubble",
+         "interleaved": "torch ScheduleInterleaved1F1B"}
 
 
 def main():
@@ -195,7 +200,7 @@ def main():
             f"rank {i}: µs per cell | rank {i}: rest of step (ms)"
             for i in range(2)) + " |")
         print("|---|" + "--:|--:|" * 2)
-        for kind in ("gpipe", "1f1b", "zb-h1", "zb-h2"):
+        for kind in KINDS:
             row = []
             for res in per_rank:
                 cell_s, n = res[model + " cells"][kind]
@@ -204,11 +209,11 @@ def main():
                         f"{(step_s - cell_s) * 1e3:.2f}"]
             print(f"| {kind} | " + " | ".join(row) + " |")
         print()
-    print("Families: gpipe ~ ScheduleGPipe, 1f1b ~ Schedule1F1B; pipegear's "
-          "zero-bubble schedules keep one stage per rank, so they are put "
-          "next to torch's zero-bubble schedules, which need two stages per "
-          "rank (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble); "
-          "pipegear's distributed pipeline has no interleaved schedule yet. "
+    print("Families: gpipe ~ ScheduleGPipe, 1f1b ~ Schedule1F1B, "
+          "interleaved ~ ScheduleInterleaved1F1B (both two stages per rank); "
+          "pipegear's ZB-H1 and ZB-H2 keep one stage per rank, so they are "
+          "put next to torch's zero-bubble schedules, which need two stages "
+          "per rank (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble). "
           "ratio > 1: pipegear is faster.")
 
 

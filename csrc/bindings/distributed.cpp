@@ -47,8 +47,9 @@ void init_distributed(py::module_& m) {
   py::class_<DistributedPipeline, std::shared_ptr<DistributedPipeline>>(
       m, "_DistributedPipeline")
       .def(py::init([](const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                       const py::object& module, const std::string& device,
-                       const py::object& hooks, int64_t chunks,
+                       const std::vector<py::object>& modules,
+                       const std::string& device,
+                       const std::vector<py::object>& hooks, int64_t chunks,
                        const std::string& checkpoint,
                        const std::string& schedule, double timeout,
                        double idle_timeout, std::vector<int64_t> balance,
@@ -58,24 +59,36 @@ void init_distributed(py::module_& m) {
                        const c10::intrusive_ptr<c10d::ProcessGroup>& dp_group,
                        std::vector<torch::Tensor> dp_parameters,
                        std::vector<torch::Tensor> dp_buffers, int64_t bucket_bytes,
-                       std::vector<std::string> skip_names) {
+                       std::vector<std::string> skip_names, int64_t virtual_stages) {
              TORCH_CHECK_VALUE(group, "process_group is None");
              TORCH_CHECK_VALUE(timeout > 0, "timeout must be positive, got ",
                                timeout);
              TORCH_CHECK_VALUE(idle_timeout > 0,
                                "idle_timeout must be positive, got ", idle_timeout);
+             TORCH_CHECK_VALUE(!modules.empty() && modules.size() == hooks.size(),
+                               "one module and one hook per virtual stage, got ",
+                               modules.size(), " and ", hooks.size());
+             // Stage c * K + rank per module (interleaved: K * v stages).
              const int64_t rank = group->getRank();
-             int64_t first_layer = balance.empty() ? -1 : 0;
-             for (int64_t r = 0; r < rank && r < static_cast<int64_t>(balance.size());
-                  ++r) {
-               first_layer += balance[r];
+             std::vector<std::shared_ptr<Stage>> stages;
+             for (size_t c = 0; c < modules.size(); ++c) {
+               const int64_t index =
+                   static_cast<int64_t>(c) * group->getSize() + rank;
+               int64_t first_layer = balance.empty() ? -1 : 0;
+               for (int64_t s = 0; s < index && s < static_cast<int64_t>(balance.size());
+                    ++s) {
+                 first_layer += balance[s];
+               }
+               StageSkips skips;
+               if (c == 0) {  // none with several stages per rank
+                 skips.pop = std::move(skip_pop);
+                 skips.stash = std::move(skip_stash);
+                 skips.names = std::move(skip_names);
+               }
+               stages.push_back(make_py_stage(modules[c], c10::Device(device),
+                                              hooks[c], index, first_layer,
+                                              std::move(skips)));
              }
-             StageSkips skips;
-             skips.pop = std::move(skip_pop);
-             skips.stash = std::move(skip_stash);
-             skips.names = std::move(skip_names);
-             auto stage = make_py_stage(module, c10::Device(device), hooks,
-                                        rank, first_layer, std::move(skips));
              auto options = DistributedOptions()
                                 .balance(std::move(balance))
                                 .chunks(chunks)
@@ -85,20 +98,24 @@ void init_distributed(py::module_& m) {
                                     static_cast<int64_t>(timeout * 1000.0)))
                                 .idle_timeout(std::chrono::milliseconds(
                                     static_cast<int64_t>(idle_timeout * 1000.0)))
-                                .skip_routes(std::move(skip_routes));
+                                .skip_routes(std::move(skip_routes))
+                                .virtual_stages(virtual_stages);
              // The constructor agrees on the options with the other ranks
              // (a collective): no GIL while it waits.
              py::gil_scoped_release no_gil;
              if (dp_group) {
                // The C++ face's replicas (the Python face has its own).
+               TORCH_CHECK_VALUE(stages.size() == 1, "the C++ face's replicas "
+                                 "run one stage per rank");
                return std::make_shared<DistributedPipeline>(
-                   group, dp_group, std::move(stage), std::move(dp_parameters),
-                   std::move(dp_buffers), std::move(options), bucket_bytes);
+                   group, dp_group, std::move(stages.front()),
+                   std::move(dp_parameters), std::move(dp_buffers),
+                   std::move(options), bucket_bytes);
              }
-             return std::make_shared<DistributedPipeline>(group, std::move(stage),
+             return std::make_shared<DistributedPipeline>(group, std::move(stages),
                                                           std::move(options));
            }),
-           py::arg("group"), py::arg("module"), py::arg("device"),
+           py::arg("group"), py::arg("modules"), py::arg("device"),
            py::arg("hooks"), py::arg("chunks"), py::arg("checkpoint"),
            py::arg("schedule"), py::arg("timeout"), py::arg("idle_timeout"),
            py::arg("balance"), py::arg("skip_pop") = std::vector<int64_t>{},
@@ -108,7 +125,8 @@ void init_distributed(py::module_& m) {
            py::arg("dp_parameters") = std::vector<torch::Tensor>{},
            py::arg("dp_buffers") = std::vector<torch::Tensor>{},
            py::arg("bucket_bytes") = int64_t{25} << 20,
-           py::arg("skip_names") = std::vector<std::string>{})
+           py::arg("skip_names") = std::vector<std::string>{},
+           py::arg("virtual_stages") = 1)
       .def(
           "step",
           [](DistributedPipeline& p, const py::object& input,
@@ -210,7 +228,7 @@ void init_distributed(py::module_& m) {
                                     e.phase == Phase::kForward        ? "F"
                                     : e.phase == Phase::kBackwardWeight ? "W"
                                                                        : "B",
-                                    e.recompute, e.start_ns, e.end_ns));
+                                    e.recompute, e.start_ns, e.end_ns, e.stage));
         }
         return out;
       });

@@ -86,14 +86,19 @@ class _DistributedPipeline:
     replica: int
     replicas: int
     broken: bool
-    last_events: list[tuple[int, str, bool, int, int]]
-    def __init__(self, group: Any, module: Any, device: str, hooks: Any,
-                 chunks: int, checkpoint: str, schedule: str, timeout: float,
-                 idle_timeout: float, balance: Sequence[int],
+    last_events: list[tuple[int, str, bool, int, int, int]]
+    def __init__(self, group: Any, modules: Sequence[Any], device: str,
+                 hooks: Sequence[Any], chunks: int, checkpoint: str,
+                 schedule: str, timeout: float, idle_timeout: float,
+                 balance: Sequence[int],
+                 skip_pop: Sequence[int] = (), skip_stash: Sequence[int] = (),
+                 skip_routes: Sequence[int] = (),
                  dp_group: Any = None,
                  dp_parameters: Sequence[torch.Tensor] = (),
                  dp_buffers: Sequence[torch.Tensor] = (),
-                 bucket_bytes: int = 25 << 20) -> None: ...
+                 bucket_bytes: int = 25 << 20,
+                 skip_names: Sequence[str] = (),
+                 virtual_stages: int = 1) -> None: ...
     def forward(self, input: Optional[Tensors],
                 training: bool = True) -> Tensors: ...
     def step(self, input: Optional[Tensors], target: Optional[Tensors],

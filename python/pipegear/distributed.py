@@ -85,7 +85,7 @@ class DistributedGPipe(_Placed):
             *factories* (callables returning an ``nn.Module``). Only this
             rank's factories are called, so no process builds the whole model.
         balance: layers per partition; ``len(balance)`` must equal the world
-            size of the group.
+            size of the group (times ``virtual_stages``).
         process_group: the group (rank r = stage r); ``None``: the default
             group (see :func:`init_from_env`).
         chunks: micro-batches per mini-batch.
@@ -101,8 +101,14 @@ class DistributedGPipe(_Placed):
             current CUDA device for NCCL). The partition stays there: a move
             to another device (``.to(device)``, ``.cuda()``) is a
             ``ValueError``; dtype casts work.
-        schedule: ``'gpipe'``, ``'1f1b'``, ``'zb-h1'`` or ``'zb-h2'`` (all
-            but ``'gpipe'``: :meth:`step` only).
+        schedule: ``'gpipe'``, ``'1f1b'``, ``'zb-h1'``, ``'zb-h2'`` or
+            ``'interleaved'`` (all but ``'gpipe'``: :meth:`step` only).
+        virtual_stages: partitions per rank (v) for ``'interleaved'``:
+            ``len(balance)`` is then K * v for K ranks and rank r runs
+            partitions r, r + K, ..., r + (v-1)K, so that a micro-batch
+            visits every rank v times and the pipeline's bubble shrinks by
+            about v (docs/distributed.md, "Interleaved"). Gloo only, without
+            skip connections across partitions.
         tied_parameters: parameters that are one parameter of the model
             though held by layers of several ranks (GPT-2's head reusing the
             embedding's weight), each tie a list of names as in
@@ -163,7 +169,7 @@ class DistributedGPipe(_Placed):
                  idle_timeout: float = 1800.0,
                  tied_parameters: Optional[Sequence[Sequence[str]]] = None,
                  mesh=None, dp_group=None, bucket_cap_mb: float = 25.0,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, virtual_stages: int = 1) -> None:
         super().__init__()
         if mesh is not None:
             if process_group is not None or dp_group is not None:
@@ -192,10 +198,21 @@ class DistributedGPipe(_Placed):
                    for i, b in enumerate(balance)]
         world = process_group.size()
         rank = process_group.rank()
-        if len(balance) != world:
+        virtual_stages = _check_int("virtual_stages", virtual_stages, 1)
+        if virtual_stages > 1 and schedule != "interleaved":
+            raise ValueError(f"virtual_stages = {virtual_stages} needs the "
+                             f"'interleaved' schedule, got {schedule!r}")
+        if virtual_stages == 1 and len(balance) != world:
             raise ValueError(f"balance has {len(balance)} partitions but the "
                              f"process group has {world} ranks: one rank "
                              "per partition")
+        if virtual_stages > 1 and len(balance) != world * virtual_stages:
+            raise ValueError(f"balance has {len(balance)} partitions but "
+                             f"{world} ranks with virtual_stages = "
+                             f"{virtual_stages} run {world * virtual_stages}")
+        if virtual_stages > 1 and world < 2:
+            raise ValueError(f"virtual_stages = {virtual_stages} needs at "
+                             "least 2 ranks (with one, use pipegear.GPipe)")
         named = _layers(module)
         if sum(balance) != len(named):
             raise ValueError(f"balance sums to {sum(balance)} but the module "
@@ -207,11 +224,6 @@ class DistributedGPipe(_Placed):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
-        if schedule == "interleaved":
-            raise ValueError("the distributed pipeline does not run the "
-                             "'interleaved' schedule (several stages per "
-                             "rank) yet; use it with pipegear.GPipe, or "
-                             "'1f1b', 'zb-h1', 'zb-h2' here")
         for name, value in (("timeout", timeout), ("idle_timeout", idle_timeout)):
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value < 0.001):
@@ -222,25 +234,47 @@ class DistributedGPipe(_Placed):
             device = _parse_device(device, "device")
             _check_available(device, "device")
 
-        offset = sum(balance[:rank])
-        mine = []
-        for name, layer in named[offset:offset + balance[rank]]:
-            if not isinstance(layer, nn.Module):
-                if not callable(layer):
-                    raise TypeError(f"layer {name} is neither an nn.Module "
-                                    f"nor a factory: {type(layer).__name__}")
-                layer = layer()
+        # This rank's partitions: r, r + K, ... (one unless interleaved).
+        stages = [c * world + rank for c in range(virtual_stages)]
+        chunked = []
+        for stage in stages:
+            offset = sum(balance[:stage])
+            part = []
+            for name, layer in named[offset:offset + balance[stage]]:
                 if not isinstance(layer, nn.Module):
-                    raise TypeError(f"the factory of layer {name} returned "
-                                    f"{type(layer).__name__}, not an nn.Module")
-            mine.append((name, layer))
+                    if not callable(layer):
+                        raise TypeError(f"layer {name} is neither an "
+                                        "nn.Module nor a factory: "
+                                        f"{type(layer).__name__}")
+                    layer = layer()
+                    if not isinstance(layer, nn.Module):
+                        raise TypeError(f"the factory of layer {name} "
+                                        f"returned {type(layer).__name__}, "
+                                        "not an nn.Module")
+                part.append((name, layer))
+            chunked.append(part)
+        mine = [item for part in chunked for item in part]
         # Skips: every rank tells the others what it stashes for later
         # ranks and pops from earlier ones (one collective, also when
         # nobody has any: a rank cannot know), and all find the same routes
         # or the same error.
         share = rank_skips(mine)
         shares = [None] * world
-        dist.all_gather_object(shares, share[:3], group=process_group)
+        if virtual_stages > 1:
+            # Whether a skip crosses one of this rank's partitions: the
+            # interleaved pipeline routes none (every rank raises alike).
+            crossing = any(rank_skips(part)[1] or rank_skips(part)[2]
+                           for part in chunked)
+            dist.all_gather_object(shares, crossing, group=process_group)
+            if any(shares):
+                raise ValueError(
+                    "skip connections across partitions are not supported "
+                    f"with virtual_stages = {virtual_stages} (ranks "
+                    f"{[r for r, c in enumerate(shares) if c]} hold one); "
+                    "keep each skip within a partition")
+            shares = [((), (), ())] * world
+        else:
+            dist.all_gather_object(shares, share[:3], group=process_group)
         problems, routes = routes_across_ranks(shares)
         if problems:
             raise TypeError("skip connections do not match (stash and pop "
@@ -251,11 +285,17 @@ class DistributedGPipe(_Placed):
                     if to == rank]
         skip_stash = [(i, local[k]) for i, (fr, _, k) in enumerate(routes)
                       if fr == rank]
-        partition = _Partition(OrderedDict(mine))
-        partition = _prepare_batch_norm(partition, chunks,
-                                        deferred_batch_norm, f"rank {rank}: ")
-        partition._skip_pops = tuple(k for _, k in skip_pop)
-        partition._skip_stashes = tuple(k for _, k in skip_stash)
+        partitions = []
+        for part in chunked:
+            p = _prepare_batch_norm(_Partition(OrderedDict(part)), chunks,
+                                    deferred_batch_norm, f"rank {rank}: ")
+            partitions.append(p)
+        partitions[0]._skip_pops = tuple(k for _, k in skip_pop)
+        partitions[0]._skip_stashes = tuple(k for _, k in skip_stash)
+        # All this rank's layers (after a DeferredBatchNorm conversion).
+        partition = (partitions[0] if virtual_stages == 1 else _Partition(
+            OrderedDict((n, m) for p in partitions
+                        for n, m in p._modules.items())))
         if device is None:
             backend = dist.get_backend(process_group)
             device = (torch.device("cuda", torch.cuda.current_device())
@@ -271,6 +311,7 @@ class DistributedGPipe(_Placed):
         self._chunks = chunks
         self._checkpoint = checkpoint
         self._schedule = schedule
+        self._virtual_stages = virtual_stages
         self._timeout = float(timeout)
         self._idle_timeout = float(idle_timeout)
         self._device = device
@@ -303,7 +344,8 @@ class DistributedGPipe(_Placed):
                 process_group, dp_group, list(partition.parameters()),
                 list(partition.buffers()),
                 dict(balance=balance, chunks=chunks, checkpoint=checkpoint,
-                     schedule=schedule, layers=[n for n, _ in named],
+                     schedule=schedule, virtual_stages=virtual_stages,
+                     layers=[n for n, _ in named],
                      deferred_batch_norm=bool(deferred_batch_norm)),
                 float(timeout), float(idle_timeout), float(bucket_cap_mb))
             # Their statistics are summed over the replicas and committed
@@ -313,13 +355,15 @@ class DistributedGPipe(_Placed):
                 m for m in partition.modules()
                 if isinstance(m, DeferredBatchNorm)]
         self._pipeline = _C._DistributedPipeline(
-            process_group, partition, str(device),
-            GPipe._hooks(partition, commit=self._replicas is None),
+            process_group, partitions, str(device),
+            [GPipe._hooks(p, commit=self._replicas is None)
+             for p in partitions],
             chunks, checkpoint, schedule, float(timeout), float(idle_timeout),
             balance, skip_pop=[i for i, _ in skip_pop],
             skip_stash=[i for i, _ in skip_stash],
             skip_routes=[r for fr, to, _ in routes for r in (fr, to)],
-            skip_names=[k[1] for _, _, k in routes])
+            skip_names=[k[1] for _, _, k in routes],
+            virtual_stages=virtual_stages)
         if self._replicas is not None and overlap:
             self._pipeline.set_before_last_backward(self._replicas.arm)
             self._pipeline.set_after_backward(self._replicas.start_reduction)
@@ -342,6 +386,11 @@ class DistributedGPipe(_Placed):
     def world_size(self) -> int:
         """The ranks of the group: the number of partitions."""
         return self._world_size
+
+    @property
+    def virtual_stages(self) -> int:
+        """Partitions per rank (``'interleaved'``; 1 otherwise)."""
+        return self._virtual_stages
 
     @property
     def timeout(self) -> float:
@@ -557,11 +606,13 @@ class DistributedGPipe(_Placed):
         return (self._replicas.dp, self._rank)
 
     def last_events(self) -> list:
-        """This rank's cells of the last step:
-        (micro_batch, 'F'|'B', recompute, start_ns, end_ns)."""
+        """This rank's cells of the last step: (micro_batch, 'F'|'B'|'W',
+        recompute, start_ns, end_ns, partition), by start time."""
         return self._pipeline.last_events
 
     def extra_repr(self) -> str:
+        stages = (f", virtual_stages={self._virtual_stages}"
+                  if self._virtual_stages > 1 else "")
         return (f"rank={self._rank}/{self._world_size}, "
                 f"balance={self._balance}, chunks={self._chunks}, "
-                f"checkpoint={self._checkpoint!r}")
+                f"checkpoint={self._checkpoint!r}{stages}")

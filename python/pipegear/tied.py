@@ -280,11 +280,13 @@ class DistributedTies:
         self._stashed: list[Optional[torch.Tensor]] = []
         if not groups:  # no collective at all: any process group works
             return
+        # The rank of each layer (partition s runs on rank s % K: several
+        # partitions per rank when interleaved).
         stage_of = {}
         offset = 0
         for stage, size in enumerate(balance):
             for name in layer_names[offset:offset + size]:
-                stage_of[name] = stage
+                stage_of[name] = stage % process_group.size()
             offset += size
         # (member ranks, this rank's parameter or None) per tie; every rank
         # computes the members of every tie from the names alone.

@@ -66,13 +66,18 @@ def replica_batch(loss, step, replica):
 
 
 def cfg(name, checkpoint, schedule, loss, chunks=3, overlap=True,
-        tied=False, accumulate=1):
+        tied=False, accumulate=1, virtual_stages=1, balance=None,
+        in_cell=None):
     """`tied`: layers 2 and 4 share their weight (a tie across stages
     with K=2); `accumulate`: steps per optimizer step (no zero_grad
-    between them)."""
+    between them); `balance`: instead of the layout's (K * v entries with
+    `virtual_stages`); `in_cell`: whether every bucket starts within the
+    rank's last backward cell (default: `overlap`)."""
     return dict(name=name, checkpoint=checkpoint, schedule=schedule,
                 loss=loss, chunks=chunks, overlap=overlap, tied=tied,
-                accumulate=accumulate)
+                accumulate=accumulate, virtual_stages=virtual_stages,
+                balance=balance,
+                in_cell=overlap if in_cell is None else in_cell)
 
 
 TIE = [["2.weight", "4.weight"]]
@@ -87,7 +92,12 @@ ALL = [cfg("always-gpipe-mse", "always", "gpipe", "mse"),
        cfg("tied-accumulate-ce", "except_last", "gpipe", "ce-ignore",
            tied=True, accumulate=2),
        # Split backward: the buckets start within the last W cell.
-       cfg("always-zb-h1-ce", "always", "zb-h1", "ce-ignore")]
+       cfg("always-zb-h1-ce", "always", "zb-h1", "ce-ignore"),
+       # Two partitions per rank: the buckets of the later partition, whose
+       # gradients are final before the rank's last backward cell (the
+       # earlier partition's), start after that cell.
+       cfg("interleaved-ce", "except_last", "interleaved", "ce-ignore",
+           chunks=4, virtual_stages=2, balance=[2, 2, 2, 1], in_cell=False)]
 SOME = [ALL[1], ALL[2], ALL[5]]
 
 # (K stages, R replicas, balance, how the groups are made, configs)
@@ -134,7 +144,8 @@ def worker_compare(rank, world, port, out):
         groups, dp, pp = _groups(dist, K, R, how)
         for c in configs:
             pipe = pipegear.DistributedGPipe(
-                layer_factories(seed=1 + dp), balance, chunks=c["chunks"],
+                layer_factories(seed=1 + dp), c["balance"] or balance,
+                chunks=c["chunks"], virtual_stages=c["virtual_stages"],
                 checkpoint=c["checkpoint"], schedule=c["schedule"],
                 timeout=20.0, overlap=c["overlap"], bucket_cap_mb=1e-4,
                 tied_parameters=TIE if c["tied"] else None, **groups)
@@ -177,7 +188,7 @@ def _cpp_pipe(factories, balance, pp_group, dp_group, c, timeout=20.0):
     part = _Partition(OrderedDict(
         (str(i), factories[i]()) for i in range(offset, offset + balance[rank])))
     pipe = _C._DistributedPipeline(
-        pp_group, part, "cpu", GPipe._hooks(part), c["chunks"], c["checkpoint"],
+        pp_group, [part], "cpu", [GPipe._hooks(part)], c["chunks"], c["checkpoint"],
         c["schedule"], timeout, 1800.0, list(balance), dp_group=dp_group,
         dp_parameters=list(part.parameters()),
         dp_buffers=list(part.buffers()), bucket_bytes=100)
@@ -366,7 +377,7 @@ def test_replicas_train_like_the_plain_model_on_the_global_batch(launched):
                 # the pipeline's step; else after it
                 # and every bucket within the last cell, as soon as its
                 # parameters had their last gradient
-                assert got["started"] == [(c["overlap"], c["overlap"])] * \
+                assert got["started"] == [(c["overlap"], c["in_cell"])] * \
                     (STEPS * c["accumulate"]), (key, r)
                 for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
                     assert abs(a - b) <= 1e-10 * max(1.0, abs(b)), \

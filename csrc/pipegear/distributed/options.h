@@ -17,15 +17,20 @@
 namespace pipegear {
 
 struct DistributedOptions {
-  /// Layers per stage (K = balance.size() = the world size). Required by the
-  /// Sequential and factory constructors; with a ready-made Stage it is
-  /// optional and only checked for agreement between ranks.
+  /// Layers per stage: K * v entries for K ranks and v = virtual_stages
+  /// (stage s runs on rank s % K). Required by the Sequential and factory
+  /// constructors; with ready-made stages it is optional and only checked
+  /// for agreement between ranks.
   TORCH_ARG(std::vector<int64_t>, balance) = {};
   /// Micro-batches per mini-batch (M); a smaller batch gives fewer.
   TORCH_ARG(int64_t, chunks) = 1;
   TORCH_ARG(CheckpointMode, checkpoint) = CheckpointMode::kExceptLast;
-  /// kGPipe serves both faces; k1F1B, kZBH1 and kZBH2 only step().
+  /// kGPipe serves both faces; the others only step().
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
+  /// Stages per rank (v): rank r runs stages r, r + K, ..., r + (v-1)K of
+  /// the K * v, each a slice of its own (interleaved schedules only, Gloo
+  /// only, 2 ranks or more, no skip connections).
+  TORCH_ARG(int64_t, virtual_stages) = 1;
   /// Replace BatchNorm layers of this rank's slice by DeferredBatchNorm
   /// (Sequential and factory constructors).
   TORCH_ARG(bool, deferred_batch_norm) = false;

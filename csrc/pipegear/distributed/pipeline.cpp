@@ -38,8 +38,10 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   // `dp_group` (may be null): the replicas of this rank's stage, whose
   // parameters and buffers are `module`'s, else `tensors` (a Python
   // stage's: parameters, then buffers).
+  // `stages`: this rank's, one per virtual stage.
   DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                  std::shared_ptr<Stage> stage, torch::nn::Sequential module,
+                  std::vector<std::shared_ptr<Stage>> stages,
+                  torch::nn::Sequential module,
                   DistributedOptions options,
                   c10::intrusive_ptr<c10d::ProcessGroup> dp_group = {},
                   int64_t bucket_bytes = int64_t{25} << 20,
@@ -66,7 +68,8 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   int64_t replica() const { return replicas_ ? replicas_->replica() : 0; }
   int64_t replicas() const { return replicas_ ? replicas_->replicas() : 1; }
   const DistributedOptions& options() const { return options_; }
-  const std::shared_ptr<Stage>& stage() const { return stage_; }
+  const std::shared_ptr<Stage>& stage() const { return stages_.front(); }
+  const std::vector<std::shared_ptr<Stage>>& stages() const { return stages_; }
   torch::nn::Sequential module() const { return module_; }
   bool broken() const { return link_.broken() || (replicas_ && replicas_->broken()); }
   void set_after_backward(std::function<void()> hook) {
@@ -84,6 +87,7 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
 
  private:
   bool is_last() const { return rank() + 1 == world(); }
+  int64_t virtual_stages() const { return static_cast<int64_t>(stages_.size()); }
   // One step of this pipeline (step() without the replicas).
   torch::Tensor run_step(const Batch& input, const Batch& target,
                          const LossFn& loss_fn, const StepOptions& options,
@@ -111,11 +115,18 @@ class DistributedCore : public std::enable_shared_from_this<DistributedCore> {
   // at once, then raises `error`. A later backward through the old output
   // raises.
   [[noreturn]] void abandon_drain(StepState& state, const std::exception_ptr& error);
+  void end_forward() {
+    for (auto& runner : runners_) {
+      runner->end_forward();
+    }
+  }
 
-  std::shared_ptr<Stage> stage_;
+  std::vector<std::shared_ptr<Stage>> stages_;
   torch::nn::Sequential module_;
   DistributedOptions options_;
-  CellRunner runner_;
+  // One per stage of this rank (by Cell::chunk); a runner's index is its
+  // stage's in the pipeline.
+  std::vector<std::unique_ptr<CellRunner>> runners_;
   Link link_;
   Protocol protocol_;
 
@@ -178,23 +189,38 @@ void check_group(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                  const DistributedOptions& options) {
   TORCH_CHECK_VALUE(group, "DistributedPipeline needs a process group, got null");
   const auto world = group->getSize();
+  const int64_t v = options.virtual_stages();
+  TORCH_CHECK_VALUE(v >= 1, "virtual_stages must be at least 1, got ", v);
   const auto& balance = options.balance();
-  if (!balance.empty()) {
+  if (!balance.empty() && v == 1) {
     TORCH_CHECK_VALUE(static_cast<int64_t>(balance.size()) == world,
                       "balance has ", balance.size(), " stages but the process "
                       "group has ", world, " ranks: one rank per stage");
+  } else if (!balance.empty()) {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(balance.size()) == world * v,
+                      "balance has ", balance.size(), " stages but ", world,
+                      " ranks with virtual_stages = ", v, " run ", world * v);
   }
 }
 
-// This rank's slice of `layers` (index `offset` on), named by index.
-torch::nn::Sequential slice_of(const std::vector<int64_t>& balance, int64_t rank,
-                               const std::function<torch::nn::AnyModule(int64_t)>& layer) {
-  int64_t offset = 0;
-  for (int64_t s = 0; s < rank; ++s) {
-    offset += balance[s];
+// The index in the model of stage `stage`'s first layer (-1: no balance).
+int64_t first_layer_of(const std::vector<int64_t>& balance, int64_t stage) {
+  if (balance.empty()) {
+    return -1;
   }
+  int64_t first = 0;
+  for (int64_t s = 0; s < stage && s < static_cast<int64_t>(balance.size()); ++s) {
+    first += balance[s];
+  }
+  return first;
+}
+
+// Stage `stage`'s slice of `layers`, named by index.
+torch::nn::Sequential slice_of(const std::vector<int64_t>& balance, int64_t stage,
+                               const std::function<torch::nn::AnyModule(int64_t)>& layer) {
+  const int64_t offset = first_layer_of(balance, stage);
   torch::nn::Sequential part;
-  for (int64_t l = offset; l < offset + balance[rank]; ++l) {
+  for (int64_t l = offset; l < offset + balance[stage]; ++l) {
     part->push_back(std::to_string(l), layer(l));
   }
   return part;
@@ -202,34 +228,53 @@ torch::nn::Sequential slice_of(const std::vector<int64_t>& balance, int64_t rank
 
 std::shared_ptr<Stage> make_stage(torch::nn::Sequential& part,
                                   const c10d::ProcessGroup& group,
-                                  const DistributedOptions& options,
+                                  const DistributedOptions& options, int64_t stage,
                                   StageSkipKeys skips = {}) {
   if (options.deferred_batch_norm()) {
     part = convert_deferred_batch_norm(part, options.chunks());
   }
   const auto device = options.device() ? *options.device() : default_device(group);
   part->to(device);
-  const auto& balance = options.balance();
-  int64_t first_layer = balance.empty() ? -1 : 0;
-  for (int64_t r = 0; r < group.getRank() && r < static_cast<int64_t>(balance.size());
-       ++r) {
-    first_layer += balance[r];
-  }
-  return std::make_shared<SequentialStage>(part, device, first_layer,
-                                           std::move(skips));
+  return std::make_shared<SequentialStage>(
+      part, device, first_layer_of(options.balance(), stage), std::move(skips));
 }
 
 // The arguments of a core, checked in the order users meet their errors
 // (the tags' own limit: Link).
 DistributedOptions checked(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                           const std::shared_ptr<Stage>& stage,
+                           const std::vector<std::shared_ptr<Stage>>& stages,
                            DistributedOptions options) {
   TORCH_CHECK_VALUE(group, "DistributedPipeline needs a process group, got null");
-  TORCH_CHECK_VALUE(stage, "DistributedPipeline needs a stage, got null");
-  TORCH_CHECK_VALUE(options.schedule() != ScheduleKind::kInterleaved,
-                    "the distributed pipeline does not run the 'interleaved' "
-                    "schedule (several stages per rank) yet; use it with the "
-                    "in-process Engine / GPipe");
+  const int64_t v = options.virtual_stages();
+  TORCH_CHECK_VALUE(v >= 1, "virtual_stages must be at least 1, got ", v);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(stages.size()) == v, "rank ",
+                    group->getRank(), " got ", stages.size(), " stages but "
+                    "virtual_stages is ", v, ": one stage per virtual stage");
+  for (size_t c = 0; c < stages.size(); ++c) {
+    TORCH_CHECK_VALUE(stages[c], "DistributedPipeline needs a stage, got null",
+                      v > 1 ? " (virtual stage " + std::to_string(c) + ")" : "");
+    TORCH_CHECK_VALUE(stages[c]->device() == stages.front()->device(), "rank ",
+                      group->getRank(), "'s stages share one device, but its "
+                      "virtual stage 0 is on ", stages.front()->device(),
+                      " and virtual stage ", c, " on ", stages[c]->device());
+  }
+  TORCH_CHECK_VALUE(v == 1 || options.schedule() == ScheduleKind::kInterleaved,
+                    "virtual_stages = ", v, " needs the 'interleaved' schedule");
+  if (v > 1) {
+    // Stages of one rank would send each other messages: with one rank
+    // the in-process GPipe runs the same schedule.
+    TORCH_CHECK_VALUE(group->getSize() >= 2, "virtual_stages = ", v, " needs "
+                      "at least 2 ranks (with one, use the in-process GPipe)");
+    // NCCL matches messages by posting order; with several stages per rank
+    // a link carries activations and gradients of several stage pairs,
+    // whose orders on both ends are not the same.
+    TORCH_CHECK_VALUE(group->getBackendName() != "nccl", "virtual_stages = ",
+                      v, " runs on Gloo process groups only (NCCL matches "
+                      "messages by posting order)");
+    TORCH_CHECK_VALUE(options.skip_routes().empty(), "skip connections "
+                      "between ranks are not supported with virtual_stages = ",
+                      v);
+  }
   TORCH_CHECK_VALUE(options.chunks() >= 1, "chunks must be at least 1, got ",
                     options.chunks());
   TORCH_CHECK_VALUE(options.timeout().count() > 0,
@@ -252,21 +297,23 @@ DistributedOptions checked(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                       id, " goes from rank ", from, " to rank ", to,
                       "; a skip goes to a later rank of the group");
   }
-  for (const auto& [ids, popper] :
-       {std::pair(&stage->skips().pop, true),
-        std::pair(&stage->skips().stash, false)}) {
-    for (int64_t id : *ids) {
-      TORCH_CHECK_VALUE(0 <= id && id < skips &&
-                            routes[2 * id + (popper ? 1 : 0)] == rank,
-                        "rank ", rank, "'s stage ", popper ? "pops" : "stashes",
-                        " skip ", id, ", which skip_routes does not route ",
-                        popper ? "to" : "from", " it");
+  for (const auto& stage : stages) {
+    for (const auto& [ids, popper] :
+         {std::pair(&stage->skips().pop, true),
+          std::pair(&stage->skips().stash, false)}) {
+      for (int64_t id : *ids) {
+        TORCH_CHECK_VALUE(0 <= id && id < skips &&
+                              routes[2 * id + (popper ? 1 : 0)] == rank,
+                          "rank ", rank, "'s stage ", popper ? "pops" : "stashes",
+                          " skip ", id, ", which skip_routes does not route ",
+                          popper ? "to" : "from", " it");
+      }
     }
   }
   if (group->getBackendName() == "nccl") {
-    TORCH_CHECK_VALUE(!stage->device().is_cpu(), "rank ", group->getRank(),
+    TORCH_CHECK_VALUE(!stages.front()->device().is_cpu(), "rank ", group->getRank(),
                       ": an NCCL process group needs the stage on a CUDA device, got ",
-                      stage->device());
+                      stages.front()->device());
   }
   return options;
 }
@@ -295,21 +342,26 @@ struct RankStep : PendingStep {
 
 // ---------------------------------------------------------------------------
 DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
-                                 std::shared_ptr<Stage> stage,
+                                 std::vector<std::shared_ptr<Stage>> stages,
                                  torch::nn::Sequential module,
                                  DistributedOptions options,
                                  c10::intrusive_ptr<c10d::ProcessGroup> dp_group,
                                  int64_t bucket_bytes,
                                  std::pair<std::vector<torch::Tensor>,
                                            std::vector<torch::Tensor>> tensors)
-    : stage_(std::move(stage)),
+    : stages_(std::move(stages)),
       module_(std::move(module)),
-      options_(checked(group, stage_, std::move(options))),
-      runner_(stage_, group->getRank()),
-      link_(group, comm_device(*group, *stage_), options_.chunks(), options_.timeout(),
+      options_(checked(group, stages_, std::move(options))),
+      // One range of tags per stage boundary a link carries (transport.h).
+      link_(group, comm_device(*group, *stages_.front()),
+            options_.chunks() * options_.virtual_stages(), options_.timeout(),
             static_cast<int64_t>(options_.skip_routes().size()) / 2),
       protocol_(link_, options_) {
   register_random_kernels();
+  for (size_t c = 0; c < stages_.size(); ++c) {
+    runners_.push_back(std::make_unique<CellRunner>(
+        stages_[c], static_cast<int64_t>(c) * world() + rank()));
+  }
   // How errors name the skips (cells.h, skip_labels): by rank.
   const auto& routes = options_.skip_routes();
   std::vector<int64_t> from, to;
@@ -317,7 +369,10 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
     from.push_back(routes[i]);
     to.push_back(routes[i + 1]);
   }
-  runner_.set_skip_labels(skip_labels(stage_->skips().names, from, to, "rank"));
+  for (auto& runner : runners_) {
+    runner->set_skip_labels(skip_labels(runner->stage().skips().names, from, to,
+                                        "rank"));
+  }
   protocol_.connect();
   if (dp_group) {
     if (module_) {
@@ -369,13 +424,15 @@ std::shared_ptr<StepState> DistributedCore::begin(Face face, bool training,
   // A graph is kept whenever grad mode is on (rank 0's, agreed above):
   // whether some stage needs one is not known on every rank without
   // another exchange.
-  prepare_run(state->run, world(), header.sizes, header.grad,
+  const int64_t stages = world() * virtual_stages();
+  prepare_run(state->run, stages, header.sizes, header.grad,
               call_checkpoint(options_.checkpoint(), training),
               at::ThreadLocalState());
   state->schedule = make_schedule(options_.schedule(), world(),
-                                  static_cast<int64_t>(header.sizes.size()));
-  state->transport =
-      std::make_unique<C10dTransport>(link_, seq, &options_.skip_routes());
+                                  static_cast<int64_t>(header.sizes.size()),
+                                  virtual_stages());
+  state->transport = std::make_unique<C10dTransport>(
+      link_, seq, stages, options_.chunks(), &options_.skip_routes());
   return state;
 }
 
@@ -394,8 +451,9 @@ std::exception_ptr DistributedCore::run_cells(StepState& state, bool forward,
                                               bool backward) {
   const auto& cells = state.schedule[rank()];
   auto& run = state.run;
-  auto& events = run.events[rank()];
-  events.clear();
+  for (const auto& runner : runners_) {
+    run.events[runner->index()].clear();
+  }
   std::exception_ptr error;
   try {
     if (!link_.nccl()) {
@@ -417,7 +475,8 @@ std::exception_ptr DistributedCore::run_cells(StepState& state, bool forward,
       if (i == last_backward) {
         before_last_backward_();
       }
-      runner_.run(run, *state.transport, cells, i, forward, backward);
+      runners_[cells[i].chunk]->run(run, *state.transport, cells, i, forward,
+                                    backward);
     }
   } catch (...) {
     error = std::current_exception();
@@ -425,10 +484,15 @@ std::exception_ptr DistributedCore::run_cells(StepState& state, bool forward,
   {
     std::lock_guard<std::mutex> lock(events_mutex_);
     if (forward) {
-      events_ = events;
-    } else {
-      events_.insert(events_.end(), events.begin(), events.end());
+      events_.clear();
     }
+    for (const auto& runner : runners_) {
+      const auto& mine = run.events[runner->index()];
+      events_.insert(events_.end(), mine.begin(), mine.end());
+    }
+    std::stable_sort(events_.begin(), events_.end(), [](const auto& a, const auto& b) {
+      return a.start_ns < b.start_ns;
+    });
   }
   if (error) {
     protocol_.fail(state, error, forward, backward);
@@ -573,7 +637,7 @@ torch::Tensor DistributedCore::run_step(const Batch& input, const Batch& target,
   }
   const auto [value, dtype] = protocol_.agree(*state, error, loss, "step");
   tied.commit(run.grad);  // every rank's drain succeeded: sum (collective)
-  runner_.end_forward();  // every rank succeeded: commit (DeferredBatchNorm)
+  end_forward();  // every rank succeeded: commit (DeferredBatchNorm)
   state->transport->grow_capacities(true, true);
   link_.flush();
   if (is_last()) {
@@ -608,7 +672,7 @@ Batch DistributedCore::forward(const Batch& input, bool training,
         if (is_last()) {
           out = gather(state->run.outputs);
         } else {
-          out = {torch::zeros({}, torch::TensorOptions().device(stage_->device()))};
+          out = {torch::zeros({}, torch::TensorOptions().device(stage()->device()))};
         }
       } catch (...) {
         error = std::current_exception();
@@ -617,7 +681,7 @@ Batch DistributedCore::forward(const Batch& input, bool training,
     // Every rank raises, or none: a rank whose fill went well would
     // otherwise wait in a drain that never comes.
     finish_pass(*state, error, "forward");
-    runner_.end_forward();  // every rank's fill succeeded
+    end_forward();  // every rank's fill succeeded
     if (!state->run.grad) {
       return out;
     }
@@ -724,8 +788,15 @@ void DistributedCore::backward() {
 DistributedPipeline::DistributedPipeline(
     c10::intrusive_ptr<c10d::ProcessGroup> group, std::shared_ptr<Stage> stage,
     DistributedOptions options)
+    : DistributedPipeline(std::move(group),
+                          std::vector<std::shared_ptr<Stage>>{std::move(stage)},
+                          std::move(options)) {}
+
+DistributedPipeline::DistributedPipeline(
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    std::vector<std::shared_ptr<Stage>> stages, DistributedOptions options)
     : core_(std::make_shared<detail::DistributedCore>(
-          std::move(group), std::move(stage), nullptr, std::move(options))) {}
+          std::move(group), std::move(stages), nullptr, std::move(options))) {}
 
 DistributedPipeline::DistributedPipeline(
     c10::intrusive_ptr<c10d::ProcessGroup> group, std::shared_ptr<Stage> stage,
@@ -739,14 +810,46 @@ DistributedPipeline::DistributedPipeline(
 
 namespace {
 
-// This rank's slice and stage, from the whole model or the factories.
+// This rank's slices and stages, from the whole model or the factories.
 struct Slice {
-  torch::nn::Sequential part;
-  std::shared_ptr<Stage> stage;
+  torch::nn::Sequential part;  // every layer of this rank's stages
+  std::vector<std::shared_ptr<Stage>> stages;  // one per virtual stage
   // Parameters this rank shares with others (the Sequential form only:
   // factories build each rank's layers apart).
   std::vector<detail::TiedParameter> ties;
 };
+
+// The stages of this rank (rank, rank + K, ...), each on a slice of the
+// layers `layer` builds; `skips`: each stage's skip keys, by stage.
+Slice slice_stages(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                   const DistributedOptions& options,
+                   const std::function<torch::nn::AnyModule(int64_t)>& layer,
+                   std::vector<StageSkipKeys> skips = {}) {
+  Slice slice;
+  const int64_t world = group->getSize();
+  for (int64_t c = 0; c < options.virtual_stages(); ++c) {
+    const int64_t stage = c * world + group->getRank();
+    auto part = detail::slice_of(options.balance(), stage, layer);
+    slice.stages.push_back(detail::make_stage(
+        part, *group, options, stage,
+        static_cast<size_t>(stage) < skips.size() ? std::move(skips[stage])
+                                                  : StageSkipKeys{}));
+    if (options.virtual_stages() == 1) {
+      slice.part = part;
+      break;
+    }
+    // The layers themselves (after a DeferredBatchNorm conversion), so
+    // that the whole slice's parameters are the stages'.
+    if (!slice.part) {
+      slice.part = torch::nn::Sequential();
+    }
+    const auto names = part->named_children().keys();
+    for (size_t i = 0; i < names.size(); ++i) {
+      slice.part->push_back(names[i], *(part->begin() + static_cast<int64_t>(i)));
+    }
+  }
+  return slice;
+}
 
 // Sets the options' skip routes when they are not given.
 Slice slice_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
@@ -755,7 +858,7 @@ Slice slice_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
   TORCH_CHECK_VALUE(model && !model->is_empty(),
                     "the module to pipeline must be a non-empty Sequential");
   TORCH_CHECK_VALUE(!options.balance().empty(), "the Sequential form needs "
-                    "DistributedOptions().balance(...), one entry per rank");
+                    "DistributedOptions().balance(...), one entry per stage");
   check_balance(options.balance(), static_cast<int64_t>(model->size()));
   // Every rank holds the whole model: each finds the skips' routes itself
   // (the configuration agreement checks that they agree).
@@ -776,13 +879,12 @@ Slice slice_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     }
     options.skip_routes(std::move(routes));
   }
-  auto part = detail::slice_of(options.balance(), group->getRank(),
-                               [&](int64_t l) { return *(model->begin() + l); });
-  auto ties = detail::find_tied_parameters(model, options.balance(),
-                                           group->getRank());
-  auto stage = detail::make_stage(part, *group, options,
-                                  std::move(layout[group->getRank()]));
-  return {part, std::move(stage), std::move(ties)};
+  auto slice = slice_stages(
+      group, options, [&](int64_t l) { return *(model->begin() + l); },
+      std::move(layout));
+  slice.ties = detail::find_tied_parameters(model, options.balance(),
+                                            group->getRank(), group->getSize());
+  return slice;
 }
 
 Slice slice_factories(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
@@ -791,17 +893,15 @@ Slice slice_factories(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
   detail::check_group(group, options);
   TORCH_CHECK_VALUE(!layers.empty(), "the pipeline needs at least 1 layer factory");
   TORCH_CHECK_VALUE(!options.balance().empty(), "the factory form needs "
-                    "DistributedOptions().balance(...), one entry per rank");
+                    "DistributedOptions().balance(...), one entry per stage");
   check_balance(options.balance(), static_cast<int64_t>(layers.size()));
-  auto part = detail::slice_of(options.balance(), group->getRank(), [&](int64_t l) {
+  return slice_stages(group, options, [&](int64_t l) {
     TORCH_CHECK_VALUE(static_cast<bool>(layers[l]), "layer factory ", l, " is empty");
     auto layer = layers[l]();
     TORCH_CHECK_VALUE(!layer.is_empty(), "layer factory ", l,
                       " returned an empty AnyModule");
     return layer;
   });
-  auto stage = detail::make_stage(part, *group, options);
-  return {part, std::move(stage)};
 }
 
 } // namespace
@@ -811,7 +911,7 @@ DistributedPipeline::DistributedPipeline(
     const torch::nn::Sequential& model, DistributedOptions options) {
   auto slice = slice_model(group, model, options);
   core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(slice.stage), slice.part, std::move(options));
+      std::move(group), std::move(slice.stages), slice.part, std::move(options));
   core_->tie(std::move(slice.ties));
 }
 
@@ -820,7 +920,7 @@ DistributedPipeline::DistributedPipeline(
     const std::vector<LayerFactory>& layers, DistributedOptions options) {
   auto slice = slice_factories(group, layers, options);
   core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(slice.stage), slice.part, std::move(options));
+      std::move(group), std::move(slice.stages), slice.part, std::move(options));
 }
 
 DistributedPipeline::DistributedPipeline(
@@ -831,7 +931,7 @@ DistributedPipeline::DistributedPipeline(
   TORCH_CHECK_VALUE(dp_group, "DistributedPipeline needs a dp group, got null");
   auto slice = slice_factories(group, layers, options);
   core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(slice.stage), slice.part, std::move(options),
+      std::move(group), std::move(slice.stages), slice.part, std::move(options),
       std::move(dp_group), bucket_bytes);
 }
 
@@ -850,7 +950,7 @@ DistributedPipeline::DistributedPipeline(
                     "parameters across ranks together with replicas (a dp "
                     "group); use the Python DistributedGPipe");
   core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(slice.stage), slice.part, std::move(options),
+      std::move(group), std::move(slice.stages), slice.part, std::move(options),
       std::move(dp_group), bucket_bytes);
 }
 
@@ -861,8 +961,8 @@ DistributedPipeline::DistributedPipeline(
     DistributedOptions options, int64_t bucket_bytes) {
   TORCH_CHECK_VALUE(dp_group, "DistributedPipeline needs a dp group, got null");
   core_ = std::make_shared<detail::DistributedCore>(
-      std::move(group), std::move(stage), nullptr, std::move(options),
-      std::move(dp_group), bucket_bytes,
+      std::move(group), std::vector<std::shared_ptr<Stage>>{std::move(stage)},
+      nullptr, std::move(options), std::move(dp_group), bucket_bytes,
       std::make_pair(std::move(parameters), std::move(buffers)));
 }
 
@@ -901,6 +1001,9 @@ const DistributedOptions& DistributedPipeline::options() const {
 }
 const std::shared_ptr<Stage>& DistributedPipeline::stage() const {
   return core_->stage();
+}
+const std::vector<std::shared_ptr<Stage>>& DistributedPipeline::stages() const {
+  return core_->stages();
 }
 torch::nn::Sequential DistributedPipeline::module() const {
   return core_->module();

@@ -32,8 +32,9 @@ class DistributedCore;
 } // namespace detail
 
 /// One rank's share of a pipeline: rank r of the group runs stage r of K =
-/// world size, on the calling thread, with the cell logic of the in-process
-/// engine (checkpointing, recomputation, DeferredBatchNorm hooks).
+/// world size (interleaved schedules: stages r, r + K, ... of K * v), on the
+/// calling thread, with the cell logic of the in-process engine
+/// (checkpointing, recomputation, DeferredBatchNorm hooks).
 ///
 /// Step style (every rank calls it; rank 0 passes the input, the last rank
 /// the target and the loss; others pass empty batches):
@@ -63,12 +64,19 @@ class DistributedPipeline {
   DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
                       std::shared_ptr<Stage> stage,
                       DistributedOptions options = {});
+  /// This rank's stages, ready-made, one per virtual stage
+  /// (options.virtual_stages() of them): stages[c] is stage c * K + rank
+  /// of the pipeline.
+  DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                      std::vector<std::shared_ptr<Stage>> stages,
+                      DistributedOptions options);
   DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
                       std::shared_ptr<Stage> stage, EngineOptions options,
                       std::chrono::milliseconds timeout =
                           std::chrono::seconds(30));
   /// The whole model: only this rank's slice (balance[rank] layers, named
-  /// by their index in `model`) is kept, moved to the device and run. Skip
+  /// by their index in `model`; interleaved, the slices of its stages
+  /// rank, rank + K, ...) is kept, moved to the device and run. Skip
   /// connections (skip.h) between ranks are routed from the whole model
   /// (skip_layout; TypeError when they do not match).
   DistributedPipeline(c10::intrusive_ptr<c10d::ProcessGroup> group,
@@ -153,10 +161,13 @@ class DistributedPipeline {
   bool is_last() const { return rank() + 1 == world_size(); }
   const DistributedOptions& options() const;
   std::chrono::milliseconds timeout() const { return options().timeout(); }
-  /// This rank's stage.
+  /// This rank's stage (its first, when it runs several).
   const std::shared_ptr<Stage>& stage() const;
-  /// This rank's slice (Sequential and factory constructors; null
-  /// otherwise). Its parameters() are what this rank's optimizer updates.
+  /// This rank's stages, one per virtual stage.
+  const std::vector<std::shared_ptr<Stage>>& stages() const;
+  /// This rank's slice, all its stages' layers (Sequential and factory
+  /// constructors; null otherwise). Its parameters() are what this rank's
+  /// optimizer updates.
   torch::nn::Sequential module() const;
   /// Called on the calling thread in every step with a graph, as soon as
   /// this rank's last backward cell has run (its parameters' gradients of
@@ -171,7 +182,8 @@ class DistributedPipeline {
   void set_before_last_backward(std::function<void()> hook);
   /// True after a failure that left the transport in an unknown state.
   bool broken() const;
-  /// This rank's cells of the last step (stage = rank).
+  /// This rank's cells of the last step (TraceEvent::stage: the
+  /// pipeline's stage, the rank unless interleaved), by start time.
   std::vector<TraceEvent> last_events() const;
 
  private:

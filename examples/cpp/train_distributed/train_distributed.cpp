@@ -6,7 +6,8 @@
 // data, the last rank holds the targets; every rank steps its own optimizer.
 // Then a language model whose head is tied to its embedding across the
 // first and the last rank (the Sequential form), checked on every rank
-// against the plain model trained on the same batches.
+// against the plain model trained on the same batches; once with one stage
+// per rank, once interleaved (two stages per rank).
 #include <iostream>
 #include <set>
 
@@ -64,12 +65,15 @@ std::vector<torch::Tensor> unique_parameters(const torch::nn::Module& m) {
 }
 
 // Trains the tied model 5 AdamW steps through the pipeline (step style)
-// and, on this rank, the plain model, then takes the gradients of one
-// module-style step; returns the largest difference of this rank's
-// parameters and gradients from the plain model's.
-double tied_language_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+// and, on this rank, the plain model, then (one stage per rank) takes the
+// gradients of one module-style step; returns the largest difference of
+// this rank's parameters and gradients from the plain model's.
+// `interleaved`: 2K stages, rank r running stages r and r + K.
+double tied_language_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                           bool interleaved) {
   const int64_t world = group->getSize();
-  std::vector<int64_t> balance(world, 2);
+  const int64_t v = interleaved ? 2 : 1;
+  std::vector<int64_t> balance(world * v, 2 / v);
   balance.front() += 1;
   balance.back() += 1;
   pipegear::DistributedPipeline pipe(
@@ -78,6 +82,9 @@ double tied_language_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group) 
           .balance(balance)
           .chunks(3)
           .checkpoint(pipegear::CheckpointMode::kAlways)
+          .schedule(interleaved ? pipegear::ScheduleKind::kInterleaved
+                                : pipegear::ScheduleKind::kGPipe)
+          .virtual_stages(v)
           .timeout(std::chrono::seconds(30)));
   auto plain = language_model(world);
   torch::optim::AdamW ours(pipe.module()->parameters(),
@@ -116,6 +123,9 @@ double tied_language_model(const c10::intrusive_ptr<c10d::ProcessGroup>& group) 
   for (const auto& p : pipe.module()->named_parameters()) {
     error = std::max(error,
                      (p.value() - reference[p.key()]).abs().max().item<double>());
+  }
+  if (interleaved) {
+    return error;  // module style needs the fill/drain schedule
   }
   // Module style: the last rank's loss.backward() (the others' backward())
   // runs the drain; the tied gradient is summed when it returns.
@@ -210,9 +220,13 @@ int main() {
     std::cout << "loss " << first << " -> " << last << "\n";
   }
 
-  const double tied_error = tied_language_model(group);
+  const double tied_error = tied_language_model(group, /*interleaved=*/false);
   std::cout << "rank " << rank << ": tied language model, largest difference "
             << "from the plain model (5 AdamW steps, then a module-style "
             << "backward) " << tied_error << "\n";
-  return last < first && tied_error < 1e-12 ? 0 : 1;
+  const double interleaved_error = tied_language_model(group, /*interleaved=*/true);
+  std::cout << "rank " << rank << ": the same interleaved (stages " << rank
+            << " and " << rank + world << "), largest difference "
+            << interleaved_error << "\n";
+  return last < first && tied_error < 1e-12 && interleaved_error < 1e-12 ? 0 : 1;
 }

@@ -72,26 +72,32 @@ void Protocol::connect() {
   post_arrival_recvs();
 }
 
-// Every rank must run the same K, chunks, checkpoint mode, schedule and
-// balance: a mismatch would make ranks wait for messages that never come.
+// Every rank must run the same K, chunks, checkpoint mode, schedule, stages
+// per rank and balance: a mismatch would make ranks wait for messages that
+// never come.
 void Protocol::agree_on_configuration() {
-  const int64_t fixed = 8;
+  const int64_t fixed = 10;
   const int64_t width = fixed + world();
-  // The skip layout, as a count and a checksum of the routes.
+  // The skip layout and the whole balance (K * v entries), as checksums;
+  // the first K entries of the balance also one by one, for the error.
+  auto checksum_of = [](const std::vector<int64_t>& v) {
+    int64_t sum = 0;
+    for (const int64_t x : v) {
+      sum = (sum * 1000003 + x + 1) % 1000000007;
+    }
+    return sum;
+  };
   const auto& routes = options_.skip_routes();
-  int64_t checksum = 0;
-  for (size_t i = 0; i < routes.size(); ++i) {
-    checksum = (checksum * 1000003 + routes[i] + 1) % 1000000007;
-  }
+  const auto& balance = options_.balance();
   std::vector<int64_t> mine{link_.first_tag(), world(), options_.chunks(),
                             static_cast<int64_t>(options_.checkpoint()),
                             static_cast<int64_t>(options_.schedule()),
-                            static_cast<int64_t>(options_.balance().size()),
-                            static_cast<int64_t>(routes.size() / 2), checksum};
+                            static_cast<int64_t>(balance.size()),
+                            static_cast<int64_t>(routes.size() / 2),
+                            checksum_of(routes), options_.virtual_stages(),
+                            checksum_of(balance)};
   for (int64_t s = 0; s < world(); ++s) {
-    mine.push_back(s < static_cast<int64_t>(options_.balance().size())
-                       ? options_.balance()[s]
-                       : 0);
+    mine.push_back(s < static_cast<int64_t>(balance.size()) ? balance[s] : 0);
   }
   auto all = torch::zeros({world() * width}, torch::kInt64);
   std::copy(mine.begin(), mine.end(), all.data_ptr<int64_t>() + rank() * width);
@@ -105,9 +111,17 @@ void Protocol::agree_on_configuration() {
                                 "world size", "chunks",
                                 "checkpoint", "schedule", "balance length",
                                 "the number of skip connections",
-                                "the skip routes (a checksum)"};
+                                "the skip routes (a checksum)",
+                                "virtual_stages", "the balance (a checksum)"};
+  // Compared in the order that names the cause: virtual_stages before the
+  // balance's length, the entries before their checksum.
+  std::vector<int64_t> order{0, 1, 2, 3, 4, 8, 5, 6, 7};
+  for (int64_t f = fixed; f < width; ++f) {
+    order.push_back(f);
+  }
+  order.push_back(9);
   for (int64_t r = 0; r < world(); ++r) {
-    for (int64_t f = 0; f < width; ++f) {
+    for (const int64_t f : order) {
       if (p[r * width + f] != mine[f]) {
         const std::string field = f < fixed ? names[f]
                                             : "balance[" + std::to_string(f - fixed) + "]";
@@ -353,28 +367,21 @@ void Protocol::fail(StepState& state, const std::exception_ptr& error, bool forw
         ? forward
         : carries_gradient(c.phase) && backward && state.run.grad;
   };
-  // The neighbour cell c sends its message to (`sending`) or receives one
-  // from; -1 at the ends of the pipeline.
-  auto neighbour = [&](const Cell& c, bool sending) -> int64_t {
-    const int64_t peer =
-        carries_gradient(c.phase) == sending ? rank() - 1 : rank() + 1;
-    return peer < world() ? peer : -1;
-  };
   // 1. Tell the neighbours waiting for us.
   for (const auto& c : cells) {
     const bool bwd = carries_gradient(c.phase);
-    const int64_t dst = neighbour(c, /*sending=*/true);
-    if (in_pass(c) && dst >= 0 && !t.was_sent(bwd, c.micro_batch) &&
-        !t.send_poison(dst, c.micro_batch, bwd, origin, broken, text)) {
+    const auto r = t.route(c, /*sending=*/true);
+    if (in_pass(c) && r && !t.was_sent(bwd, r->key) &&
+        !t.send_poison(r->peer, r->key, bwd, origin, broken, text)) {
       broken = true;
     }
   }
   // 2. Take what we are still owed, so that no send stays unmatched.
   for (const auto& c : cells) {
     const bool bwd = carries_gradient(c.phase);
-    const int64_t src = neighbour(c, /*sending=*/false);
-    if (in_pass(c) && src >= 0 && !t.was_received(bwd, c.micro_batch) &&
-        !t.drain(src, c.micro_batch, bwd)) {
+    const auto r = t.route(c, /*sending=*/false);
+    if (in_pass(c) && r && !t.was_received(bwd, r->key) &&
+        !t.drain(r->peer, r->key, bwd)) {
       broken = true;
     }
   }

@@ -1,5 +1,6 @@
 #include <pipegear/distributed/detail/tied.h>
 
+#include <algorithm>
 #include <map>
 
 #include <torch/torch.h>
@@ -8,12 +9,13 @@ namespace pipegear::detail {
 
 std::vector<TiedParameter> find_tied_parameters(
     const torch::nn::Sequential& model, const std::vector<int64_t>& balance,
-    int64_t rank) {
+    int64_t rank, int64_t world) {
   std::map<const c10::TensorImpl*, size_t> index;
   std::vector<TiedParameter> all;
   int64_t layer = 0;
-  for (int64_t r = 0; r < static_cast<int64_t>(balance.size()); ++r) {
-    for (int64_t i = 0; i < balance[r]; ++i, ++layer) {
+  for (int64_t s = 0; s < static_cast<int64_t>(balance.size()); ++s) {
+    const int64_t r = s % world;
+    for (int64_t i = 0; i < balance[s]; ++i, ++layer) {
       const auto& module = *(model->begin() + layer);
       for (const auto& p : module.ptr()->named_parameters()) {
         const auto* impl = p.value().unsafeGetTensorImpl();
@@ -24,8 +26,8 @@ std::vector<TiedParameter> find_tied_parameters(
                          std::to_string(layer) + "." + p.key()});
         }
         auto& tie = all[it->second];
-        if (tie.ranks.empty() || tie.ranks.back() != r) {
-          tie.ranks.push_back(r);
+        if (std::find(tie.ranks.begin(), tie.ranks.end(), r) == tie.ranks.end()) {
+          tie.ranks.insert(std::upper_bound(tie.ranks.begin(), tie.ranks.end(), r), r);
         }
         if (r == rank) {
           tie.local = p.value();

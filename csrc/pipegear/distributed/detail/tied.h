@@ -26,11 +26,11 @@ struct TiedParameter {
 };
 
 /// The parameters of `model` held by layers of more than one rank under
-/// `balance` (one entry per rank), in the order the model first holds
-/// them; `local` set where `rank` holds one.
+/// `balance` (one entry per stage; stage s on rank s % `world`), in the
+/// order the model first holds them; `local` set where `rank` holds one.
 std::vector<TiedParameter> find_tied_parameters(
     const torch::nn::Sequential& model, const std::vector<int64_t>& balance,
-    int64_t rank);
+    int64_t rank, int64_t world);
 
 /// The collectives of the ties: every rank of the group takes part in each
 /// (a rank holding no copy adds zeros), in the same order on every rank.

@@ -6,50 +6,85 @@
 
 namespace pipegear::detail {
 
+std::optional<Route> C10dTransport::route(const Cell& c, bool sending) const {
+  if (c.phase == Phase::kBackwardWeight) {
+    return std::nullopt;  // exchanges nothing
+  }
+  const int64_t k = link_.world();
+  const int64_t s = stage_of(c);
+  // Activations go to the next stage, gradients to the previous one.
+  const bool up = carries_gradient(c.phase) == sending;
+  const int64_t other = up ? s - 1 : s + 1;
+  if (other < 0 || other >= stages_) {
+    return std::nullopt;
+  }
+  return Route{other % k, key_of(std::min(s, other), c.micro_batch)};
+}
+
 namespace {
 
-std::string describe_msg(bool backward, int64_t j, int64_t peer) {
-  return std::string(backward ? "the gradients" : "the activations") +
-      " of micro-batch " + std::to_string(j) + " from rank " + std::to_string(peer);
+std::string direction(bool backward) {
+  return backward ? "the gradients" : "the activations";
 }
 
 } // namespace
 
+std::string C10dTransport::describe_key(int64_t key, bool backward,
+                                        bool incoming) const {
+  const int64_t j = key % chunks_;
+  if (stages_ == link_.world()) {
+    return "micro-batch " + std::to_string(j);
+  }
+  // Interleaved: the boundary's lower stage runs here for activations sent
+  // and gradients received, on the previous rank otherwise.
+  const int64_t lower = backward == incoming ? link_.rank() : peer(false);
+  const int64_t e = key / chunks_ * link_.world() + lower;
+  return "micro-batch " + std::to_string(j) + " between stages " +
+      std::to_string(e) + " and " + std::to_string(e + 1);
+}
+
+std::string C10dTransport::receiving(int64_t key, bool backward,
+                                     int64_t src) const {
+  return "receiving " + direction(backward) + " of " +
+      describe_key(key, backward, /*incoming=*/true) + " from rank " +
+      std::to_string(src);
+}
+
 Message C10dTransport::recv_forward(int64_t s, int64_t j) {
-  received_.insert({false, j});
-  return recv(s - 1, j, false, false);
+  const int64_t key = key_of(s - 1, j);
+  received_.insert({false, key});
+  return recv(peer(false), key, false, false);
 }
 
 void C10dTransport::send_forward(int64_t s, int64_t j, Message m) {
-  sent_.insert({false, j});
-  send(s + 1, j, false, m.tensors, m.shared);
+  const int64_t key = key_of(s, j);
+  sent_.insert({false, key});
+  send(peer(true), key, false, m.tensors, m.shared);
 }
 
 Message C10dTransport::recv_backward(int64_t s, int64_t j) {
-  received_.insert({true, j});
-  return recv(s + 1, j, true, false);
+  const int64_t key = key_of(s, j);
+  received_.insert({true, key});
+  return recv(peer(true), key, true, false);
 }
 
 void C10dTransport::send_backward(int64_t s, int64_t j, Message m) {
-  sent_.insert({true, j});
-  send(s - 1, j, true, m.tensors);
+  const int64_t key = key_of(s - 1, j);
+  sent_.insert({true, key});
+  send(peer(false), key, true, m.tensors);
 }
 
 void C10dTransport::begin_pass(const std::vector<Cell>& cells, bool forward,
                                bool backward) {
-  const int64_t rank = link_.rank();
-  const bool last = rank + 1 == link_.world();
   for (int d = 0; d < 2; ++d) {
     expected_[d].clear();
     next_[d] = 0;
   }
   for (const auto& c : cells) {
-    if (c.phase == Phase::kBackwardWeight) {
-      continue;  // exchanges nothing
-    }
     const bool bwd = carries_gradient(c.phase);
-    if (bwd ? backward && !last : forward && rank > 0) {
-      expected_[bwd].push_back(c.micro_batch);
+    const auto r = route(c, /*sending=*/false);
+    if (r && (bwd ? backward : forward)) {
+      expected_[bwd].push_back(r->key);
     }
   }
   if (!link_.nccl()) {
@@ -69,9 +104,9 @@ void C10dTransport::grow_capacities(bool forward, bool backward) const {
   }
 }
 
-bool C10dTransport::send_poison(int64_t dst, int64_t j, bool backward, int64_t origin,
+bool C10dTransport::send_poison(int64_t dst, int64_t key, bool backward, int64_t origin,
                                 bool broken, const std::string& text) {
-  sent_.insert({backward, j});
+  sent_.insert({backward, key});
   if (is_bad(dst)) {
     return false;
   }
@@ -79,7 +114,7 @@ bool C10dTransport::send_poison(int64_t dst, int64_t j, bool backward, int64_t o
     const auto notice = encode_poison({seq_, origin, broken, text},
                                       link_.capacity(backward, /*send=*/true),
                                       /*fixed=*/link_.nccl());
-    post(notice.to(device()), dst, link_.tag_of(j, backward), "a failure notice");
+    post(notice.to(device()), dst, link_.tag_of(key, backward), "a failure notice");
     return true;
   } catch (const std::exception&) {
     bad_peers_.insert(dst);  // the peer is gone: nothing to tell it
@@ -87,13 +122,13 @@ bool C10dTransport::send_poison(int64_t dst, int64_t j, bool backward, int64_t o
   }
 }
 
-bool C10dTransport::drain(int64_t src, int64_t j, bool backward) {
-  received_.insert({backward, j});
+bool C10dTransport::drain(int64_t src, int64_t key, bool backward) {
+  received_.insert({backward, key});
   if (is_bad(src)) {
     return false;
   }
   try {
-    recv(src, j, backward, /*discard=*/true);
+    recv(src, key, backward, /*discard=*/true);
     return true;
   } catch (const std::exception&) {
     bad_peers_.insert(src);
@@ -124,11 +159,11 @@ void C10dTransport::comm_failure(int64_t peer, const std::string& msg) {
   TORCH_CHECK(false, msg);
 }
 
-C10dTransport::Posted C10dTransport::post_receive(int64_t src, int64_t j, bool backward,
+C10dTransport::Posted C10dTransport::post_receive(int64_t src, int64_t key, bool backward,
                                                   const std::string& what) {
   auto buffer = torch::empty({link_.capacity(backward, /*send=*/false)},
                              torch::TensorOptions().dtype(torch::kUInt8).device(device()));
-  return {buffer, post_recv(buffer, src, link_.tag_of(j, backward), what)};
+  return {buffer, post_recv(buffer, src, link_.tag_of(key, backward), what)};
 }
 
 void C10dTransport::post_next(bool backward) {
@@ -137,13 +172,13 @@ void C10dTransport::post_next(bool backward) {
   if (next >= list.size()) {
     return;
   }
-  const int64_t j = list[next++];
+  const int64_t key = list[next++];
   const int64_t src = peer(backward);
   if (is_bad(src)) {
     return;
   }
-  posted_[{backward, j}] =
-      post_receive(src, j, backward, "receiving " + describe_msg(backward, j, src));
+  posted_[{backward, key}] =
+      post_receive(src, key, backward, receiving(key, backward, src));
 }
 
 c10::intrusive_ptr<c10d::Work> C10dTransport::post_recv(const torch::Tensor& buffer,
@@ -164,16 +199,15 @@ void C10dTransport::post(const torch::Tensor& t, int64_t dst, int tag,
   on_link(dst, [&] { link_.send(t, dst, tag, what, seq_, OnError::kThrow); });
 }
 
-void C10dTransport::send(int64_t dst, int64_t j, bool backward, const Batch& tensors,
+void C10dTransport::send(int64_t dst, int64_t key, bool backward, const Batch& tensors,
                          const std::vector<int64_t>& shared) {
-  const std::string what = std::string(backward ? "the gradients"
-                                                : "the activations") +
-      " of micro-batch " + std::to_string(j);
+  const std::string what = direction(backward) + " of " +
+      describe_key(key, backward, /*incoming=*/false);
   link_.prune();
   Encoded e = encode_batch(tensors, seq_, shared);
   largest_sent_[backward] = std::max(largest_sent_[backward], e.total());
   post_encoded(e, link_.capacity(backward, /*send=*/true), dst,
-               link_.tag_of(j, backward), what);
+               link_.tag_of(key, backward), what);
 }
 
 void C10dTransport::post_encoded(Encoded& e, int64_t cap, int64_t dst, int tag,
@@ -201,15 +235,15 @@ void C10dTransport::post_encoded(Encoded& e, int64_t cap, int64_t dst, int tag,
   }
 }
 
-Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard) {
-  const std::string what = "receiving " + describe_msg(backward, j, src);
+Message C10dTransport::recv(int64_t src, int64_t key, bool backward, bool discard) {
+  const std::string what = receiving(key, backward, src);
   Posted posted;
-  auto it = posted_.find({backward, j});
+  auto it = posted_.find({backward, key});
   if (it != posted_.end()) {
     posted = std::move(it->second);
     posted_.erase(it);
   } else {
-    posted = post_receive(src, j, backward, what);
+    posted = post_receive(src, key, backward, what);
   }
   wait(posted.work, src, what);
   if (!link_.nccl()) {
@@ -226,10 +260,10 @@ Message C10dTransport::recv(int64_t src, int64_t j, bool backward, bool discard)
   largest_received_[backward] =
       std::max(largest_received_[backward], h.base() + h.payload);
   if (discard) {
-    payload_of(posted, h, src, link_.tag_of(j, backward), what);
+    payload_of(posted, h, src, link_.tag_of(key, backward), what);
     return {};
   }
-  return decode(posted, head, h, src, link_.tag_of(j, backward), what);
+  return decode(posted, head, h, src, link_.tag_of(key, backward), what);
 }
 
 torch::Tensor C10dTransport::head_of(const torch::Tensor& buffer) const {

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -41,16 +42,39 @@ enum class FailKind : uint8_t {
   kComm,  // a timeout, a lost connection or a garbled message
 };
 
+/// A message between two neighbouring stages: the rank at the other end
+/// and the message's key, which names it among the messages of its
+/// direction on that link. Stage s runs on rank s % K (K ranks; with v
+/// stages per rank, interleaved, rank r runs stages r, r + K, ...), so a
+/// link between neighbouring ranks carries the messages of up to v stage
+/// boundaries: boundary e (between stages e and e + 1) keys micro-batch j
+/// as (e / K) * chunks + j, the same on both ends. With one stage per rank
+/// the key is j.
+struct Route {
+  int64_t peer;
+  int64_t key;
+};
+
 /// One step's messages of this rank. The transport remembers which of them
 /// went out and came in, so that the failure protocol knows what is still
 /// owed.
 class C10dTransport final : public Transport {
  public:
   /// `skip_routes`: DistributedOptions::skip_routes (outlives the
-  /// transport).
-  C10dTransport(Link& link, int64_t seq,
+  /// transport). `stages`: the pipeline's stages (K * v); `chunks`: the
+  /// micro-batches a step may have at most.
+  C10dTransport(Link& link, int64_t seq, int64_t stages, int64_t chunks,
                 const std::vector<int64_t>* skip_routes = nullptr)
-      : link_(link), seq_(seq), skip_routes_(skip_routes) {}
+      : link_(link), seq_(seq), stages_(stages), chunks_(chunks),
+        skip_routes_(skip_routes) {}
+
+  /// The stage this rank runs for cell `c` (Cell::chunk * K + rank).
+  int64_t stage_of(const Cell& c) const {
+    return c.chunk * link_.world() + link_.rank();
+  }
+  /// The message cell `c` sends (`sending`) or receives: none at the ends
+  /// of the pipeline and for W cells.
+  std::optional<Route> route(const Cell& c, bool sending) const;
 
   // A message counts as received (not owed any more) once its receive
   // starts: a poison message is received too, and after a transport error
@@ -77,22 +101,23 @@ class C10dTransport final : public Transport {
   /// links of the pass's directions to the largest message of the step.
   void grow_capacities(bool forward, bool backward) const;
 
-  bool was_sent(bool backward, int64_t j) const {
-    return sent_.count({backward, j}) != 0;
+  // By the message's key (Route).
+  bool was_sent(bool backward, int64_t key) const {
+    return sent_.count({backward, key}) != 0;
   }
-  bool was_received(bool backward, int64_t j) const {
-    return received_.count({backward, j}) != 0;
+  bool was_received(bool backward, int64_t key) const {
+    return received_.count({backward, key}) != 0;
   }
 
   // The failure protocol's two halves.
-  /// Tells `dst`, in place of micro-batch j's message, that `origin`
-  /// failed (`broken`: its transport is in an unknown state) with `text`.
-  /// False when the peer is unreachable (then it is marked bad).
-  bool send_poison(int64_t dst, int64_t j, bool backward, int64_t origin,
+  /// Tells `dst`, in place of the message `key`, that `origin` failed
+  /// (`broken`: its transport is in an unknown state) with `text`. False
+  /// when the peer is unreachable (then it is marked bad).
+  bool send_poison(int64_t dst, int64_t key, bool backward, int64_t origin,
                    bool broken, const std::string& text);
   /// Receives a message still owed and drops it; false when the peer is
   /// unreachable (then it is marked bad).
-  bool drain(int64_t src, int64_t j, bool backward);
+  bool drain(int64_t src, int64_t key, bool backward);
 
   FailKind kind = FailKind::kNone;
   int64_t origin = -1;       // kPeer: the rank that failed first
@@ -109,9 +134,22 @@ class C10dTransport final : public Transport {
   };
 
   c10::Device device() const { return link_.device(); }
+  // The rank a direction's messages come from (activations from the
+  // previous rank, gradients from the next, around the ring when
+  // interleaved).
   int64_t peer(bool backward) const {
-    return backward ? link_.rank() + 1 : link_.rank() - 1;
+    const int64_t k = link_.world();
+    return (link_.rank() + (backward ? 1 : k - 1)) % k;
   }
+  // The message across boundary e (between stages e and e + 1).
+  int64_t key_of(int64_t e, int64_t j) const {
+    return e / link_.world() * chunks_ + j;
+  }
+  // "micro-batch j" of the message `key` (received or sent), and the
+  // stages it goes between when they are not the ranks.
+  std::string describe_key(int64_t key, bool backward, bool incoming) const;
+  // "receiving <what> of <describe_key> from rank <src>".
+  std::string receiving(int64_t key, bool backward, int64_t src) const;
   bool is_bad(int64_t peer) const { return bad_peers_.count(peer) != 0; }
 
   // A peer's poison came instead of a message `what`: the step fails as
@@ -144,16 +182,17 @@ class C10dTransport final : public Transport {
   // fits, else the header then the payload (a spill).
   void post_encoded(Encoded& e, int64_t cap, int64_t dst, int tag,
                     const std::string& what);
-  // A receive buffer of the link's capacity, posted for micro-batch j.
-  Posted post_receive(int64_t src, int64_t j, bool backward, const std::string& what);
+  // A receive buffer of the link's capacity, posted for the message `key`.
+  Posted post_receive(int64_t src, int64_t key, bool backward,
+                      const std::string& what);
   void post_next(bool backward);
 
   // Sends are not waited for here (with 1F1B neighbours send to each other
   // at once, and a Gloo send completes only when the peer receives); the
   // pass waits for them at its end.
-  void send(int64_t dst, int64_t j, bool backward, const Batch& tensors,
+  void send(int64_t dst, int64_t key, bool backward, const Batch& tensors,
             const std::vector<int64_t>& shared = {});
-  Message recv(int64_t src, int64_t j, bool backward, bool discard);
+  Message recv(int64_t src, int64_t key, bool backward, bool discard);
   // The payload of a received message `h`: in the receive buffer, copied
   // out of it, or received as a second message. Returns it and its offset.
   std::pair<torch::Tensor, int64_t> payload_of(const Posted& posted, const Head& h,
@@ -178,6 +217,8 @@ class C10dTransport final : public Transport {
 
   Link& link_;
   int64_t seq_;
+  int64_t stages_;
+  int64_t chunks_;
   const std::vector<int64_t>* skip_routes_;
   std::set<std::pair<bool, int64_t>> sent_;
   std::set<std::pair<bool, int64_t>> received_;

@@ -1,0 +1,420 @@
+"""DistributedGPipe with several partitions per rank (schedule='interleaved',
+virtual_stages=v), across 2, 3 and 4 processes (Gloo on loopback), against
+the plain model.
+
+This file is also the worker script: ``python test_distributed_interleaved.py
+KIND RANK WORLD PORT OUT``. Each rank builds the plain model too and
+compares its own parameters' gradients, the loss (every rank) and the input
+gradient (rank 0) with it; the reports say the largest differences.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from ranks import launch_kind
+
+D, H, O = 6, 8, 3
+
+
+class _Fork(nn.Module):
+    """A tuple crosses the next boundary: the activation, a float tensor
+    nobody uses (its gradient is None), an int64 tensor and the row sums."""
+
+    def forward(self, x):
+        return (x, x * 2, torch.arange(x.size(0)), x.sum(-1))
+
+
+class _Join(nn.Module):
+    def forward(self, inputs):
+        x, _unused, index, sums = inputs
+        assert index.dtype == torch.int64
+        return x + sums.unsqueeze(-1)
+
+
+class _Boom(nn.Module):
+    """Raises in its forward or backward while armed."""
+    where = None
+
+    def forward(self, x):
+        if _Boom.where == "forward":
+            raise ValueError("boom in the forward")
+        if _Boom.where == "backward":
+            return _BoomGrad.apply(x)
+        return x
+
+
+class _BoomGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        raise ValueError("boom in the backward")
+
+
+def layers(c, world):
+    """The model: one Linear per partition at least, deterministic (each
+    layer seeds its own initialisation), with BatchNorm, a tuple across a
+    boundary, a raising layer or a tie when the configuration asks."""
+    stages = world * c["v"]
+    built = []
+
+    def add(ctor):
+        torch.manual_seed(1000 + len(built))
+        built.append(ctor())
+
+    add(lambda: nn.Linear(D, H))
+    for i in range(stages - 1):
+        add(nn.Tanh)
+        if c.get("bn") and i == 0:
+            add(lambda: nn.BatchNorm1d(H))
+        if c.get("fork") and i == 0:
+            add(_Fork)
+            add(lambda: nn.Sequential(_Join(), nn.Linear(H, H)))
+        else:
+            add(lambda: nn.Linear(H, H))
+        if c.get("boom") and i == stages // 2:
+            add(_Boom)
+    add(lambda: nn.Linear(H, O))
+    if c.get("tied"):
+        # The first hidden Linear shares its weight with the last one (on
+        # other ranks, as GPT-2's embedding and head) and its bias with the
+        # one before (wherever the balance puts it).
+        hidden = [m for m in built if isinstance(m, nn.Linear)
+                  and m.in_features == H and m.out_features == H]
+        hidden[-1].weight = hidden[0].weight
+        hidden[-2].bias = hidden[0].bias
+    return built
+
+
+def balance_of(n, stages):
+    """Near-equal layers per partition, at least one each."""
+    base = [n // stages] * stages
+    for i in range(n - sum(base)):
+        base[i] += 1
+    return base
+
+
+def batch(c, step):
+    n = c["sizes"][step]
+    g = torch.Generator().manual_seed(10 * step + 1)
+    return torch.randn(n, D, generator=g), torch.randn(n, O, generator=g)
+
+
+def mse(y, t):
+    return nn.functional.mse_loss(y, t)
+
+
+def cfg(name, v, chunks, checkpoint, sizes=(10, 7), **extra):
+    return dict(name=name, v=v, chunks=chunks, checkpoint=checkpoint,
+                sizes=list(sizes), **extra)
+
+
+CONFIGS = {
+    2: [
+        cfg("k2-v2-c1-never", 2, 1, "never"),
+        cfg("k2-v2-c3-except_last", 2, 3, "except_last"),
+        cfg("k2-v2-c4-always", 2, 4, "always"),
+        cfg("k2-v2-c8-except_last-bn", 2, 8, "except_last", (16, 24), bn=True),
+        cfg("k2-v3-c4-never-tuple", 3, 4, "never", fork=True),
+        cfg("k2-v2-c4-except_last-tied", 2, 4, "except_last", tied=True),
+        cfg("k2-v3-c8-always", 3, 8, "always", (11, 16)),
+    ],
+    3: [
+        cfg("k3-v2-c1-always", 2, 1, "always"),
+        cfg("k3-v2-c3-never", 2, 3, "never"),
+        cfg("k3-v2-c4-except_last-bn", 2, 4, "except_last", (12, 8), bn=True),
+        cfg("k3-v2-c8-except_last-tuple", 2, 8, "except_last", (16, 9),
+            fork=True),
+        cfg("k3-v2-c4-always-tied", 2, 4, "always", tied=True),
+    ],
+    4: [
+        cfg("k4-v2-c4-never", 2, 4, "never"),
+        cfg("k4-v2-c8-always", 2, 8, "always", (16, 11)),
+        cfg("k4-v2-c3-except_last", 2, 3, "except_last"),
+    ],
+}
+
+
+# ---------------------------------------------------------------- workers
+def _init(rank, world, port):
+    import datetime
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    return dist
+
+
+def _reference(c, world, step):
+    """The plain model's loss, input gradient, parameter gradients (by
+    name) and buffers after the step. With BatchNorm each micro-batch is
+    normalised with its own statistics (by design), so the loss and the
+    gradients are the plain model's on each micro-batch, weighed by its
+    rows (the batch sizes of BatchNorm configurations are multiples of
+    chunks, where every split agrees); the running statistics are the whole
+    batch's."""
+    model = nn.Sequential(*layers(c, world))
+    model.train()
+    x, t = batch(c, step)
+    x.requires_grad_(True)
+    if c.get("bn"):
+        parts = zip(x.chunk(c["chunks"]), t.chunk(c["chunks"]))
+        with torch.no_grad():
+            stats = nn.Sequential(*layers(c, world)).train()
+            stats(x.detach())
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.track_running_stats = False
+                m.running_mean = m.running_var = None
+        loss = sum(mse(model(xi), ti) * (xi.size(0) / x.size(0))
+                   for xi, ti in parts)
+        buffers = dict(stats.named_buffers())
+    else:
+        loss = mse(model(x), t)
+        buffers = dict(model.named_buffers())
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}
+    return loss.detach(), x.grad, grads, buffers
+
+
+def worker_compare(rank, world, port, out):
+    import pipegear
+    dist = _init(rank, world, port)
+    report = {}
+    for c in CONFIGS[world]:
+        built = layers(c, world)
+        model = nn.Sequential(*built)
+        balance = balance_of(len(built), world * c["v"])
+        pipe = pipegear.DistributedGPipe(
+            model, balance, chunks=c["chunks"], checkpoint=c["checkpoint"],
+            schedule="interleaved", virtual_stages=c["v"],
+            deferred_batch_norm=bool(c.get("bn")), timeout=30.0)
+        pipe.train()
+        errors = {"loss": 0.0, "input": 0.0, "grad": 0.0, "buffer": 0.0}
+        names = set()
+        for step in range(len(c["sizes"])):
+            x, t = batch(c, step)
+            x.requires_grad_(True)
+            loss = pipe.step(x if rank == 0 else None,
+                             t if rank == world - 1 else None, mse)
+            ref_loss, ref_input, ref_grads, ref_buffers = _reference(c, world, step)
+            errors["loss"] = max(errors["loss"], abs(float(loss - ref_loss)))
+            if rank == 0:
+                errors["input"] = max(errors["input"], float(
+                    (x.grad - ref_input).abs().max()))
+            for name, p in pipe.named_parameters(remove_duplicate=False):
+                names.add(name)
+                errors["grad"] = max(errors["grad"], float(
+                    (p.grad - ref_grads[name]).abs().max()))
+            for p in pipe.parameters():
+                p.grad = None
+            if c.get("bn"):
+                for name, b in pipe.named_buffers():
+                    errors["buffer"] = max(errors["buffer"], float(
+                        (b.double() - ref_buffers[name].double()).abs().max()))
+                # The next step starts from the plain model's statistics.
+                with torch.no_grad():
+                    for name, b in pipe.named_buffers():
+                        b.copy_(dict(nn.Sequential(*layers(c, world))
+                                     .named_buffers())[name])
+        report[c["name"]] = dict(errors=errors, names=sorted(names),
+                                 cells=[e[1] + str(e[5])
+                                        for e in pipe.last_events()])
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def worker_raise(rank, world, port, out):
+    """A layer of a middle partition raises in step 1 (forward, then
+    backward): every rank raises, the rank holding it its own error, the
+    others naming it; steps 0 and 2 equal the plain model."""
+    import pipegear
+    dist = _init(rank, world, port)
+    c = cfg("raise", 2, 4, "except_last", (8, 8, 8), boom=True)
+    report = {}
+    for where in ("forward", "backward"):
+        built = layers(c, world)
+        holder = [i for i, m in enumerate(built) if isinstance(m, _Boom)][0]
+        balance = balance_of(len(built), world * 2)
+        pipe = pipegear.DistributedGPipe(
+            nn.Sequential(*built), balance, chunks=4, schedule="interleaved",
+            virtual_stages=2, timeout=30.0)
+        steps = []
+        for step in range(3):
+            _Boom.where = where if step == 1 else None
+            x, t = batch(c, step)
+            try:
+                loss = pipe.step(x if rank == 0 else None,
+                                 t if rank == world - 1 else None, mse)
+                ref = _reference(c, world, step)[0]
+                steps.append(dict(error=None, diff=abs(float(loss - ref))))
+            except Exception as e:  # noqa: BLE001
+                steps.append(dict(error=f"{type(e).__name__}: {e}"))
+            for p in pipe.parameters():
+                p.grad = None
+        stage = next(s for s in range(len(balance))
+                     if sum(balance[:s + 1]) > holder)
+        report[where] = dict(steps=steps, holder=stage % world,
+                             broken=pipe.broken)
+    _Boom.where = None
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def worker_refuse(rank, world, port, out):
+    """A skip across partitions with virtual_stages = 2: every rank raises
+    the same ValueError at construction (no rank waits for another), and
+    the group still works."""
+    import pipegear
+    from pipegear.skip import pop, skippable, stash
+
+    @skippable(stash=["s"])
+    class Stash(nn.Module):
+        def forward(self, x):
+            yield stash("s", x)
+            return x
+
+    @skippable(pop=["s"])
+    class Pop(nn.Module):
+        def forward(self, x):
+            s = yield pop("s")
+            return x + s
+
+    dist = _init(rank, world, port)
+    # partition 0 (rank 0) stashes, partition 2 (rank 0 again) pops
+    model = nn.Sequential(Stash(), nn.Linear(D, D), Pop(), nn.Linear(D, D))
+    try:
+        pipegear.DistributedGPipe(model, [1, 1, 1, 1], chunks=2,
+                                  schedule="interleaved", virtual_stages=2)
+        error = None
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}"
+    dist.barrier()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(dict(error=error), f)
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ tests
+def _run(kind, world, tmp_path, timeout=180):
+    codes, logs = launch_kind(__file__, kind, world, str(tmp_path),
+                              timeout=timeout)
+    assert codes == [0] * world, "\n".join(logs)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text())
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_interleaved_matches_the_plain_model(tmp_path, world):
+    """Every configuration (v = 2 and 3, chunks 1, 3, 4 and 8 with M not a
+    multiple of K, every checkpoint mode, DeferredBatchNorm, a tuple with a
+    None gradient and an int tensor across a boundary, a tie across ranks
+    and one within a rank, two steps of other batch sizes): the loss on
+    every rank, the input gradient and every parameter's gradient equal
+    the plain model's; each rank holds its partitions' parameters only,
+    and runs the cells of all its partitions."""
+    reports = _run("compare", world, tmp_path)
+    for c in CONFIGS[world]:
+        owned = []
+        for r, rep in enumerate(reports):
+            got = rep[c["name"]]
+            for what, err in got["errors"].items():
+                assert err < 1e-5, (c["name"], r, what, err)
+            owned.append(set(got["names"]))
+            # v partitions' forwards per micro-batch on this rank
+            forwards = [e for e in got["cells"] if e.startswith("F")]
+            stages = {int(e[1:]) for e in forwards}
+            assert stages == {k * world + r for k in range(c["v"])}, got["cells"]
+        every = set(owned[0]).union(*owned[1:])
+        if not c.get("tied"):
+            for a in range(world):
+                for b in range(a + 1, world):
+                    assert not owned[a] & owned[b], c["name"]
+        model = nn.Sequential(*layers(c, world))
+        assert every == {n for n, _ in model.named_parameters(
+            remove_duplicate=False)}, c["name"]
+
+
+def test_a_failing_layer_fails_every_rank_and_the_next_step_works(tmp_path):
+    """An exception in a layer of a middle partition (forward or backward)
+    raises on every rank within the step, the holder's own error and the
+    others' naming the holder; no rank is broken and the next step equals
+    the plain model."""
+    world = 3
+    reports = _run("raise", world, tmp_path)
+    for where in ("forward", "backward"):
+        holder = reports[0][where]["holder"]
+        for r, rep in enumerate(reports):
+            steps = rep[where]["steps"]
+            assert steps[0]["error"] is None and steps[0]["diff"] < 1e-5
+            assert steps[2]["error"] is None and steps[2]["diff"] < 1e-5, steps
+            error = steps[1]["error"]
+            assert error is not None and f"boom in the {where}" in error, error
+            if r != holder:
+                assert f"rank {holder} failed" in error, error
+            assert not rep[where]["broken"]
+
+
+def test_a_skip_across_partitions_is_refused_on_every_rank(tmp_path):
+    reports = _run("refuse", 2, tmp_path)
+    for rep in reports:
+        assert rep["error"] == (
+            "ValueError: skip connections across partitions are not "
+            "supported with virtual_stages = 2 (ranks [0] hold one); keep "
+            "each skip within a partition"), rep
+
+
+class _Group:
+    def __init__(self, size, rank=0):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+@pytest.mark.parametrize("kwargs, size, error, match", [
+    (dict(balance=[1] * 4, virtual_stages=2), 2, ValueError,
+     "virtual_stages = 2 needs the 'interleaved' schedule, got 'gpipe'"),
+    (dict(balance=[1] * 4, virtual_stages=2, schedule="1f1b"), 2, ValueError,
+     "needs the 'interleaved' schedule, got '1f1b'"),
+    (dict(balance=[2, 2], virtual_stages=2, schedule="interleaved"), 2,
+     ValueError, "balance has 2 partitions but 2 ranks with virtual_stages = 2 "
+     "run 4"),
+    (dict(balance=[2, 2], virtual_stages=2, schedule="interleaved"), 1,
+     ValueError, "virtual_stages = 2 needs at least 2 ranks"),
+    (dict(balance=[1] * 4, virtual_stages=0, schedule="interleaved"), 2,
+     ValueError, "virtual_stages must be at least 1, got 0"),
+    (dict(balance=[1] * 4, virtual_stages=2.0, schedule="interleaved"), 2,
+     TypeError, "virtual_stages must be an int, got float"),
+])
+def test_bad_virtual_stages_are_typed_errors(kwargs, size, error, match):
+    """Checked before any rank talks to another."""
+    import pipegear
+    balance = kwargs.pop("balance")
+    if size == 1:
+        balance = [2, 2]
+    with pytest.raises(error, match=match):
+        pipegear.DistributedGPipe([nn.Linear(2, 2) for _ in range(4)], balance,
+                                  process_group=_Group(size), **kwargs)
+
+
+if __name__ == "__main__":
+    kind, rank, world, port, out = sys.argv[1:6]
+    fn = {"compare": worker_compare, "raise": worker_raise,
+          "refuse": worker_refuse}[kind]
+    fn(int(rank), int(world), int(port), out)
