@@ -44,8 +44,9 @@ def is_recomputing() -> bool:
 def render_schedule(schedule: str, stages: int, micro_batches: int,
                     virtual_stages: int = 1) -> str:
     """The clock table of a schedule (``'gpipe'``, ``'1f1b'``, ``'zb-h1'``,
-    ``'zb-h2'``, ``'interleaved'`` with ``virtual_stages``) for K stages
-    (workers, when interleaved) and M chunks."""
+    ``'zb-h2'``, ``'interleaved'`` or ``'interleaved-zb'`` with
+    ``virtual_stages``) for K stages (workers, when interleaved) and M
+    chunks."""
     return _C.render_schedule(schedule, stages, micro_batches, virtual_stages)
 
 
