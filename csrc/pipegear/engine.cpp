@@ -255,8 +255,9 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
       all.insert(all.end(), e.begin(), e.end());
     }
     // Interleaved: a row of the timeline is a worker (what is busy or
-    // idle), not one of its stages.
+    // idle), not one of its stages; the chunk says which.
     for (auto& e : all) {
+      e.chunk = e.stage / workers_count_;
       e.stage %= workers_count_;
     }
     std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {

@@ -28,9 +28,11 @@ class TraceEvent:
     recompute: bool
     start_ns: int
     end_ns: int
+    chunk: int
     duration_ns: int
     def __init__(self, stage: int, micro_batch: int, phase: str,
-                 recompute: bool, start_ns: int, end_ns: int) -> None: ...
+                 recompute: bool, start_ns: int, end_ns: int,
+                 chunk: int = 0) -> None: ...
     def __iter__(self) -> Iterator[Any]: ...
 
 class Trace:

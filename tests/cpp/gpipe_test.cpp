@@ -216,15 +216,20 @@ TEST_CASE("interleaved zero-bubble: dropout and DeferredBatchNorm as under "
   }
   const auto trace = pipe->last_trace();
   CHECK(trace.stages() == 2);
-  int64_t b = 0, w = 0;
+  int64_t b = 0, w = 0, on_chunk1 = 0;
   for (const auto& e : trace.events()) {
     CHECK(e.stage < 2);
+    CHECK(e.chunk < 2);
     CHECK(e.phase != pipegear::Phase::kBackward);
     b += e.phase == pipegear::Phase::kBackwardInput && !e.recompute;
     w += e.phase == pipegear::Phase::kBackwardWeight;
+    on_chunk1 += e.chunk == 1 && !e.recompute;
   }
   CHECK(b == 4 * 4);  // 4 stages, 4 micro-batches
   CHECK(w == 4 * 4);
+  CHECK(on_chunk1 == 2 * 3 * 4);  // stages 2 and 3: F, B, W of 4
+  CHECK(trace.to_chrome_trace().find("\"name\":\"W3.1\"") !=
+        std::string::npos);
   CHECK_THROWS_WITH(pipe->forward(torch::randn({4, 6}, torch::kFloat64)),
                     Catch::Contains("module-style forward needs a fill/drain"));
 }

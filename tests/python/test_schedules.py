@@ -244,6 +244,38 @@ def test_interleaved_zero_bubble_clock_table():
         pipe(torch.ones(2, 2))
 
 
+def test_interleaved_zero_bubble_trace_names_the_chunks(tmp_path):
+    """A row of the trace is a worker; each event names its chunk, and the
+    Chrome trace and the plot show B and W cells as the clock table does."""
+    import json
+    pipe = pipegear.GPipe(nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)]),
+                          [1] * 4, schedule="interleaved-zb", virtual_stages=2,
+                          chunks=3)
+    pipe.step(torch.randn(6, 2, requires_grad=True), torch.randn(6, 2),
+              nn.functional.mse_loss)
+    trace = pipe.last_trace
+    cells = {(e.stage, e.chunk, e.phase, e.micro_batch)
+             for e in trace.events if not e.recompute}
+    assert cells == {(d, c, p, j) for d in (0, 1) for c in (0, 1)
+                     for p in ("forward", "backward_input", "backward_weight")
+                     for j in range(3)}
+    path = tmp_path / "t.json"
+    trace.to_chrome_trace(path)
+    names = {e["name"] for e in json.loads(path.read_text())["traceEvents"]
+             if e["ph"] == "X"}
+    assert {"F2.1", "B0.1", "W1.0"} <= names
+    pytest.importorskip("matplotlib")
+    trace.plot(str(tmp_path / "t.png"))
+    e = TraceEvent(1, 2, "backward_weight", False, 0, 5, chunk=1)
+    assert e.chunk == 1 and "chunk=1" in repr(e)
+    assert e != TraceEvent(1, 2, "backward_weight", False, 0, 5)
+    assert tuple(e) == (1, 2, "backward_weight", False, 0, 5)
+    t = Trace(2, 3, [e, (0, 0, "forward", False, 0, 5, 1)])
+    assert [x.chunk for x in t.events] == [1, 1]
+    with pytest.raises(ValueError, match="event 0 has chunk -1"):
+        Trace(1, 1, [(0, 0, "forward", False, 0, 5, -1)])
+
+
 def test_interleaved_arguments():
     seq = lambda: nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])  # noqa: E731
     with pytest.raises(ValueError, match="virtual_stages = 2 needs "
