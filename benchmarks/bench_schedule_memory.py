@@ -87,8 +87,7 @@ def peaks(kind: str, m: int) -> list[int]:
 
 
 def stated(kind: str) -> list[float]:
-    v = virtual_stages(kind)
-    return sorted((p / v for p in stated_peaks(kind, K, M)), reverse=True)
+    return sorted(stated_peaks(kind, K, M), reverse=True)
 
 
 def main() -> None:

@@ -133,20 +133,11 @@ def theory(kind: str, k: int, m: int, costs: Dict[str, float]) -> Tuple[float, f
     return span, 1.0 - busy / (k * span)
 
 
-def peaks(kind: str, k: int, m: int) -> List[int]:
-    """Micro-batches of a chunk each worker holds at its peak (what
-    pipegear::peak_activations states)."""
-    out = []
-    for row in _C.schedule_cells(kind, k, m, virtual_stages(kind)):
-        alive = top = 0
-        for _, phase, _ in row:
-            if phase == "forward":
-                alive += 1
-                top = max(top, alive)
-            elif phase != "backward_input":
-                alive -= 1
-        out.append(top)
-    return out
+def peaks(kind: str, k: int, m: int) -> List[float]:
+    """Activations each worker holds at its peak, in micro-batches of a
+    whole stage (the schedule's statement: peak_activations)."""
+    v = virtual_stages(kind)
+    return [p / v for p in pipegear.peak_activations(kind, k, m, v)]
 
 
 def build(kind: str, k: int, m: int, costs: Dict[str, float]) -> pipegear.GPipe:
@@ -203,7 +194,7 @@ def table(costs: Dict[str, float], repeats: int) -> float:
                 span *= UNIT_S
                 steps[kind] = step
                 worst = max(worst, step / span)
-                held = max(peaks(kind, k, m)) / virtual_stages(kind)
+                held = max(peaks(kind, k, m))
                 print(f"| {k} | {m} | {kind} | {step * 1e3:.0f} | "
                       f"{span * 1e3:.0f} | {step / span:.3f} | "
                       f"{bubble:.1%} | {bubble_theory:.1%} | "

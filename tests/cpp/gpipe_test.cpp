@@ -130,37 +130,24 @@ TEST_CASE("transparency: zero-bubble schedules (split backward)",
                      schedule);
 }
 
-TEST_CASE("transparency: interleaved 1F1B, v stages per worker",
-          "[gpipe][interleaved]") {
+TEST_CASE("transparency: interleaved 1F1B and interleaved zero-bubble, v "
+          "stages per worker", "[gpipe][schedule][interleaved]") {
   torch::manual_seed(9);
+  const auto schedule = GENERATE(pipegear::ScheduleKind::kInterleaved,
+                                 pipegear::ScheduleKind::kInterleavedZB);
   const auto k = GENERATE(2, 3, 4);
   const auto v = GENERATE(2, 3);
   const auto chunks = GENERATE(1, 3, 4, 8);
   const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
                              CheckpointMode::kAlways);
-  INFO("K=" << k << " v=" << v << " chunks=" << chunks);
-  auto plain = mlp(6, 5);  // 12 layers: up to K * v = 12 partitions
-  plain->to(torch::kFloat64);
-  auto x = torch::randn({9, 5}, torch::kFloat64);
-  check_transparency(plain, x, k, chunks, mode, /*step_style=*/true, 1e-10,
-                     pipegear::ScheduleKind::kInterleaved, v);
-}
-
-TEST_CASE("transparency: interleaved zero-bubble, v stages per worker",
-          "[gpipe][schedule][interleaved][zb]") {
-  torch::manual_seed(10);
-  const auto k = GENERATE(2, 3, 4);
-  const auto v = GENERATE(2, 3);
-  const auto chunks = GENERATE(1, 3, 4, 8);
-  const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
-                             CheckpointMode::kAlways);
-  INFO("K=" << k << " v=" << v << " chunks=" << chunks);
+  INFO("schedule " << static_cast<int>(schedule) << " K=" << k << " v=" << v
+                   << " chunks=" << chunks);
   auto plain = mlp(6, 5);  // 13 layers: up to K * v = 12 partitions
   plain->push_back(Twice());
   plain->to(torch::kFloat64);
   auto x = torch::randn({9, 5}, torch::kFloat64);
   check_transparency(plain, x, k, chunks, mode, /*step_style=*/true, 1e-10,
-                     pipegear::ScheduleKind::kInterleavedZB, v);
+                     schedule, v);
 }
 
 TEST_CASE("interleaved zero-bubble: dropout and DeferredBatchNorm as under "
