@@ -71,16 +71,19 @@ class CellEnds {
       const int64_t e = at(stage, p, c.micro_batch);
       return e >= 0 && e <= t;
     };
+    // The input gradient of (stage, j): from a whole backward or a B.
+    auto gradient_done = [&](int64_t stage) {
+      return done(stage, Phase::kBackward) ||
+          done(stage, Phase::kBackwardInput);
+    };
     switch (c.phase) {
       case Phase::kForward:
         return s == 0 || done(s - 1, Phase::kForward);
       case Phase::kBackwardWeight:
         return done(s, Phase::kBackwardInput);
       default:
-        // The input gradient of (s + 1, j): from a whole backward or a B.
         return s == stages_ - 1 ? done(s, Phase::kForward)
-                                : done(s + 1, Phase::kBackward) ||
-                done(s + 1, Phase::kBackwardInput);
+                                : gradient_done(s + 1);
     }
   }
 
@@ -228,14 +231,14 @@ Schedule interleaved_schedule(int64_t workers, int64_t virtual_stages,
 
 Schedule interleaved_zb_schedule(int64_t workers, int64_t virtual_stages,
                                  int64_t micro_batches) {
-  // Interleaved 1F1B's forwards and backwards, in its order (valid for
-  // every K, v, M; the W cells below wait on nothing but their own B, so
-  // they cannot make it deadlock), each backward a B.
+  // Interleaved 1F1B's order is valid for every K, v, M, and a W waits on
+  // nothing but its own B: Ws placed anywhere after their B keep it valid.
   Schedule order =
       interleaved_schedule(workers, virtual_stages, micro_batches);
   const auto peaks = peak_activations(order);
-  // Interleaved 1F1B's largest peak (worker 0's) caps every worker: a
-  // forward waits while its worker holds that many micro-batches.
+  // The largest peak, not each worker's own: with their own (lower) caps
+  // the later workers run their Ws at once and the drain stays unfilled
+  // (design.md, decision 21).
   const int64_t cap = *std::max_element(peaks.begin(), peaks.end());
   for (auto& cells : order) {
     for (auto& c : cells) {
@@ -244,12 +247,9 @@ Schedule interleaved_zb_schedule(int64_t workers, int64_t virtual_stages,
       }
     }
   }
-  // Unit-time replay of that order, every cell one clock: at each clock a
-  // worker runs its next forward or B if its inputs are ready (and, for a
-  // forward, it holds fewer than `cap`), else the oldest W it owes, else
-  // waits. Before each forward of interleaved 1F1B's order a worker holds
-  // at most its peak - 1 micro-batches between F and B, so at the cap one
-  // of them is a W it owes: a capped forward never waits on nothing.
+  // The replay (schedule.h). It cannot stall: before each forward of
+  // interleaved 1F1B's order a worker holds at most its peak - 1
+  // micro-batches between F and B, so at the cap it owes a W to run.
   const int64_t k = workers;
   CellEnds ends(k * virtual_stages, micro_batches);
   Schedule schedule(k);
@@ -260,7 +260,8 @@ Schedule interleaved_zb_schedule(int64_t workers, int64_t virtual_stages,
     bool left = false;
     bool started = false;
     for (int64_t d = 0; d < k; ++d) {
-      const Cell* due = next[d] < order[d].size() ? &order[d][next[d]] : nullptr;
+      const Cell* due =
+          next[d] < order[d].size() ? &order[d][next[d]] : nullptr;
       left = left || due != nullptr || !owed[d].empty();
       Cell c{};
       if (due != nullptr && ends.ready(due->chunk * k + d, *due, t) &&

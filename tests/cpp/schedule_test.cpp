@@ -370,7 +370,8 @@ TEST_CASE("interleaved zero-bubble: valid for every K, v, M; its order, span "
     }
   }
   CHECK((pipegear::make_schedule(pipegear::ScheduleKind::kInterleavedZB, 3, 6,
-                                 2) == pipegear::interleaved_zb_schedule(3, 2, 6)));
+                                 2) ==
+         pipegear::interleaved_zb_schedule(3, 2, 6)));
   CHECK(pipegear::parse_schedule_kind("interleaved-zb") ==
         pipegear::ScheduleKind::kInterleavedZB);
   CHECK(pipegear::takes_virtual_stages(pipegear::ScheduleKind::kInterleavedZB));
