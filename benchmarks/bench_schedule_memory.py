@@ -6,7 +6,8 @@ thread; a worker's peak, divided by what one micro-batch's forward of one
 stage saves, is the peak in micro-batches, next to what the schedule states
 (`peak_activations`: forwards run whose backward, or W when split, has not
 run yet). K=4 workers, M=8, 8 x (Linear(256, 256) + Tanh), batch 64,
-checkpoint='never'; interleaved with v=2 (8 partitions, two per worker).
+checkpoint='never'; interleaved and interleaved-zb with v=2 (8 partitions,
+two per worker).
 
 With a split backward, B frees the part of a micro-batch's graph that only
 the input gradient needed (here: nothing, a Linear's weight gradient needs
@@ -25,10 +26,10 @@ import torch
 from torch import nn
 
 import pipegear
-from pipegear import _C
+from bench_schedules import SCHEDULES, virtual_stages
+from bench_schedules import peaks as stated_peaks
 
-K, M, BATCH, WIDTH, LAYERS, V = 4, 8, 64, 256, 8, 2
-SCHEDULES = ["gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved"]
+K, M, BATCH, WIDTH, LAYERS = 4, 8, 64, 256, 8
 
 _lock = threading.Lock()
 _alive: dict[int, int] = defaultdict(int)
@@ -65,7 +66,7 @@ def model() -> nn.Sequential:
 
 
 def peaks(kind: str, m: int) -> list[int]:
-    v = V if kind == "interleaved" else 1
+    v = virtual_stages(kind)
     n = K * v
     pipe = pipegear.GPipe(model(), [2 * LAYERS // n] * n, chunks=m,
                           checkpoint="never", schedule=kind,
@@ -86,18 +87,7 @@ def peaks(kind: str, m: int) -> list[int]:
 
 
 def stated(kind: str) -> list[float]:
-    v = V if kind == "interleaved" else 1
-    out = []
-    for row in _C.schedule_cells(kind, K, M, v):
-        alive = top = 0
-        for _, phase, _ in row:
-            if phase == "forward":
-                alive += 1
-                top = max(top, alive)
-            elif phase != "backward_input":
-                alive -= 1
-        out.append(top / v)
-    return sorted(out, reverse=True)
+    return sorted(stated_peaks(kind, K, M), reverse=True)
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ backward runs both). Waiting uses no CPU, so K simulated devices run in
 parallel on 2 cores.
 
 For K in {2, 4, 8}, M in {4, 8, 32} and F:B:W = 1:1:1 then 1:2:2: gpipe,
-1f1b, zb-h1, zb-h2 and interleaved (v = 2; the same 2K layers cut into 2K
+1f1b, zb-h1, zb-h2, interleaved and interleaved-zb (v = 2; the same 2K
+layers cut into 2K
 partitions, two per worker) on the same model. Per schedule: the measured
 step time and bubble (the trace's idle share of worker-time) against the
 schedule's theory: its cells replayed with those times, each starting when
@@ -40,8 +41,13 @@ from pipegear import _C
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_S = 0.010  # a stage's forward of one micro-batch (two layers of 5 ms)
-SCHEDULES = ["gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved"]
-V = 2  # virtual stages per worker of 'interleaved'
+SCHEDULES = ["gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved",
+             "interleaved-zb"]
+V = 2  # virtual stages per worker of the interleaved schedules
+
+
+def virtual_stages(kind: str) -> int:
+    return V if kind in pipegear.gpipe.VIRTUAL_STAGE_SCHEDULES else 1
 
 
 class InputPath(torch.autograd.Function):
@@ -87,7 +93,7 @@ class SimulatedLayer(nn.Module):
 def theory(kind: str, k: int, m: int, costs: Dict[str, float]) -> Tuple[float, float]:
     """(makespan, bubble) of the schedule's cells replayed with `costs`
     (per stage of a K-stage cut; an interleaved chunk does 1/v of it)."""
-    v = V if kind == "interleaved" else 1
+    v = virtual_stages(kind)
     rows = _C.schedule_cells(kind, k, m, v)
     stages = k * v
     cost = {"forward": costs["F"], "backward": costs["B"] + costs["W"],
@@ -127,27 +133,19 @@ def theory(kind: str, k: int, m: int, costs: Dict[str, float]) -> Tuple[float, f
     return span, 1.0 - busy / (k * span)
 
 
-def peak(kind: str, k: int, m: int) -> int:
-    v = V if kind == "interleaved" else 1
-    best = 0
-    for row in _C.schedule_cells(kind, k, m, v):
-        alive = top = 0
-        for _, phase, _ in row:
-            if phase == "forward":
-                alive += 1
-                top = max(top, alive)
-            elif phase != "backward_input":
-                alive -= 1
-        best = max(best, top)
-    return best
+def peaks(kind: str, k: int, m: int) -> List[float]:
+    """Activations each worker holds at its peak, in micro-batches of a
+    whole stage (the schedule's statement: peak_activations)."""
+    v = virtual_stages(kind)
+    return [p / v for p in pipegear.peak_activations(kind, k, m, v)]
 
 
 def build(kind: str, k: int, m: int, costs: Dict[str, float]) -> pipegear.GPipe:
     # 2K layers, each half a stage's work: K stages of 2 layers, or, for
-    # 'interleaved', 2K partitions of 1 layer, two per worker.
+    # the interleaved schedules, 2K partitions of 1 layer, two per worker.
     layers = [SimulatedLayer(costs["F"] * UNIT_S / 2, costs["B"] * UNIT_S / 2,
                              costs["W"] * UNIT_S / 2) for _ in range(2 * k)]
-    if kind == "interleaved":
+    if virtual_stages(kind) > 1:
         return pipegear.GPipe(nn.Sequential(*layers), [1] * (2 * k), chunks=m,
                               checkpoint="never", schedule=kind,
                               virtual_stages=V)
@@ -196,7 +194,7 @@ def table(costs: Dict[str, float], repeats: int) -> float:
                 span *= UNIT_S
                 steps[kind] = step
                 worst = max(worst, step / span)
-                held = peak(kind, k, m) / (V if kind == "interleaved" else 1)
+                held = max(peaks(kind, k, m))
                 print(f"| {k} | {m} | {kind} | {step * 1e3:.0f} | "
                       f"{span * 1e3:.0f} | {step / span:.3f} | "
                       f"{bubble:.1%} | {bubble_theory:.1%} | "
@@ -219,7 +217,7 @@ def timelines() -> None:
         trace = pipe.last_trace
         span, bubble_theory = theory(kind, 4, 8, costs)
         trace.plot(str(path), title=(
-            f"{kind}{' (v=2)' if kind == 'interleaved' else ''}, K=4, M=8, "
+            f"{kind}{' (v=2)' if virtual_stages(kind) > 1 else ''}, K=4, M=8, "
             f"F:B:W = 1:1:1: bubble {trace.bubble_fraction:.1%} "
             f"(theory {bubble_theory:.1%})"))
         print(f"![{kind}](img/{path.name})\n")

@@ -300,6 +300,19 @@ void init_engine(py::module_& m) {
       "The schedule as data: per row (stage, or worker when interleaved), "
       "its cells in order as (micro_batch, phase, chunk).");
 
+  m.def(
+      "peak_activations",
+      [](const std::string& kind, int64_t stages, int64_t micro_batches,
+         int64_t virtual_stages) {
+        return peak_activations(make_schedule(parse_schedule_kind(kind),
+                                              stages, micro_batches,
+                                              virtual_stages));
+      },
+      py::arg("schedule"), py::arg("stages"), py::arg("micro_batches"),
+      py::arg("virtual_stages") = 1,
+      "Micro-batches alive on each row (stage, or worker when interleaved, "
+      "in micro-batches of one of its stages) at its peak.");
+
   py::class_<Engine, std::shared_ptr<Engine>>(m, "_Pipeline")
       .def(py::init([](const std::vector<py::tuple>& stages, int64_t chunks,
                        const std::string& checkpoint,

@@ -31,12 +31,16 @@ std::string event_repr(const TraceEvent& e) {
   out << "TraceEvent(stage=" << e.stage << ", micro_batch=" << e.micro_batch
       << ", phase='" << phase_string(e.phase)
       << "', recompute=" << (e.recompute ? "True" : "False")
-      << ", start_ns=" << e.start_ns << ", end_ns=" << e.end_ns << ")";
+      << ", start_ns=" << e.start_ns << ", end_ns=" << e.end_ns;
+  if (e.chunk != 0) {
+    out << ", chunk=" << e.chunk;
+  }
+  out << ")";
   return out.str();
 }
 
 // A TraceEvent, or a tuple (stage, micro_batch, phase, recompute, start_ns,
-// end_ns) with phase 'forward', 'backward', 'backward_input' or
+// end_ns[, chunk]) with phase 'forward', 'backward', 'backward_input' or
 // 'backward_weight'.
 TraceEvent to_event(const py::handle& item, size_t i) {
   if (py::isinstance<TraceEvent>(item)) {
@@ -48,8 +52,9 @@ TraceEvent to_event(const py::handle& item, size_t i) {
                    "micro_batch, phase, recompute, start_ns, end_ns), got ",
                    std::string(py::str(py::type::of(item).attr("__name__"))));
   auto t = item.cast<py::sequence>();
-  TORCH_CHECK_VALUE(t.size() == 6, "event ", i, " must have 6 items (stage, "
-                    "micro_batch, phase, recompute, start_ns, end_ns), got ",
+  TORCH_CHECK_VALUE(t.size() == 6 || t.size() == 7, "event ", i,
+                    " must have 6 items (stage, micro_batch, phase, "
+                    "recompute, start_ns, end_ns) or 7 (and chunk), got ",
                     t.size());
   TraceEvent e;
   try {
@@ -59,6 +64,9 @@ TraceEvent to_event(const py::handle& item, size_t i) {
     e.recompute = t[3].cast<bool>();
     e.start_ns = t[4].cast<int64_t>();
     e.end_ns = t[5].cast<int64_t>();
+    if (t.size() == 7) {
+      e.chunk = t[6].cast<int64_t>();
+    }
   } catch (const py::cast_error&) {
     TORCH_CHECK_TYPE(false, "event ", i, " must be (int, int, str, bool, int, "
                      "int), got ", std::string(py::repr(item)));
@@ -73,15 +81,18 @@ void init_trace(py::module_& m) {
       m, "TraceEvent",
       "One executed cell: stage, micro_batch, phase ('forward', "
       "'backward', 'backward_input' (B) or 'backward_weight' (W; "
-      "the last two split one backward)), recompute, start_ns, end_ns (steady clock).")
+      "the last two split one backward)), recompute, start_ns, end_ns "
+      "(steady clock), and chunk (interleaved schedules: which of the worker's stages; "
+      "stage is then the worker).")
       .def(py::init([](int64_t stage, int64_t micro_batch,
                        const std::string& phase, bool recompute,
-                       int64_t start_ns, int64_t end_ns) {
+                       int64_t start_ns, int64_t end_ns, int64_t chunk) {
              return TraceEvent{stage, micro_batch, parse_phase(phase),
-                               recompute, start_ns, end_ns};
+                               recompute, start_ns, end_ns, chunk};
            }),
            py::arg("stage"), py::arg("micro_batch"), py::arg("phase"),
-           py::arg("recompute"), py::arg("start_ns"), py::arg("end_ns"))
+           py::arg("recompute"), py::arg("start_ns"), py::arg("end_ns"),
+           py::arg("chunk") = 0)
       .def_readonly("stage", &TraceEvent::stage)
       .def_readonly("micro_batch", &TraceEvent::micro_batch)
       .def_property_readonly(
@@ -89,9 +100,12 @@ void init_trace(py::module_& m) {
       .def_readonly("recompute", &TraceEvent::recompute)
       .def_readonly("start_ns", &TraceEvent::start_ns)
       .def_readonly("end_ns", &TraceEvent::end_ns)
+      .def_readonly("chunk", &TraceEvent::chunk)
       .def_property_readonly(
           "duration_ns",
           [](const TraceEvent& e) { return e.end_ns - e.start_ns; })
+      // The 6-item tuple form, as before chunks (a TraceEvent passed to
+      // Trace keeps its chunk).
       .def("__iter__",
            [](const TraceEvent& e) {
              return py::iter(py::make_tuple(e.stage, e.micro_batch,
@@ -103,7 +117,8 @@ void init_trace(py::module_& m) {
            [](const TraceEvent& a, const TraceEvent& b) {
              return a.stage == b.stage && a.micro_batch == b.micro_batch &&
                  a.phase == b.phase && a.recompute == b.recompute &&
-                 a.start_ns == b.start_ns && a.end_ns == b.end_ns;
+                 a.start_ns == b.start_ns && a.end_ns == b.end_ns &&
+                 a.chunk == b.chunk;
            })
       .def("__repr__", &event_repr);
 
@@ -111,7 +126,8 @@ void init_trace(py::module_& m) {
       m, "Trace",
       "The timeline of one pipelined step: the cells each stage ran and "
       "when. Trace(stages, micro_batches, events) with events TraceEvents or "
-      "(stage, micro_batch, phase, recompute, start_ns, end_ns) tuples.")
+      "(stage, micro_batch, phase, recompute, start_ns, end_ns[, chunk]) "
+      "tuples.")
       .def(py::init<>())
       .def(py::init([](int64_t stages, int64_t micro_batches,
                        const py::iterable& events) {

@@ -60,9 +60,9 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
     register_random_kernels();
     const int64_t v = options_.virtual_stages();
     TORCH_CHECK_VALUE(v >= 1, "virtual_stages must be at least 1, got ", v);
-    TORCH_CHECK_VALUE(v == 1 || options_.schedule() == ScheduleKind::kInterleaved,
+    TORCH_CHECK_VALUE(v == 1 || takes_virtual_stages(options_.schedule()),
                       "virtual_stages = ", v,
-                      " needs the 'interleaved' schedule");
+                      " needs the 'interleaved' or 'interleaved-zb' schedule");
     TORCH_CHECK_VALUE(static_cast<int64_t>(stages.size()) % v == 0,
                       "virtual_stages = ", v, " must divide the number of "
                       "stages, got ", stages.size(), " stages");
@@ -255,8 +255,9 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
       all.insert(all.end(), e.begin(), e.end());
     }
     // Interleaved: a row of the timeline is a worker (what is busy or
-    // idle), not one of its stages.
+    // idle), not one of its stages; the chunk says which.
     for (auto& e : all) {
+      e.chunk = e.stage / workers_count_;
       e.stage %= workers_count_;
     }
     std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
@@ -370,8 +371,8 @@ Trace Engine::last_trace() const {
 Batch Engine::forward(const Batch& input, bool training) {
   TORCH_CHECK_VALUE(options().schedule() == ScheduleKind::kGPipe,
                     "module-style forward needs a fill/drain schedule "
-                    "('gpipe'); '1f1b', 'zb-h1', 'zb-h2' and 'interleaved' "
-                    "run only through step()");
+                    "('gpipe'); '1f1b', 'zb-h1', 'zb-h2', 'interleaved' and "
+                    "'interleaved-zb' run only through step()");
   const auto tls = at::ThreadLocalState();
   auto run = core_->make_run(input, tls, c10::GradMode::is_enabled(), training);
   if (!run->grad) {

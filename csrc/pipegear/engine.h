@@ -28,12 +28,12 @@ struct EngineOptions {
   /// Micro-batches per mini-batch (M); a smaller batch gives fewer.
   TORCH_ARG(int64_t, chunks) = 1;
   TORCH_ARG(CheckpointMode, checkpoint) = CheckpointMode::kExceptLast;
-  /// kGPipe serves both faces; k1F1B, kZBH1 and kZBH2 only `step` (they
-  /// interleave phases).
+  /// kGPipe serves both faces; the others only `step` (they interleave
+  /// phases).
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
-  /// Stages per worker (v). Above 1 (schedule kInterleaved only), the K * v
-  /// stages run on K workers, worker d running stages d, d + K, ...; those
-  /// stages must share a device.
+  /// Stages per worker (v). Above 1 (takes_virtual_stages(schedule)), the
+  /// K * v stages run on K workers, worker d running stages d, d + K, ...;
+  /// those stages must share a device.
   TORCH_ARG(int64_t, virtual_stages) = 1;
   /// Intra-op threads of each CPU stage's worker; 0 splits the caller's
   /// at::get_num_threads() evenly between the CPU stages (at least 1 each).

@@ -60,13 +60,13 @@ struct GPipeOptions {
   /// Replace BatchNorm layers by DeferredBatchNorm (running statistics of
   /// the whole mini-batch).
   TORCH_ARG(bool, deferred_batch_norm) = false;
-  /// kGPipe serves both faces; k1F1B, kZBH1, kZBH2 and kInterleaved only
-  /// step().
+  /// kGPipe serves both faces; k1F1B, kZBH1, kZBH2, kInterleaved and
+  /// kInterleavedZB only step().
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kGPipe;
-  /// kInterleaved: partitions per worker (v). balance then has K * v
-  /// entries and worker d runs partitions d, d + K, ...; `devices` has one
-  /// device per worker (K) or per partition (the partitions of a worker on
-  /// one device).
+  /// kInterleaved and kInterleavedZB (takes_virtual_stages): partitions per
+  /// worker (v). balance then has K * v entries and worker d runs
+  /// partitions d, d + K, ...; `devices` has one device per worker (K) or
+  /// per partition (the partitions of a worker on one device).
   TORCH_ARG(int64_t, virtual_stages) = 1;
   /// Intra-op threads per CPU stage worker; 0 splits them evenly.
   TORCH_ARG(int64_t, worker_threads) = 0;

@@ -1,6 +1,7 @@
 #include <pipegear/schedule.h>
 
 #include <algorithm>
+#include <deque>
 #include <sstream>
 
 #include <c10/util/Exception.h>
@@ -16,7 +17,8 @@ void check_shape(int64_t stages, int64_t micro_batches) {
                     micro_batches);
 }
 
-// Row of a phase in the validator's tables.
+// The phases, and the row of each in the validator's tables.
+constexpr int kPhases = 4;
 int slot(Phase phase) {
   return static_cast<int>(phase);
 }
@@ -52,6 +54,55 @@ Schedule zero_bubble(int64_t stages, int64_t micro_batches, Warmup warmup) {
   }
   return schedule;
 }
+
+// When the cells of a schedule end, in unit clocks, for the checks of
+// what a cell waits for (the dependencies in schedule.h); shared by the
+// validator's replay and by the generators that simulate their order.
+class CellEnds {
+ public:
+  CellEnds(int64_t stages, int64_t micro_batches)
+      : stages_(stages),
+        micro_batches_(micro_batches),
+        end_(kPhases * stages * micro_batches, -1) {}
+
+  // Whether stage s may start `c` at clock t.
+  bool ready(int64_t s, const Cell& c, int64_t t) const {
+    auto done = [&](int64_t stage, Phase p) {
+      const int64_t e = at(stage, p, c.micro_batch);
+      return e >= 0 && e <= t;
+    };
+    // The input gradient of (stage, j): from a whole backward or a B.
+    auto gradient_done = [&](int64_t stage) {
+      return done(stage, Phase::kBackward) ||
+          done(stage, Phase::kBackwardInput);
+    };
+    switch (c.phase) {
+      case Phase::kForward:
+        return s == 0 || done(s - 1, Phase::kForward);
+      case Phase::kBackwardWeight:
+        return done(s, Phase::kBackwardInput);
+      default:
+        return s == stages_ - 1 ? done(s, Phase::kForward)
+                                : gradient_done(s + 1);
+    }
+  }
+
+  void finish(int64_t s, const Cell& c, int64_t t) {
+    end_[index(s, c.phase, c.micro_batch)] = t;
+  }
+
+ private:
+  size_t index(int64_t s, Phase p, int64_t j) const {
+    return static_cast<size_t>((kPhases * s + slot(p)) * micro_batches_ + j);
+  }
+  int64_t at(int64_t s, Phase p, int64_t j) const {
+    return end_[index(s, p, j)];
+  }
+
+  int64_t stages_;
+  int64_t micro_batches_;
+  std::vector<int64_t> end_;
+};
 
 } // namespace
 
@@ -178,6 +229,71 @@ Schedule interleaved_schedule(int64_t workers, int64_t virtual_stages,
   }
 }
 
+Schedule interleaved_zb_schedule(int64_t workers, int64_t virtual_stages,
+                                 int64_t micro_batches) {
+  // Interleaved 1F1B's order is valid for every K, v, M, and a W waits on
+  // nothing but its own B: Ws placed anywhere after their B keep it valid.
+  Schedule order =
+      interleaved_schedule(workers, virtual_stages, micro_batches);
+  const auto peaks = peak_activations(order);
+  // The largest peak, not each worker's own: with their own (lower) caps
+  // the later workers run their Ws at once and the drain stays unfilled
+  // (design.md, decision 21).
+  const int64_t cap = *std::max_element(peaks.begin(), peaks.end());
+  for (auto& cells : order) {
+    for (auto& c : cells) {
+      if (c.phase == Phase::kBackward) {
+        c.phase = Phase::kBackwardInput;
+      }
+    }
+  }
+  // The replay (schedule.h). It cannot stall: before each forward of
+  // interleaved 1F1B's order a worker holds at most its peak - 1
+  // micro-batches between F and B, so at the cap it owes a W to run.
+  const int64_t k = workers;
+  CellEnds ends(k * virtual_stages, micro_batches);
+  Schedule schedule(k);
+  std::vector<size_t> next(k, 0);
+  std::vector<std::deque<Cell>> owed(k);
+  std::vector<int64_t> held(k, 0);
+  for (int64_t t = 0;; ++t) {
+    bool left = false;
+    bool started = false;
+    for (int64_t d = 0; d < k; ++d) {
+      const Cell* due =
+          next[d] < order[d].size() ? &order[d][next[d]] : nullptr;
+      left = left || due != nullptr || !owed[d].empty();
+      Cell c{};
+      if (due != nullptr && ends.ready(due->chunk * k + d, *due, t) &&
+          (due->phase != Phase::kForward || held[d] < cap)) {
+        c = *due;
+        ++next[d];
+      } else if (!owed[d].empty()) {
+        c = owed[d].front();
+        owed[d].pop_front();
+      } else {
+        continue;
+      }
+      ends.finish(c.chunk * k + d, c, t + 1);
+      schedule[d].push_back(c);
+      started = true;
+      if (c.phase == Phase::kForward) {
+        ++held[d];
+      } else if (c.phase == Phase::kBackwardInput) {
+        owed[d].push_back({c.micro_batch, Phase::kBackwardWeight, c.chunk});
+      } else {
+        --held[d];
+      }
+    }
+    if (!left) {
+      return schedule;
+    }
+    TORCH_CHECK(started, "interleaved_zb_schedule: no cell can run at clock ",
+                t, " for K=", k, ", v=", virtual_stages, ", M=",
+                micro_batches);
+  }
+}
+
 bool is_fill_drain(const Schedule& schedule) {
   for (const auto& cells : schedule) {
     bool seen_backward = false;
@@ -210,7 +326,6 @@ std::vector<std::vector<int64_t>> schedule_clocks(const Schedule& schedule,
   const int64_t stages = workers * v;
   // Stage of row r's cell c.
   auto stage_of = [&](int64_t r, const Cell& c) { return c.chunk * workers + r; };
-  constexpr int kPhases = 4;
   // seen[kPhases * stage + phase][j]: how often that cell runs so far.
   std::vector<std::vector<int64_t>> seen(kPhases * stages,
                                          std::vector<int64_t>(micro_batches, 0));
@@ -273,41 +388,19 @@ std::vector<std::vector<int64_t>> schedule_clocks(const Schedule& schedule,
     }
   }
 
-  // end[kPhases * stage + phase][j]: the clock at which the cell ends, -1
-  // if not yet run.
-  std::vector<std::vector<int64_t>> end(kPhases * stages,
-                                        std::vector<int64_t>(micro_batches, -1));
+  CellEnds ends(stages, micro_batches);
   std::vector<std::vector<int64_t>> clocks(workers);
   std::vector<size_t> next(workers, 0);
   size_t remaining = 0;
   for (const auto& cells : schedule) {
     remaining += cells.size();
   }
-  auto ready = [&](int64_t s, const Cell& c, int64_t t) {
-    auto done = [&](int64_t stage, Phase p) {
-      const int64_t e = end[kPhases * stage + slot(p)][c.micro_batch];
-      return e >= 0 && e <= t;
-    };
-    // The input gradient of (s, j): from a whole backward or from a B.
-    auto gradient_done = [&](int64_t stage) {
-      return done(stage, Phase::kBackward) ||
-          done(stage, Phase::kBackwardInput);
-    };
-    switch (c.phase) {
-      case Phase::kForward:
-        return s == 0 || done(s - 1, Phase::kForward);
-      case Phase::kBackwardWeight:
-        return done(s, Phase::kBackwardInput);
-      default:
-        return s == stages - 1 ? done(s, Phase::kForward)
-                               : gradient_done(s + 1);
-    }
-  };
   for (int64_t t = 0; remaining > 0; ++t) {
     std::vector<int64_t> started;
     for (int64_t r = 0; r < workers; ++r) {
       if (next[r] < schedule[r].size() &&
-          ready(stage_of(r, schedule[r][next[r]]), schedule[r][next[r]], t)) {
+          ends.ready(stage_of(r, schedule[r][next[r]]), schedule[r][next[r]],
+                     t)) {
         started.push_back(r);
       }
     }
@@ -324,7 +417,7 @@ std::vector<std::vector<int64_t>> schedule_clocks(const Schedule& schedule,
     }
     for (int64_t r : started) {
       const auto& c = schedule[r][next[r]++];
-      end[kPhases * stage_of(r, c) + slot(c.phase)][c.micro_batch] = t + 1;
+      ends.finish(stage_of(r, c), c, t + 1);
       clocks[r].push_back(t);
       --remaining;
     }
@@ -411,9 +504,12 @@ ScheduleKind parse_schedule_kind(const std::string& name) {
   if (name == "interleaved") {
     return ScheduleKind::kInterleaved;
   }
+  if (name == "interleaved-zb") {
+    return ScheduleKind::kInterleavedZB;
+  }
   TORCH_CHECK_VALUE(name == "1f1b",
-                    "schedule must be 'gpipe', '1f1b', 'zb-h1', 'zb-h2' or "
-                    "'interleaved', got '", name, "'");
+                    "schedule must be 'gpipe', '1f1b', 'zb-h1', 'zb-h2', "
+                    "'interleaved' or 'interleaved-zb', got '", name, "'");
   return ScheduleKind::k1F1B;
 }
 
@@ -421,12 +517,14 @@ Schedule make_schedule(ScheduleKind kind, int64_t stages,
                        int64_t micro_batches, int64_t virtual_stages) {
   TORCH_CHECK_VALUE(virtual_stages >= 1,
                     "virtual_stages must be at least 1, got ", virtual_stages);
-  TORCH_CHECK_VALUE(virtual_stages == 1 || kind == ScheduleKind::kInterleaved,
+  TORCH_CHECK_VALUE(virtual_stages == 1 || takes_virtual_stages(kind),
                     "virtual_stages = ", virtual_stages,
-                    " needs the 'interleaved' schedule");
+                    " needs the 'interleaved' or 'interleaved-zb' schedule");
   switch (kind) {
     case ScheduleKind::kInterleaved:
       return interleaved_schedule(stages, virtual_stages, micro_batches);
+    case ScheduleKind::kInterleavedZB:
+      return interleaved_zb_schedule(stages, virtual_stages, micro_batches);
     case ScheduleKind::kGPipe:
       return gpipe_schedule(stages, micro_batches);
     case ScheduleKind::k1F1B:

@@ -122,16 +122,62 @@ Schedule zb_h2_schedule(int64_t stages, int64_t micro_batches);
 Schedule interleaved_schedule(int64_t workers, int64_t virtual_stages,
                               int64_t micro_batches);
 
-/// The schedule generators a pipeline can run.
-enum class ScheduleKind : uint8_t { kGPipe, k1F1B, kZBH1, kZBH2, kInterleaved };
+/// Interleaved zero-bubble: interleaved 1F1B with each backward split into
+/// B and W, the W cells put where a worker would wait. Each worker runs its
+/// forwards and Bs in interleaved 1F1B's order; where its W cells go comes
+/// from a replay of that order with unit-time cells: at each clock a worker
+/// runs its next forward or B if the inputs are ready, else the oldest W it
+/// owes, else waits. A forward also yields to the oldest W while its worker
+/// holds P micro-batches (forwards whose W has not run), P being
+/// interleaved 1F1B's largest peak (worker 0's: min(2(K-1) + (v-1)K + 1,
+/// vM) for M a multiple of K, v > 1). So every worker holds at most P,
+/// interleaved 1F1B's memory, as ZB-H1 holds 1F1B's (its later workers
+/// rising to worker 0's peak). With F = B = W = 1 clock (a chunk's cell)
+/// and M a multiple of K, the step takes 3vM + K - 1 clocks, the lower
+/// bound (the last worker waits K - 1 clocks for its first forward, then
+/// never), against 3vM + 3(K-1) for interleaved 1F1B with its unsplit
+/// backward taking 2: the bubble left is (K-1)/v of a stage's forward,
+/// ZB-H1's divided by v. For other M it is shorter than interleaved
+/// 1F1B's too (tests/cpp/schedule_test.cpp checks K <= 8, v <= 4,
+/// M <= 40). v = 1 is a split 1F1B with ZB-H1's memory and span. K=2,
+/// v=2, M=4:
+///
+///    clock    0    1    2    3    4    5    6    7    8    9   10   11
+///   stage0 F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 W0.1 F3.0 B1.1 W1.1 F2.1 B0.0
+///   stage1      F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 W0.1 F3.0 B1.0
+///
+///    clock   12   13   14   15   16   17   18   19   20   21   22   23   24
+///   stage0 W0.0 F3.1 B1.0 B2.1 W1.0 W2.1 B3.1 B2.0 B3.0 W3.1 W2.0 W3.0
+///   stage1 W1.1 F2.1 B2.1 W0.0 F3.1 B3.1 B2.0 B3.0 W1.0 W2.1 W3.1 W2.0 W3.0
+///
+/// (render_schedule draws the exact table). Step style only.
+Schedule interleaved_zb_schedule(int64_t workers, int64_t virtual_stages,
+                                 int64_t micro_batches);
 
-/// "gpipe", "1f1b", "zb-h1", "zb-h2" or "interleaved"; ValueError
-/// otherwise.
+/// The schedule generators a pipeline can run.
+enum class ScheduleKind : uint8_t {
+  kGPipe,
+  k1F1B,
+  kZBH1,
+  kZBH2,
+  kInterleaved,
+  kInterleavedZB
+};
+
+/// "gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved" or "interleaved-zb";
+/// ValueError otherwise.
 ScheduleKind parse_schedule_kind(const std::string& name);
 
+/// Whether `kind` runs several stages per worker (takes virtual_stages
+/// above 1): kInterleaved and kInterleavedZB.
+inline bool takes_virtual_stages(ScheduleKind kind) {
+  return kind == ScheduleKind::kInterleaved ||
+      kind == ScheduleKind::kInterleavedZB;
+}
+
 /// The schedule of `kind` for `stages` stages (workers, when interleaved)
-/// and `micro_batches`; `virtual_stages` stages per worker, which only
-/// kInterleaved takes above 1 (ValueError otherwise).
+/// and `micro_batches`; `virtual_stages` stages per worker, which only the
+/// kinds that take_virtual_stages take above 1 (ValueError otherwise).
 Schedule make_schedule(ScheduleKind kind, int64_t stages,
                        int64_t micro_batches, int64_t virtual_stages = 1);
 

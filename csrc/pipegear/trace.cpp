@@ -40,6 +40,8 @@ Trace::Trace(int64_t stages,
                       ", out of range for ", micro_batches, " micro-batches");
     TORCH_CHECK_VALUE(e.end_ns >= e.start_ns, "event ", i, " ends at ",
                       e.end_ns, " ns, before its start at ", e.start_ns, " ns");
+    TORCH_CHECK_VALUE(e.chunk >= 0, "event ", i, " has chunk ", e.chunk,
+                      ", expected >= 0");
   }
 }
 
@@ -111,16 +113,24 @@ std::string Trace::to_chrome_trace() const {
         << ",{\"name\":\"thread_sort_index\",\"ph\":\"M\",\"pid\":0,\"tid\":"
         << s << ",\"args\":{\"sort_index\":" << s << "}}";
   }
+  // Interleaved: every name carries its chunk, as render_schedule's do.
+  const bool interleaved =
+      std::any_of(events_.begin(), events_.end(),
+                  [](const auto& e) { return e.chunk > 0; });
   for (const auto& e : events_) {
     const char* phase = phase_name(e.phase);
     out << ",{\"name\":\"" << (e.phase == Phase::kForward        ? 'F'
                                    : e.phase == Phase::kBackwardWeight ? 'W'
                                                                       : 'B')
-        << e.micro_batch << (e.recompute ? " (recompute)" : "")
+        << e.micro_batch
+        << (interleaved ? "." + std::to_string(e.chunk) : std::string())
+        << (e.recompute ? " (recompute)" : "")
         << "\",\"cat\":\"" << phase << "\",\"ph\":\"X\",\"pid\":0,\"tid\":"
         << e.stage << ",\"ts\":" << microseconds(e.start_ns - origin)
         << ",\"dur\":" << microseconds(e.end_ns - e.start_ns)
         << ",\"args\":{\"stage\":" << e.stage
+        << (interleaved ? ",\"chunk\":" + std::to_string(e.chunk)
+                        : std::string())
         << ",\"micro_batch\":" << e.micro_batch << ",\"phase\":\"" << phase
         << "\",\"recompute\":" << (e.recompute ? "true" : "false") << "}}";
   }

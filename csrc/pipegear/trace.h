@@ -19,6 +19,9 @@ struct TraceEvent {
   bool recompute = false;
   int64_t start_ns = 0;
   int64_t end_ns = 0;
+  /// Interleaved schedules: which of the worker's stages ran the cell
+  /// (Cell::chunk; `stage` is then the worker's row). 0 elsewhere.
+  int64_t chunk = 0;
 };
 
 /// The timeline of one training step (or one forward pass). Pure data.
@@ -40,7 +43,8 @@ class Trace {
   /// GPipe's (K-1)/(M+K-1).
   double theoretical_bubble_fraction() const;
   /// Chrome trace JSON ("traceEvents", one thread per stage, microseconds);
-  /// opens in Perfetto and chrome://tracing.
+  /// opens in Perfetto and chrome://tracing. Cells are named as in the
+  /// clock table (render_schedule): F3, B3, W3, or F3.1 when interleaved.
   std::string to_chrome_trace() const;
   /// Writes to_chrome_trace() to `path`; throws on I/O errors.
   void save_chrome_trace(const std::string& path) const;

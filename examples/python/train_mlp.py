@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--schedule", default="gpipe",
                         choices=pipegear.gpipe.SCHEDULES)
     parser.add_argument("--virtual-stages", type=int, default=1,
-                        help="partitions per worker ('interleaved')")
+                        help="partitions per worker ('interleaved', "
+                        "'interleaved-zb')")
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
 

@@ -44,9 +44,20 @@ def is_recomputing() -> bool:
 def render_schedule(schedule: str, stages: int, micro_batches: int,
                     virtual_stages: int = 1) -> str:
     """The clock table of a schedule (``'gpipe'``, ``'1f1b'``, ``'zb-h1'``,
-    ``'zb-h2'``, ``'interleaved'`` with ``virtual_stages``) for K stages
-    (workers, when interleaved) and M chunks."""
+    ``'zb-h2'``, ``'interleaved'`` or ``'interleaved-zb'`` with
+    ``virtual_stages``) for K stages (workers, when interleaved) and M
+    chunks."""
     return _C.render_schedule(schedule, stages, micro_batches, virtual_stages)
+
+
+def peak_activations(schedule: str, stages: int, micro_batches: int,
+                     virtual_stages: int = 1) -> list[int]:
+    """Micro-batches each stage (worker, when interleaved) keeps alive at
+    its peak under a schedule: forwards run whose backward (W, when split)
+    has not; an interleaved worker's count is in micro-batches of one of
+    its stages (divide by ``virtual_stages`` for a whole stage's worth)."""
+    return _C.peak_activations(schedule, stages, micro_batches,
+                               virtual_stages)
 
 
 __all__ = [
@@ -54,6 +65,7 @@ __all__ = [
     "convert_deferred_batch_norm", "balance_by_cost", "balance_by_size",
     "balance_by_time", "profile_layers", "is_checkpointing", "is_recomputing",
     "render_schedule",
+    "peak_activations",
 ]
 
 from pipegear import distributed  # noqa: E402

@@ -26,7 +26,10 @@ Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 Device = Union[torch.device, str, int]
 
 CHECKPOINT_MODES = ("always", "except_last", "never")
-SCHEDULES = ("gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved",
+             "interleaved-zb")
+# The schedules that run several partitions per worker (virtual_stages).
+VIRTUAL_STAGE_SCHEDULES = ("interleaved", "interleaved-zb")
 
 __all__ = ["GPipe", "Trace"]
 
@@ -312,13 +315,14 @@ class _Placed(nn.Module):
 
     @property
     def schedule(self) -> str:
-        """``'gpipe'``, ``'1f1b'``, ``'zb-h1'``, ``'zb-h2'`` or
-        ``'interleaved'``."""
+        """``'gpipe'``, ``'1f1b'``, ``'zb-h1'``, ``'zb-h2'``,
+        ``'interleaved'`` or ``'interleaved-zb'``."""
         return self._schedule
 
     @property
     def virtual_stages(self) -> int:
-        """Partitions per worker (v; above 1 only with ``'interleaved'``)."""
+        """Partitions per worker (v; above 1 only with ``'interleaved'``
+        and ``'interleaved-zb'``)."""
         return self._virtual_stages
 
     def _placement(self) -> tuple[list[torch.device], str]:
@@ -419,9 +423,12 @@ class GPipe(_Placed):
             zero-bubble ``'zb-h1'`` (1F1B's memory) and ``'zb-h2'``
             (:meth:`step` only; each backward split into B, the input
             gradient, and W, the weight gradients, run later to fill the
-            bubble: docs/engine.md).
-        virtual_stages: partitions per worker (v) for ``'interleaved'``;
-            ``devices`` then names one device per worker or per partition.
+            bubble: docs/engine.md), or ``'interleaved-zb'`` (:meth:`step`
+            only; ``'interleaved'`` with split backwards: zb-h1's bubble
+            divided by v, at the memory of ``'interleaved'``).
+        virtual_stages: partitions per worker (v) for ``'interleaved'`` and
+            ``'interleaved-zb'``; ``devices`` then names one device per
+            worker or per partition.
         worker_threads: intra-op threads per CPU stage worker; 0 splits
             ``torch.get_num_threads()`` between the CPU stages.
 
@@ -493,9 +500,10 @@ class GPipe(_Placed):
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
         virtual_stages = _check_int("virtual_stages", virtual_stages, 1)
-        if virtual_stages > 1 and schedule != "interleaved":
+        if virtual_stages > 1 and schedule not in VIRTUAL_STAGE_SCHEDULES:
             raise ValueError(f"virtual_stages = {virtual_stages} needs "
-                             f"schedule='interleaved', got {schedule!r}")
+                             "schedule='interleaved' or 'interleaved-zb', "
+                             f"got {schedule!r}")
         if len(balance) % virtual_stages:
             raise ValueError(f"virtual_stages = {virtual_stages} must divide "
                              f"the number of partitions, got {len(balance)} "

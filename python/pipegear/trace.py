@@ -30,7 +30,8 @@ def plot_trace(
     One row per stage (stage 0 on top), time in milliseconds from the first
     cell; forward cells in one colour, backward cells in another, backward
     cells that began by recomputing a checkpointed forward hatched, and the
-    micro-batch number in each box. The title defaults to the bubble
+    micro-batch number in each box (``3.1``: micro-batch 3 on the worker's
+    stage of chunk 1, when interleaved). The title defaults to the bubble
     fraction, measured and GPipe's theoretical (K-1)/(M+K-1).
 
     Needs matplotlib; draws with the Agg canvas and never touches pyplot's
@@ -54,6 +55,8 @@ def plot_trace(
     end = max(e.end_ns for e in events)
     span_ms = max((end - origin) * 1e-6, 1e-9)
     stages = trace.stages
+    # Interleaved: every label names its chunk, as the clock table does.
+    interleaved = any(e.chunk for e in events)
 
     width = min(max(8.0, 0.35 * len(events) / stages + 4.0), 24.0)
     fig = Figure(figsize=(width, 0.6 * stages + 1.6), dpi=100)
@@ -75,11 +78,13 @@ def plot_trace(
             )
         )
         # A label only where it fits: about 1/60 of the width per digit.
-        if w >= span_ms * len(str(e.micro_batch)) / 60.0:
+        label = (f"{e.micro_batch}.{e.chunk}" if interleaved
+                 else str(e.micro_batch))
+        if w >= span_ms * len(label) / 60.0:
             ax.text(
                 x + w / 2,
                 e.stage,
-                str(e.micro_batch),
+                label,
                 ha="center",
                 va="center",
                 fontsize=8,

@@ -169,8 +169,8 @@ TEST_CASE("option names are parsed strictly", "[errors]") {
                 "checkpoint must be 'always', 'except_last' or 'never', got "
                 "'sometimes'");
   REQUIRE_ERROR(c10::ValueError, pipegear::parse_schedule_kind("zigzag"),
-                "schedule must be 'gpipe', '1f1b', 'zb-h1', 'zb-h2' or "
-                "'interleaved', got 'zigzag'");
+                "schedule must be 'gpipe', '1f1b', 'zb-h1', 'zb-h2', "
+                "'interleaved' or 'interleaved-zb', got 'zigzag'");
   REQUIRE_ERROR(c10::ValueError, pipegear::parse_loss_reduction("max"),
                 "reduction must be 'mean' or 'sum', got 'max'");
 }

@@ -130,20 +130,95 @@ TEST_CASE("transparency: zero-bubble schedules (split backward)",
                      schedule);
 }
 
-TEST_CASE("transparency: interleaved 1F1B, v stages per worker",
-          "[gpipe][interleaved]") {
+TEST_CASE("transparency: interleaved 1F1B and interleaved zero-bubble, v "
+          "stages per worker", "[gpipe][schedule][interleaved]") {
   torch::manual_seed(9);
+  const auto schedule = GENERATE(pipegear::ScheduleKind::kInterleaved,
+                                 pipegear::ScheduleKind::kInterleavedZB);
   const auto k = GENERATE(2, 3, 4);
   const auto v = GENERATE(2, 3);
   const auto chunks = GENERATE(1, 3, 4, 8);
   const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kExceptLast,
                              CheckpointMode::kAlways);
-  INFO("K=" << k << " v=" << v << " chunks=" << chunks);
-  auto plain = mlp(6, 5);  // 12 layers: up to K * v = 12 partitions
+  INFO("schedule " << static_cast<int>(schedule) << " K=" << k << " v=" << v
+                   << " chunks=" << chunks);
+  auto plain = mlp(6, 5);  // 13 layers: up to K * v = 12 partitions
+  plain->push_back(Twice());
   plain->to(torch::kFloat64);
   auto x = torch::randn({9, 5}, torch::kFloat64);
   check_transparency(plain, x, k, chunks, mode, /*step_style=*/true, 1e-10,
-                     pipegear::ScheduleKind::kInterleaved, v);
+                     schedule, v);
+}
+
+TEST_CASE("interleaved zero-bubble: dropout and DeferredBatchNorm as under "
+          "GPipe; the trace's B and W cells name their worker",
+          "[gpipe][schedule][interleaved][zb]") {
+  // The same partitions (K * v) under GPipe draw the same dropout masks and
+  // commit the same running statistics; the gradients sum in another order.
+  torch::manual_seed(11);
+  torch::nn::Sequential model(
+      torch::nn::Linear(6, 6), torch::nn::Dropout(0.3),
+      torch::nn::BatchNorm1d(torch::nn::BatchNorm1dOptions(6)),
+      torch::nn::Tanh(), torch::nn::Linear(6, 6), torch::nn::Dropout(0.2),
+      torch::nn::BatchNorm1d(torch::nn::BatchNorm1dOptions(6)),
+      torch::nn::Linear(6, 3));
+  model->to(torch::kFloat64);
+  const auto mode = GENERATE(CheckpointMode::kNever, CheckpointMode::kAlways);
+  auto make = [&](pipegear::ScheduleKind schedule, int64_t v) {
+    auto copy =
+        std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+    return GPipe(torch::nn::Sequential(copy), GPipeOptions({2, 2, 2, 2})
+                                                  .chunks(4)
+                                                  .checkpoint(mode)
+                                                  .deferred_batch_norm(true)
+                                                  .schedule(schedule)
+                                                  .virtual_stages(v));
+  };
+  auto ref = make(pipegear::ScheduleKind::kGPipe, 1);
+  auto pipe = make(pipegear::ScheduleKind::kInterleavedZB, 2);
+  auto mse = [](auto y, auto t) { return torch::mse_loss(y, t); };
+  for (int step = 0; step < 2; ++step) {
+    auto x = torch::randn({12 - step, 6}, torch::kFloat64);
+    auto t = torch::randn({12 - step, 3}, torch::kFloat64);
+    auto x1 = x.clone().requires_grad_(true);
+    auto x2 = x.clone().requires_grad_(true);
+    torch::manual_seed(100 + step);
+    auto l1 = ref->step(x1, t, mse);
+    torch::manual_seed(100 + step);
+    auto l2 = pipe->step(x2, t, mse);
+    require_close(l2, l1, 1e-12);
+    require_close(x2.grad(), x1.grad(), 1e-12);
+  }
+  auto p1 = ref->parameters();
+  auto p2 = pipe->parameters();
+  REQUIRE(p1.size() == p2.size());
+  for (size_t i = 0; i < p1.size(); ++i) {
+    require_close(p2[i].grad(), p1[i].grad(), 1e-12);
+  }
+  auto b1 = ref->buffers();
+  auto b2 = pipe->buffers();
+  REQUIRE(b1.size() == b2.size());
+  for (size_t i = 0; i < b1.size(); ++i) {
+    require_close(b2[i].to(torch::kFloat64), b1[i].to(torch::kFloat64), 1e-12);
+  }
+  const auto trace = pipe->last_trace();
+  CHECK(trace.stages() == 2);
+  int64_t b = 0, w = 0, on_chunk1 = 0;
+  for (const auto& e : trace.events()) {
+    CHECK(e.stage < 2);
+    CHECK(e.chunk < 2);
+    CHECK(e.phase != pipegear::Phase::kBackward);
+    b += e.phase == pipegear::Phase::kBackwardInput && !e.recompute;
+    w += e.phase == pipegear::Phase::kBackwardWeight;
+    on_chunk1 += e.chunk == 1 && !e.recompute;
+  }
+  CHECK(b == 4 * 4);  // 4 stages, 4 micro-batches
+  CHECK(w == 4 * 4);
+  CHECK(on_chunk1 == 2 * 3 * 4);  // stages 2 and 3: F, B, W of 4
+  CHECK(trace.to_chrome_trace().find("\"name\":\"W3.1\"") !=
+        std::string::npos);
+  CHECK_THROWS_WITH(pipe->forward(torch::randn({4, 6}, torch::kFloat64)),
+                    Catch::Contains("module-style forward needs a fill/drain"));
 }
 
 TEST_CASE("interleaved: options are checked, the trace has a row per worker",
@@ -153,7 +228,8 @@ TEST_CASE("interleaved: options are checked, the trace has a row per worker",
   };
   CHECK_THROWS_WITH(GPipe(mlp(2, 3), opts({1, 1, 1, 1}).virtual_stages(2)),
                     Catch::Contains("virtual_stages = 2 needs the "
-                                    "'interleaved' schedule"));
+                                    "'interleaved' or 'interleaved-zb' "
+                                    "schedule"));
   CHECK_THROWS_WITH(
       GPipe(mlp(2, 3), opts({2, 1, 1}).virtual_stages(2).schedule(
                            pipegear::ScheduleKind::kInterleaved)),

@@ -228,7 +228,8 @@ TEST_CASE("interleaved 1F1B: valid for every K, v, M; its span; rejections",
                                  2) == pipegear::interleaved_schedule(2, 2, 4)));
   CHECK_THROWS_WITH(
       pipegear::make_schedule(pipegear::ScheduleKind::k1F1B, 2, 4, 2),
-      Catch::Contains("virtual_stages = 2 needs the 'interleaved' schedule"));
+      Catch::Contains("virtual_stages = 2 needs the 'interleaved' or "
+                      "'interleaved-zb' schedule"));
   CHECK_THROWS_AS(pipegear::interleaved_schedule(2, 0, 4), c10::ValueError);
 
   auto s = pipegear::interleaved_schedule(2, 2, 2);
@@ -262,4 +263,131 @@ TEST_CASE("render_schedule names the chunk of interleaved cells",
   INFO(text);
   CHECK(text.find("F0.1") != std::string::npos);
   CHECK(text.find("B3.0") != std::string::npos);
+}
+
+namespace {
+
+// The clocks a schedule takes when its cells start as soon as their worker
+// is free and their inputs are ready (as schedule_clocks), a whole backward
+// taking `backward` units and every other cell 1.
+int64_t weighted_span(const pipegear::Schedule& schedule, int64_t m,
+                      int64_t backward) {
+  const auto k = static_cast<int64_t>(schedule.size());
+  const int64_t stages = k * pipegear::virtual_stages_of(schedule);
+  // end[phase][stage * m + j]; -1 not yet run. B ends hold kBackward's too.
+  std::vector<std::vector<int64_t>> end(3,
+                                        std::vector<int64_t>(stages * m, -1));
+  auto row = [](Phase p) {
+    return p == Phase::kForward ? 0 : p == Phase::kBackwardWeight ? 2 : 1;
+  };
+  std::vector<int64_t> free(k, 0);
+  std::vector<size_t> next(k, 0);
+  for (bool progressed = true; progressed;) {
+    progressed = false;
+    for (int64_t d = 0; d < k; ++d) {
+      for (; next[d] < schedule[d].size(); ++next[d]) {
+        const auto& c = schedule[d][next[d]];
+        const int64_t s = c.chunk * k + d;
+        const int64_t j = c.micro_batch;
+        const int64_t dep = c.phase == Phase::kForward
+            ? (s == 0 ? 0 : end[0][(s - 1) * m + j])
+            : c.phase == Phase::kBackwardWeight ? end[1][s * m + j]
+            : s == stages - 1                   ? end[0][s * m + j]
+                                                : end[1][(s + 1) * m + j];
+        if (dep < 0) {
+          break;
+        }
+        const int64_t start = std::max(free[d], dep);
+        free[d] = start + (c.phase == Phase::kBackward ? backward : 1);
+        end[row(c.phase)][s * m + j] = free[d];
+        progressed = true;
+      }
+    }
+  }
+  for (int64_t d = 0; d < k; ++d) {
+    REQUIRE(next[d] == schedule[d].size());  // no deadlock
+  }
+  return *std::max_element(free.begin(), free.end());
+}
+
+} // namespace
+
+TEST_CASE("interleaved zero-bubble: valid for every K, v, M; its order, span "
+          "and memory", "[schedule][interleaved][zb]") {
+  for (int64_t k = 1; k <= 8; ++k) {
+    for (int64_t v = 1; v <= 4; ++v) {
+      for (int64_t m = 1; m <= 40; ++m) {
+        INFO("K=" << k << " v=" << v << " M=" << m);
+        const auto s = pipegear::interleaved_zb_schedule(k, v, m);
+        const auto base = pipegear::interleaved_schedule(k, v, m);
+        REQUIRE(s.size() == static_cast<size_t>(k));
+        REQUIRE(pipegear::virtual_stages_of(s) == v);
+        REQUIRE_NOTHROW(pipegear::validate_schedule(s, m));
+        for (int64_t d = 0; d < k; ++d) {
+          REQUIRE(s[d].size() == static_cast<size_t>(3 * v * m));
+          // Forwards and Bs in interleaved 1F1B's order.
+          std::vector<Cell> order;
+          for (auto c : s[d]) {
+            REQUIRE(c.phase != Phase::kBackward);
+            if (c.phase != Phase::kBackwardWeight) {
+              c.phase = c.phase == Phase::kForward ? c.phase : Phase::kBackward;
+              order.push_back(c);
+            }
+          }
+          REQUIRE((order == base[d]));
+        }
+        // Every worker holds at most interleaved 1F1B's largest peak.
+        const auto peaks = pipegear::peak_activations(s);
+        const auto base_peaks = pipegear::peak_activations(base);
+        const int64_t cap =
+            *std::max_element(base_peaks.begin(), base_peaks.end());
+        for (auto p : peaks) {
+          CHECK(p <= cap);
+        }
+        // Unit cells against interleaved 1F1B, its backward two units.
+        const int64_t span = span_of(s, m);
+        const int64_t unsplit = weighted_span(base, m, 2);
+        CHECK(weighted_span(s, m, 2) == span);
+        if (k == 1) {
+          CHECK(span == 3 * v * m);  // no bubble either way
+          CHECK(unsplit == 3 * v * m);
+        } else {
+          CHECK(span < unsplit);
+        }
+        if (v == 1) {
+          CHECK(cap == std::min(k, m));  // 1F1B's and ZB-H1's peak
+        }
+        if (m % k == 0) {
+          // The lower bound: the last worker waits K - 1 clocks for its
+          // first forward, then is never idle.
+          CHECK(span == 3 * v * m + k - 1);
+          CHECK(unsplit == 3 * v * m + 3 * (k - 1));
+          if (v > 1) {
+            CHECK(cap == std::min(2 * (k - 1) + (v - 1) * k + 1, v * m));
+          }
+        }
+      }
+    }
+  }
+  CHECK((pipegear::make_schedule(pipegear::ScheduleKind::kInterleavedZB, 3, 6,
+                                 2) ==
+         pipegear::interleaved_zb_schedule(3, 2, 6)));
+  CHECK(pipegear::parse_schedule_kind("interleaved-zb") ==
+        pipegear::ScheduleKind::kInterleavedZB);
+  CHECK(pipegear::takes_virtual_stages(pipegear::ScheduleKind::kInterleavedZB));
+  CHECK(pipegear::takes_virtual_stages(pipegear::ScheduleKind::kInterleaved));
+  CHECK_FALSE(pipegear::takes_virtual_stages(pipegear::ScheduleKind::kZBH1));
+  CHECK_THROWS_AS(pipegear::interleaved_zb_schedule(2, 0, 4), c10::ValueError);
+  CHECK_THROWS_AS(pipegear::interleaved_zb_schedule(0, 2, 4), c10::ValueError);
+  CHECK_THROWS_AS(pipegear::interleaved_zb_schedule(2, 2, 0), c10::ValueError);
+}
+
+TEST_CASE("render_schedule draws interleaved zero-bubble's B and W cells",
+          "[schedule][interleaved][zb]") {
+  auto text = pipegear::render_schedule(
+      pipegear::interleaved_zb_schedule(2, 2, 4), 4);
+  CHECK(text ==
+" clock    0    1    2    3    4    5    6    7    8    9   10   11   12   13   14   15   16   17   18   19   20   21   22   23   24\n"
+        "stage0 F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 W0.1 F3.0 B1.1 W1.1 F2.1 B0.0 W0.0 F3.1 B1.0 B2.1 W1.0 W2.1 B3.1 B2.0 B3.0 W3.1 W2.0 W3.0\n"
+        "stage1      F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 W0.1 F3.0 B1.0 W1.1 F2.1 B2.1 W0.0 F3.1 B3.1 B2.0 B3.0 W1.0 W2.1 W3.1 W2.0 W3.0\n");
 }

@@ -148,6 +148,23 @@ TEST_CASE("chrome trace holds one complete event per cell", "[trace]") {
   CHECK(odd.to_chrome_trace().find("\"dur\":1.234") != std::string::npos);
 }
 
+TEST_CASE("chrome trace names the chunk of interleaved cells", "[trace]") {
+  using E = TraceEvent;
+  Trace trace(2, 2, {E{0, 1, Phase::kForward, false, 0, 1000, 1},
+                     E{1, 0, Phase::kBackwardWeight, false, 0, 1000, 0}});
+  auto json = trace.to_chrome_trace();
+  CHECK(json.find("\"name\":\"F1.1\"") != std::string::npos);
+  CHECK(json.find("\"name\":\"W0.0\"") != std::string::npos);
+  CHECK(json.find("\"chunk\":1") != std::string::npos);
+  // Without chunks, the names are the clock table's of one stage per row.
+  Trace plain(1, 1, {E{0, 0, Phase::kForward, false, 0, 1000}});
+  CHECK(plain.to_chrome_trace().find("\"name\":\"F0\"") !=
+        std::string::npos);
+  CHECK(plain.to_chrome_trace().find("chunk") == std::string::npos);
+  REQUIRE_THROWS_WITH(Trace(1, 1, {E{0, 0, Phase::kForward, false, 0, 1, -1}}),
+                      Catch::Contains("event 0 has chunk -1"));
+}
+
 TEST_CASE("save_chrome_trace writes the JSON and reports bad paths",
           "[trace]") {
   auto trace = unit_gpipe_trace(2, 2);

@@ -168,8 +168,8 @@ CASES = [
     # -- schedules -------------------------------------------------------------
     ("render-unknown-schedule",
      lambda: pipegear.render_schedule("zigzag", 2, 2), ValueError,
-     "schedule must be 'gpipe', '1f1b', 'zb-h1', 'zb-h2' or 'interleaved', "
-     "got 'zigzag'"),
+     "schedule must be 'gpipe', '1f1b', 'zb-h1', 'zb-h2', 'interleaved' or "
+     "'interleaved-zb', got 'zigzag'"),
     ("render-zero-stages", lambda: pipegear.render_schedule("gpipe", 0, 2),
      ValueError, "a schedule needs at least 1 stage, got 0"),
     ("render-zero-micro-batches",

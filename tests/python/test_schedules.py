@@ -1,6 +1,7 @@
-"""The zero-bubble schedules ('zb-h1', 'zb-h2'): each backward split into B
-(the input gradient) and W (the weight gradients); the pipeline must still
-equal the plain model in its loss, input and parameter gradients."""
+"""The zero-bubble schedules ('zb-h1', 'zb-h2', 'interleaved-zb') and
+interleaved 1F1B: each backward split into B (the input gradient) and W (the
+weight gradients), or several partitions per worker; the pipeline must
+still equal the plain model in its loss, input and parameter gradients."""
 import copy
 
 import pytest
@@ -143,16 +144,17 @@ def test_unknown_schedule_names_the_choices():
         pipegear.GPipe(nn.Sequential(nn.Linear(2, 2)), [1], schedule="zb-h3")
 
 
+@pytest.mark.parametrize("schedule", ["interleaved", "interleaved-zb"])
 @pytest.mark.parametrize("k, v", [(2, 2), (3, 2), (4, 2), (2, 3), (3, 3)])
 @pytest.mark.parametrize("chunks", [1, 3, 4, 8])
 @pytest.mark.parametrize("checkpoint", ["always", "except_last", "never"])
-def test_interleaved_transparency(k, v, chunks, checkpoint):
+def test_interleaved_transparency(schedule, k, v, chunks, checkpoint):
     torch.manual_seed(0)
     plain = make_model()  # 9 layers: up to K * v = 9 partitions
     n = k * v
     balance = [len(plain) // n + (i < len(plain) % n) for i in range(n)]
     pipe = pipegear.GPipe(copy.deepcopy(plain), balance, chunks=chunks,
-                          checkpoint=checkpoint, schedule="interleaved",
+                          checkpoint=checkpoint, schedule=schedule,
                           virtual_stages=v)
     assert pipe.virtual_stages == v
     x = torch.randn(9, 6, dtype=torch.float64)
@@ -169,13 +171,110 @@ def test_interleaved_transparency(k, v, chunks, checkpoint):
         assert n1 == n2
         torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-10, atol=1e-10)
     assert pipe.last_trace.stages == k  # a row per worker
+    phases = {e.phase for e in pipe.last_trace.events}
+    assert ("backward_weight" in phases) == (schedule == "interleaved-zb")
+
+
+@pytest.mark.parametrize("checkpoint", ["always", "never"])
+def test_interleaved_zero_bubble_dropout_and_batch_norm_equal_gpipe(
+        checkpoint):
+    """Dropout and DeferredBatchNorm: the same partitions under 'gpipe'
+    draw the same masks (seeded per step, layer and micro-batch) and commit
+    the same running statistics; the gradients equal up to rounding."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Linear(6, 6), nn.Dropout(0.3), nn.BatchNorm1d(6), nn.Tanh(),
+        nn.Linear(6, 6), nn.Dropout(0.2), nn.BatchNorm1d(6),
+        nn.Linear(6, 3)).double()
+    pipes = [pipegear.GPipe(copy.deepcopy(model), [2, 2, 2, 2], chunks=4,
+                            checkpoint=checkpoint, deferred_batch_norm=True,
+                            schedule=s, virtual_stages=v)
+             for s, v in (("gpipe", 1), ("interleaved-zb", 2))]
+    for step in range(2):
+        x = torch.randn(12 - step, 6, dtype=torch.float64)
+        t = torch.randn(12 - step, 3, dtype=torch.float64)
+        losses, grads = [], []
+        for p in pipes:
+            torch.manual_seed(100 + step)
+            xi = x.clone().requires_grad_()
+            losses.append(p.step(xi, t, nn.functional.mse_loss))
+            grads.append(xi.grad)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-12,
+                                   atol=1e-12)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+    a, b = pipes
+    for (n1, p1), (n2, p2) in zip(a.named_parameters(), b.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-12, atol=1e-12)
+    for (n1, b1), (n2, b2) in zip(a.named_buffers(), b.named_buffers()):
+        assert n1 == n2
+        torch.testing.assert_close(b2, b1, rtol=1e-12, atol=1e-12)
+
+
+def test_interleaved_zero_bubble_clock_table():
+    table = pipegear.render_schedule("interleaved-zb", 2, 4, 2)
+    assert table.splitlines()[1:] == [
+        "stage0 F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 W0.1 F3.0 B1.1 W1.1 F2.1 B0.0"
+        " W0.0 F3.1 B1.0 B2.1 W1.0 W2.1 B3.1 B2.0 B3.0 W3.1 W2.0 W3.0",
+        "stage1      F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 W0.1 F3.0 B1.0"
+        " W1.1 F2.1 B2.1 W0.0 F3.1 B3.1 B2.0 B3.0 W1.0 W2.1 W3.1 W2.0 W3.0",
+    ]
+    # 3vM + K - 1 clocks (unit cells), interleaved 1F1B's memory.
+    assert table.splitlines()[0].split()[-1] == "24"
+    pipe = pipegear.GPipe(nn.Sequential(*[nn.Linear(2, 2) for _ in range(6)]),
+                          [1] * 6, schedule="interleaved-zb", virtual_stages=2,
+                          chunks=6)
+    assert pipe.schedule == "interleaved-zb" and pipe.virtual_stages == 2
+    assert "W5.1" in pipe.schedule_table()
+    # Interleaved 1F1B's peak, min(2(K-1) + (v-1)K + 1, vM), on every
+    # worker (interleaved's later workers hold less).
+    assert pipegear.peak_activations("interleaved-zb", 3, 6, 2) == [8, 8, 8]
+    assert pipegear.peak_activations("interleaved", 3, 6, 2) == [8, 6, 4]
+    assert pipegear.peak_activations("zb-h1", 3, 6) == [3, 3, 3]
+    with pytest.raises(ValueError, match="module-style forward needs"):
+        pipe(torch.ones(2, 2))
+
+
+def test_interleaved_zero_bubble_trace_names_the_chunks(tmp_path):
+    """A row of the trace is a worker; each event names its chunk, and the
+    Chrome trace and the plot show B and W cells as the clock table does."""
+    import json
+    pipe = pipegear.GPipe(nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)]),
+                          [1] * 4, schedule="interleaved-zb", virtual_stages=2,
+                          chunks=3)
+    pipe.step(torch.randn(6, 2, requires_grad=True), torch.randn(6, 2),
+              nn.functional.mse_loss)
+    trace = pipe.last_trace
+    cells = {(e.stage, e.chunk, e.phase, e.micro_batch)
+             for e in trace.events if not e.recompute}
+    assert cells == {(d, c, p, j) for d in (0, 1) for c in (0, 1)
+                     for p in ("forward", "backward_input", "backward_weight")
+                     for j in range(3)}
+    path = tmp_path / "t.json"
+    trace.to_chrome_trace(path)
+    names = {e["name"] for e in json.loads(path.read_text())["traceEvents"]
+             if e["ph"] == "X"}
+    assert {"F2.1", "B0.1", "W1.0"} <= names
+    pytest.importorskip("matplotlib")
+    trace.plot(str(tmp_path / "t.png"))
+    e = TraceEvent(1, 2, "backward_weight", False, 0, 5, chunk=1)
+    assert e.chunk == 1 and "chunk=1" in repr(e)
+    assert e != TraceEvent(1, 2, "backward_weight", False, 0, 5)
+    assert tuple(e) == (1, 2, "backward_weight", False, 0, 5)
+    t = Trace(2, 3, [e, (0, 0, "forward", False, 0, 5, 1)])
+    assert [x.chunk for x in t.events] == [1, 1]
+    with pytest.raises(ValueError, match="event 0 has chunk -1"):
+        Trace(1, 1, [(0, 0, "forward", False, 0, 5, -1)])
 
 
 def test_interleaved_arguments():
     seq = lambda: nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])  # noqa: E731
     with pytest.raises(ValueError, match="virtual_stages = 2 needs "
-                       "schedule='interleaved'"):
+                       "schedule='interleaved' or 'interleaved-zb'"):
         pipegear.GPipe(seq(), [1, 1, 1, 1], virtual_stages=2)
+    with pytest.raises(ValueError, match="virtual_stages = 2 needs "):
+        pipegear.GPipe(seq(), [1, 1, 1, 1], schedule="zb-h1",
+                       virtual_stages=2)
     with pytest.raises(ValueError, match="must divide the number of "
                        "partitions"):
         pipegear.GPipe(seq(), [2, 1, 1], schedule="interleaved",

@@ -214,15 +214,17 @@ def test_transparency_uneven_balance(balance, face, schedule):
     check_transparent(jumps, balance, 4, "always", face, schedule)
 
 
+@pytest.mark.parametrize("schedule", ["interleaved", "interleaved-zb"])
 @pytest.mark.parametrize("checkpoint", ["never", "always", "except_last"])
 @pytest.mark.parametrize("chunks", [1, 3, 4, 8])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_transparency_interleaved(name, chunks, checkpoint):
-    """Interleaved 1F1B: 4 partitions on 2 workers (virtual_stages=2), the
-    skips between partitions of one worker and of two."""
+def test_transparency_interleaved(name, chunks, checkpoint, schedule):
+    """Interleaved 1F1B and its zero-bubble variant: 4 partitions on 2
+    workers (virtual_stages=2), the skips between partitions of one worker
+    and of two."""
     make = MODELS[name]
     check_transparent(make, even_balance(len(make()), 4), chunks, checkpoint,
-                      "step", "interleaved", virtual_stages=2)
+                      "step", schedule, virtual_stages=2)
 
 
 def test_boundaries_crossed():
