@@ -12,9 +12,9 @@ rank), batch 64, 8 micro-batches, no checkpointing, MSE loss:
 - sleep: 4 simulated layers (bench_schedules.py's: forward F, input-gradient
   B, weight-gradient W, each 2 ms, waiting without CPU).
 
-pipegear runs gpipe, 1f1b, zb-h1, zb-h2 (one stage per rank) and
-interleaved (two stages per rank, the model cut in 4: rank r holds stages r
-and r + 2); torch runs ScheduleGPipe, Schedule1F1B (one stage per rank),
+pipegear runs gpipe, 1f1b, zb-h1, zb-h2 (one stage per rank), interleaved
+and interleaved-zb (two stages per rank, the model cut in 4: rank r holds
+stages r and r + 2); torch runs ScheduleGPipe, Schedule1F1B (one stage per rank),
 and with two stages per rank ScheduleInterleaved1F1B,
 ScheduleInterleavedZeroBubble (rank r holds stages r and r + 2) and
 ScheduleZBVZeroBubble (the V: rank 0 holds stages 0 and 3). Steps of all
@@ -37,7 +37,8 @@ from torch import nn
 BATCH, CHUNKS = 64, 8
 SLEEP_S = 0.002
 # pipegear's schedules and their stages per rank.
-KINDS = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zb-h2": 1, "interleaved": 2}
+KINDS = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zb-h2": 1, "interleaved": 2,
+         "interleaved-zb": 2}
 
 
 def simulated_layer():
@@ -144,9 +145,10 @@ def worker(rank, world, port, steps):
 
 
 PAIRS = {"gpipe": "torch ScheduleGPipe", "1f1b": "torch Schedule1F1B",
-         "zb-h1": "torch ScheduleInterleavedZeroBubble",
+         "zb-h1": "torch ScheduleZBVZeroBubble",
          "zb-h2": "torch ScheduleZBVZeroBubble",
-         "interleaved": "torch ScheduleInterleaved1F1B"}
+         "interleaved": "torch ScheduleInterleaved1F1B",
+         "interleaved-zb": "torch ScheduleInterleavedZeroBubble"}
 
 
 def main():
@@ -210,11 +212,11 @@ def main():
             print(f"| {kind} | " + " | ".join(row) + " |")
         print()
     print("Families: gpipe ~ ScheduleGPipe, 1f1b ~ Schedule1F1B, "
-          "interleaved ~ ScheduleInterleaved1F1B (both two stages per rank); "
-          "pipegear's ZB-H1 and ZB-H2 keep one stage per rank, so they are "
-          "put next to torch's zero-bubble schedules, which need two stages "
-          "per rank (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble). "
-          "ratio > 1: pipegear is faster.")
+          "interleaved ~ ScheduleInterleaved1F1B, interleaved-zb ~ "
+          "ScheduleInterleavedZeroBubble (both two stages per rank, rank r "
+          "holding r and r + 2); pipegear's ZB-H1 and ZB-H2 keep one stage "
+          "per rank, so they are put next to torch's ScheduleZBVZeroBubble, "
+          "which needs two (the V). ratio > 1: pipegear is faster.")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from pipegear import _C
 from pipegear.skip import rank_skips, routes_across_ranks
-from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe, _Partition,
+from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES,
+                            VIRTUAL_STAGE_SCHEDULES, GPipe, _Partition,
                             _check_available, _check_int, _parse_device,
                             _Placed, _prepare_batch_norm, state_dict_hooks)
 from pipegear.loss import Count, plan_loss
@@ -101,9 +102,11 @@ class DistributedGPipe(_Placed):
             current CUDA device for NCCL). The partition stays there: a move
             to another device (``.to(device)``, ``.cuda()``) is a
             ``ValueError``; dtype casts work.
-        schedule: ``'gpipe'``, ``'1f1b'``, ``'zb-h1'``, ``'zb-h2'`` or
-            ``'interleaved'`` (all but ``'gpipe'``: :meth:`step` only).
-        virtual_stages: partitions per rank (v) for ``'interleaved'``:
+        schedule: ``'gpipe'``, ``'1f1b'``, ``'zb-h1'``, ``'zb-h2'``,
+            ``'interleaved'`` or ``'interleaved-zb'`` (all but ``'gpipe'``:
+            :meth:`step` only).
+        virtual_stages: partitions per rank (v) for ``'interleaved'`` and
+            ``'interleaved-zb'``:
             ``len(balance)`` is then K * v for K ranks and rank r runs
             partitions r, r + K, ..., r + (v-1)K, so that a micro-batch
             visits every rank v times and the pipeline's bubble shrinks by
@@ -199,9 +202,10 @@ class DistributedGPipe(_Placed):
         world = process_group.size()
         rank = process_group.rank()
         virtual_stages = _check_int("virtual_stages", virtual_stages, 1)
-        if virtual_stages > 1 and schedule != "interleaved":
-            raise ValueError(f"virtual_stages = {virtual_stages} needs the "
-                             f"'interleaved' schedule, got {schedule!r}")
+        if virtual_stages > 1 and schedule not in VIRTUAL_STAGE_SCHEDULES:
+            raise ValueError(f"virtual_stages = {virtual_stages} needs "
+                             "schedule='interleaved' or 'interleaved-zb', "
+                             f"got {schedule!r}")
         if virtual_stages == 1 and len(balance) != world:
             raise ValueError(f"balance has {len(balance)} partitions but the "
                              f"process group has {world} ranks: one rank "
@@ -389,7 +393,7 @@ class DistributedGPipe(_Placed):
 
     @property
     def virtual_stages(self) -> int:
-        """Partitions per rank (``'interleaved'``; 1 otherwise)."""
+        """Partitions per rank (interleaved schedules; 1 otherwise)."""
         return self._virtual_stages
 
     @property

@@ -110,9 +110,10 @@ def mse(y, t):
     return nn.functional.mse_loss(y, t)
 
 
-def cfg(name, v, chunks, checkpoint, sizes=(10, 7), **extra):
+def cfg(name, v, chunks, checkpoint, sizes=(10, 7), schedule="interleaved",
+        **extra):
     return dict(name=name, v=v, chunks=chunks, checkpoint=checkpoint,
-                sizes=list(sizes), **extra)
+                sizes=list(sizes), schedule=schedule, **extra)
 
 
 CONFIGS = {
@@ -124,6 +125,13 @@ CONFIGS = {
         cfg("k2-v3-c4-never-tuple", 3, 4, "never", fork=True),
         cfg("k2-v2-c4-except_last-tied", 2, 4, "except_last", tied=True),
         cfg("k2-v3-c8-always", 3, 8, "always", (11, 16)),
+        cfg("k2-v2-c4-always-zb", 2, 4, "always", schedule="interleaved-zb"),
+        cfg("k2-v2-c3-never-zb-bn", 2, 3, "never", (12, 9), bn=True,
+            schedule="interleaved-zb"),
+        cfg("k2-v3-c8-except_last-zb-tuple-tied", 3, 8, "except_last",
+            (16, 11), fork=True, tied=True, schedule="interleaved-zb"),
+        cfg("k2-v2-c1-except_last-zb", 2, 1, "except_last",
+            schedule="interleaved-zb"),
     ],
     3: [
         cfg("k3-v2-c1-always", 2, 1, "always"),
@@ -132,11 +140,19 @@ CONFIGS = {
         cfg("k3-v2-c8-except_last-tuple", 2, 8, "except_last", (16, 9),
             fork=True),
         cfg("k3-v2-c4-always-tied", 2, 4, "always", tied=True),
+        cfg("k3-v2-c4-except_last-zb", 2, 4, "except_last",
+            schedule="interleaved-zb"),
+        cfg("k3-v2-c8-always-zb-bn", 2, 8, "always", (16, 24), bn=True,
+            schedule="interleaved-zb"),
+        cfg("k3-v2-c3-never-zb", 2, 3, "never", schedule="interleaved-zb"),
     ],
     4: [
         cfg("k4-v2-c4-never", 2, 4, "never"),
         cfg("k4-v2-c8-always", 2, 8, "always", (16, 11)),
         cfg("k4-v2-c3-except_last", 2, 3, "except_last"),
+        cfg("k4-v2-c8-except_last-zb", 2, 8, "except_last", (16, 11),
+            schedule="interleaved-zb"),
+        cfg("k4-v2-c4-always-zb", 2, 4, "always", schedule="interleaved-zb"),
     ],
 }
 
@@ -195,7 +211,7 @@ def worker_compare(rank, world, port, out):
         balance = balance_of(len(built), world * c["v"])
         pipe = pipegear.DistributedGPipe(
             model, balance, chunks=c["chunks"], checkpoint=c["checkpoint"],
-            schedule="interleaved", virtual_stages=c["v"],
+            schedule=c["schedule"], virtual_stages=c["v"],
             deferred_batch_norm=bool(c.get("bn")), timeout=30.0)
         pipe.train()
         errors = {"loss": 0.0, "input": 0.0, "grad": 0.0, "buffer": 0.0}
@@ -234,6 +250,12 @@ def worker_compare(rank, world, port, out):
     dist.destroy_process_group()
 
 
+# (where the layer raises, schedule); the backward of interleaved-zb fails
+# in a B cell (the raising node is on the input's path).
+RAISE_SCENARIOS = [("forward", "interleaved"), ("backward", "interleaved"),
+                   ("backward", "interleaved-zb")]
+
+
 def worker_raise(rank, world, port, out):
     """A layer of a middle partition raises in step 1 (forward, then
     backward): every rank raises, the rank holding it its own error, the
@@ -242,12 +264,12 @@ def worker_raise(rank, world, port, out):
     dist = _init(rank, world, port)
     c = cfg("raise", 2, 4, "except_last", (8, 8, 8), boom=True)
     report = {}
-    for where in ("forward", "backward"):
+    for where, schedule in RAISE_SCENARIOS:
         built = layers(c, world)
         holder = [i for i, m in enumerate(built) if isinstance(m, _Boom)][0]
         balance = balance_of(len(built), world * 2)
         pipe = pipegear.DistributedGPipe(
-            nn.Sequential(*built), balance, chunks=4, schedule="interleaved",
+            nn.Sequential(*built), balance, chunks=4, schedule=schedule,
             virtual_stages=2, timeout=30.0)
         steps = []
         for step in range(3):
@@ -264,8 +286,8 @@ def worker_raise(rank, world, port, out):
                 p.grad = None
         stage = next(s for s in range(len(balance))
                      if sum(balance[:s + 1]) > holder)
-        report[where] = dict(steps=steps, holder=stage % world,
-                             broken=pipe.broken)
+        report[f"{where}-{schedule}"] = dict(steps=steps, holder=stage % world,
+                                             broken=pipe.broken)
     _Boom.where = None
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
@@ -318,8 +340,8 @@ def _run(kind, world, tmp_path, timeout=180):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_interleaved_matches_the_plain_model(tmp_path, world):
-    """Every configuration (v = 2 and 3, chunks 1, 3, 4 and 8 with M not a
-    multiple of K, every checkpoint mode, DeferredBatchNorm, a tuple with a
+    """Every configuration (interleaved and interleaved-zb, v = 2 and 3,
+    chunks 1, 3, 4 and 8 with M not a multiple of K, every checkpoint mode, DeferredBatchNorm, a tuple with a
     None gradient and an int tensor across a boundary, a tie across ranks
     and one within a rank, two steps of other batch sizes): the loss on
     every rank, the input gradient and every parameter's gradient equal
@@ -337,6 +359,10 @@ def test_interleaved_matches_the_plain_model(tmp_path, world):
             forwards = [e for e in got["cells"] if e.startswith("F")]
             stages = {int(e[1:]) for e in forwards}
             assert stages == {k * world + r for k in range(c["v"])}, got["cells"]
+            # split backwards: one W per B
+            weights = sum(e.startswith("W") for e in got["cells"])
+            split = c["schedule"] == "interleaved-zb"
+            assert weights == (len(forwards) if split else 0), got["cells"]
         every = set(owned[0]).union(*owned[1:])
         if not c.get("tied"):
             for a in range(world):
@@ -348,23 +374,24 @@ def test_interleaved_matches_the_plain_model(tmp_path, world):
 
 
 def test_a_failing_layer_fails_every_rank_and_the_next_step_works(tmp_path):
-    """An exception in a layer of a middle partition (forward or backward)
-    raises on every rank within the step, the holder's own error and the
+    """An exception in a layer of a middle partition (forward or backward,
+    interleaved and interleaved-zb) raises on every rank within the step, the holder's own error and the
     others' naming the holder; no rank is broken and the next step equals
     the plain model."""
     world = 3
     reports = _run("raise", world, tmp_path)
-    for where in ("forward", "backward"):
-        holder = reports[0][where]["holder"]
+    for where, schedule in RAISE_SCENARIOS:
+        key = f"{where}-{schedule}"
+        holder = reports[0][key]["holder"]
         for r, rep in enumerate(reports):
-            steps = rep[where]["steps"]
+            steps = rep[key]["steps"]
             assert steps[0]["error"] is None and steps[0]["diff"] < 1e-5
             assert steps[2]["error"] is None and steps[2]["diff"] < 1e-5, steps
             error = steps[1]["error"]
             assert error is not None and f"boom in the {where}" in error, error
             if r != holder:
                 assert f"rank {holder} failed" in error, error
-            assert not rep[where]["broken"]
+            assert not rep[key]["broken"]
 
 
 def test_a_skip_across_partitions_is_refused_on_every_rank(tmp_path):
@@ -389,9 +416,10 @@ class _Group:
 
 @pytest.mark.parametrize("kwargs, size, error, match", [
     (dict(balance=[1] * 4, virtual_stages=2), 2, ValueError,
-     "virtual_stages = 2 needs the 'interleaved' schedule, got 'gpipe'"),
+     "virtual_stages = 2 needs schedule='interleaved' or 'interleaved-zb', "
+     "got 'gpipe'"),
     (dict(balance=[1] * 4, virtual_stages=2, schedule="1f1b"), 2, ValueError,
-     "needs the 'interleaved' schedule, got '1f1b'"),
+     "needs schedule='interleaved' or 'interleaved-zb', got '1f1b'"),
     (dict(balance=[2, 2], virtual_stages=2, schedule="interleaved"), 2,
      ValueError, "balance has 2 partitions but 2 ranks with virtual_stages = 2 "
      "run 4"),

@@ -258,8 +258,9 @@ DistributedOptions checked(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
                       "virtual stage 0 is on ", stages.front()->device(),
                       " and virtual stage ", c, " on ", stages[c]->device());
   }
-  TORCH_CHECK_VALUE(v == 1 || options.schedule() == ScheduleKind::kInterleaved,
-                    "virtual_stages = ", v, " needs the 'interleaved' schedule");
+  TORCH_CHECK_VALUE(v == 1 || takes_virtual_stages(options.schedule()),
+                    "virtual_stages = ", v,
+                    " needs the 'interleaved' or 'interleaved-zb' schedule");
   if (v > 1) {
     // Stages of one rank would send each other messages: with one rank
     // the in-process GPipe runs the same schedule.
@@ -486,9 +487,13 @@ std::exception_ptr DistributedCore::run_cells(StepState& state, bool forward,
     if (forward) {
       events_.clear();
     }
-    for (const auto& runner : runners_) {
-      const auto& mine = run.events[runner->index()];
+    for (size_t c = 0; c < runners_.size(); ++c) {
+      const auto& mine = run.events[runners_[c]->index()];
       events_.insert(events_.end(), mine.begin(), mine.end());
+      for (auto e = events_.end() - static_cast<std::ptrdiff_t>(mine.size());
+           e != events_.end(); ++e) {
+        e->chunk = static_cast<int64_t>(c);
+      }
     }
     std::stable_sort(events_.begin(), events_.end(), [](const auto& a, const auto& b) {
       return a.start_ns < b.start_ns;
