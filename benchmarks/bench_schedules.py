@@ -6,7 +6,12 @@ that computes the input gradient, W in the part that computes its weight's
 gradient (a layer is two autograd nodes, one on the input's path, one on
 the weight's, so a split backward runs them in different cells and a whole
 backward runs both). Waiting uses no CPU, so K simulated devices run in
-parallel on 2 cores.
+parallel on 2 cores. time.sleep overshoots (0.1 ms and more per call on a
+loaded machine), which a device's kernel does not: a wait that directly
+follows another on the same thread (the next layer of a cell) takes the
+overshoot so far off its own, so that a cell lasts what its layers' times
+add up to; what remains over the theory is the engine's own cost
+(hand-offs between workers, Python, autograd, a late wake-up).
 
 For K in {2, 4, 8}, M in {4, 8, 32} and F:B:W = 1:1:1 then 1:2:2: gpipe,
 1f1b, zb-h1, zb-h2, interleaved and interleaved-zb (v = 2; the same 2K
@@ -23,12 +28,13 @@ Then the timeline of one step per schedule, K=4, M=8, F:B:W = 1:1:1, into
 docs/img/schedule_<name>_k4_m8.png.
 
 Prints markdown. Run: .venv/bin/python benchmarks/bench_schedules.py
-(about 6 minutes).
+(about 12 minutes).
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -40,7 +46,10 @@ import pipegear
 from pipegear import _C
 
 ROOT = Path(__file__).resolve().parent.parent
-UNIT_S = 0.010  # a stage's forward of one micro-batch (two layers of 5 ms)
+# A stage's forward of one micro-batch (two layers of 10 ms): long enough
+# that the engine's cost per cell (a few tenths of a millisecond on this
+# machine) stays within a few percent of a cell of one layer.
+UNIT_S = 0.020
 SCHEDULES = ["gpipe", "1f1b", "zb-h1", "zb-h2", "interleaved",
              "interleaved-zb"]
 V = 2  # virtual stages per worker of the interleaved schedules
@@ -50,18 +59,35 @@ def virtual_stages(kind: str) -> int:
     return V if kind in pipegear.gpipe.VIRTUAL_STAGE_SCHEDULES else 1
 
 
+_device = threading.local()
+GAP_S = 0.001  # a longer pause before a wait: the thread waited for work
+
+
+def device_wait(seconds: float) -> None:
+    """Waits `seconds` as a simulated device: see the module's docstring."""
+    start = time.perf_counter()
+    last_end, late = getattr(_device, "state", (-1.0, 0.0))
+    if start - last_end > GAP_S:
+        late = 0.0
+    if seconds - late > 0:
+        time.sleep(seconds - late)
+    end = time.perf_counter()
+    # How late this thread's waits end against their sum, never negative.
+    _device.state = (end, max(0.0, late + (end - start) - seconds))
+
+
 class InputPath(torch.autograd.Function):
     """The input's path through a layer: F forward, B backward."""
 
     @staticmethod
     def forward(ctx, x, f, b):
         ctx.b = b
-        time.sleep(f)
+        device_wait(f)
         return x.clone()
 
     @staticmethod
     def backward(ctx, g):
-        time.sleep(ctx.b)
+        device_wait(ctx.b)
         return g, None, None
 
 
@@ -75,7 +101,7 @@ class WeightPath(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        time.sleep(ctx.seconds)
+        device_wait(ctx.seconds)
         return g, None
 
 
