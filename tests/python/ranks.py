@@ -74,12 +74,9 @@ def launch_kind(script: str, kind: str, world: int, out: str, **options
                   **options)
 
 
-def init_mesh(rank: int, world: int, port: int, stages: int) -> dict:
-    """In a worker: joins the Gloo group of `world` ranks and makes the
-    groups of a (world // stages) x `stages` layout, rank g = dp * stages +
-    pp. Returns the DistributedGPipe arguments of this rank
-    (``process_group``, ``dp_group``) and its coordinates (``dp``,
-    ``pp``)."""
+def init_gloo(rank: int, world: int, port: int, timeout: float = 60):
+    """In a worker: one intra-op thread, and the default Gloo group of
+    `world` ranks on 127.0.0.1:`port`. Returns torch.distributed."""
     import datetime
 
     import torch
@@ -88,7 +85,17 @@ def init_mesh(rank: int, world: int, port: int, stages: int) -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=timeout))
+    return dist
+
+
+def init_mesh(rank: int, world: int, port: int, stages: int) -> dict:
+    """In a worker: joins the Gloo group of `world` ranks and makes the
+    groups of a (world // stages) x `stages` layout, rank g = dp * stages +
+    pp. Returns the DistributedGPipe arguments of this rank
+    (``process_group``, ``dp_group``) and its coordinates (``dp``,
+    ``pp``)."""
+    dist = init_gloo(rank, world, port)
     replicas = world // stages
     dp, pp = divmod(rank, stages)
     # Every rank makes every group, in the same order (new_group's rule).

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from ranks import launch_kind
+from ranks import init_gloo, launch_kind
 
 D, H, O = 6, 8, 3
 
@@ -117,16 +117,6 @@ CONFIGS = {
 
 
 # ---------------------------------------------------------------- workers
-def _init(rank, world, port, timeout=60):
-    import datetime
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout))
-    return dist
-
-
 def _run_step(pipe, c, x, t, rank, world):
     """One training step of either face; returns the loss (None on a
     non-last rank in module style)."""
@@ -145,7 +135,7 @@ def _run_step(pipe, c, x, t, rank, world):
 
 def worker_compare(rank, world, port, out):
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     results = {}
     for c in CONFIGS[world]:
         pipe = pipegear.DistributedGPipe(
@@ -187,7 +177,7 @@ class _Exit(nn.Module):
 
 def worker_crash(rank, world, port, out):
     import pipegear
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     dying = int(os.environ["PIPEGEAR_TEST_DYING"])
     layers = [lambda: nn.Linear(D, H)] + [lambda: nn.Linear(H, H)] * (world - 2) \
         + [lambda: nn.Linear(H, O)]
@@ -241,7 +231,7 @@ def worker_late(rank, world, port, out):
     gives up on it after 1 s (`timeout`, `idle_timeout`); then every rank
     tries step 2."""
     import pipegear
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     pipe = pipegear.DistributedGPipe([lambda: nn.Linear(D, H), _Slow], [1, 1],
                                      chunks=2, timeout=1.0, idle_timeout=1.0)
     x, t = torch.randn(4, D), torch.randn(4, O)
@@ -268,7 +258,7 @@ def worker_pause(rank, world, port, out):
     import datetime
 
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     # The group's own timeout does not bound pipegear's waits either: each
     # wait passes its own bound to the backend.
     dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=1))
@@ -300,7 +290,7 @@ def worker_absent(rank, world, port, out):
     """Rank PIPEGEAR_TEST_DYING never comes to step 1 (the test kills it);
     idle_timeout=2 s, timeout=1 s."""
     import pipegear
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     pipe = pipegear.DistributedGPipe(layer_factories(False), [3, 2, 2], chunks=2,
                                      timeout=1.0, idle_timeout=2.0)
     x, t = batch(CONFIGS[2][0], 0)
@@ -373,7 +363,7 @@ MISTAKES = {
 def worker_mistakes(rank, world, port, out):
     """Every MISTAKES scenario, then a good step, on one pipeline."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     pipe = pipegear.DistributedGPipe(layer_factories(False), [4, 3], chunks=2,
                                      timeout=20.0)
     x, t = batch(CONFIGS[2][0], 0)
@@ -398,7 +388,7 @@ def worker_pending(rank, world, port, out):
     every rank ("every"); the others run their backward. Each is followed
     by a good step."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     pipe = pipegear.DistributedGPipe(layer_factories(False), [4, 3], chunks=2,
                                      timeout=20.0)
     x, t = batch(CONFIGS[2][0], 0)
@@ -430,7 +420,7 @@ def worker_chunks(rank, world, port, out):
     """Pipelines with different chunks, one after another on one group, one
     step each; the losses go to rank{rank}.json."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     losses = []
     for chunks in CHUNKS_IN_TURN:
         pipe = pipegear.DistributedGPipe(layer_factories(False), [4, 3],
@@ -488,7 +478,7 @@ RAISE_SCENARIOS = [("step", "gpipe", "forward"), ("step", "gpipe", "backward"),
 def worker_raise(rank, world, port, out):
     """Rank 1 raises in step 1; every rank must raise; step 2 must be right."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     report = []
     for face, schedule, where in RAISE_SCENARIOS:
         factories = layer_factories(False)

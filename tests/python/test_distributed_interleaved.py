@@ -15,24 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from ranks import launch_kind
+from ranks import init_gloo, launch_kind
+# A tuple across a boundary: the activation, a float tensor nobody uses
+# (its gradient is None), an int64 tensor and the row sums.
+from test_distributed import _Fork, _Join
 
 D, H, O = 6, 8, 3
-
-
-class _Fork(nn.Module):
-    """A tuple crosses the next boundary: the activation, a float tensor
-    nobody uses (its gradient is None), an int64 tensor and the row sums."""
-
-    def forward(self, x):
-        return (x, x * 2, torch.arange(x.size(0)), x.sum(-1))
-
-
-class _Join(nn.Module):
-    def forward(self, inputs):
-        x, _unused, index, sums = inputs
-        assert index.dtype == torch.int64
-        return x + sums.unsqueeze(-1)
 
 
 class _Boom(nn.Module):
@@ -158,17 +146,6 @@ CONFIGS = {
 
 
 # ---------------------------------------------------------------- workers
-def _init(rank, world, port):
-    import datetime
-
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    return dist
-
-
 def _reference(c, world, step):
     """The plain model's loss, input gradient, parameter gradients (by
     name) and buffers after the step. With BatchNorm each micro-batch is
@@ -203,7 +180,7 @@ def _reference(c, world, step):
 
 def worker_compare(rank, world, port, out):
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     report = {}
     for c in CONFIGS[world]:
         built = layers(c, world)
@@ -261,7 +238,7 @@ def worker_raise(rank, world, port, out):
     backward): every rank raises, the rank holding it its own error, the
     others naming it; steps 0 and 2 equal the plain model."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     c = cfg("raise", 2, 4, "except_last", (8, 8, 8), boom=True)
     report = {}
     for where, schedule in RAISE_SCENARIOS:
@@ -300,23 +277,12 @@ def worker_refuse(rank, world, port, out):
     the same ValueError at construction (no rank waits for another), and
     the group still works."""
     import pipegear
-    from pipegear.skip import pop, skippable, stash
+    from test_skip import WIDTH, ResIn, ResOut
 
-    @skippable(stash=["s"])
-    class Stash(nn.Module):
-        def forward(self, x):
-            yield stash("s", x)
-            return x
-
-    @skippable(pop=["s"])
-    class Pop(nn.Module):
-        def forward(self, x):
-            s = yield pop("s")
-            return x + s
-
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     # partition 0 (rank 0) stashes, partition 2 (rank 0 again) pops
-    model = nn.Sequential(Stash(), nn.Linear(D, D), Pop(), nn.Linear(D, D))
+    model = nn.Sequential(ResIn(), nn.Linear(WIDTH, WIDTH), ResOut(),
+                          nn.Linear(WIDTH, WIDTH))
     try:
         pipegear.DistributedGPipe(model, [1, 1, 1, 1], chunks=2,
                                   schedule="interleaved", virtual_stages=2)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ranks import launch_kind
+from ranks import init_gloo, launch_kind
 
 D, H, C = 5, 7, 4
 STEPS = 3
@@ -108,16 +108,6 @@ LAYOUTS = {
 
 
 # ---------------------------------------------------------------- workers
-def _init(rank, world, port, timeout=60):
-    import datetime
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout))
-    return dist
-
-
 def _groups(dist, K, R, how):
     """(kwargs for DistributedGPipe, dp index, pp index) of this rank; rank
     g = dp * K + pp."""
@@ -138,7 +128,7 @@ def _groups(dist, K, R, how):
 def worker_compare(rank, world, port, out):
     import pipegear
     torch.set_default_dtype(torch.float64)
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     results = {}
     for K, R, balance, how, configs in LAYOUTS[world]:
         groups, dp, pp = _groups(dist, K, R, how)
@@ -208,7 +198,7 @@ def worker_cpp(rank, world, port, out):
     """The C++ face (2 x 2): every configuration but the tie (a tie is the
     Python face's)."""
     torch.set_default_dtype(torch.float64)
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     groups, dp, pp = _groups(dist, 2, 2, "groups")
     results = {}
     for c in ALL:
@@ -249,7 +239,7 @@ class _Exit(nn.Linear):
 def worker_crash(rank, world, port, out):
     """2 x 2 mesh; global rank PIPEGEAR_TEST_DYING dies in its forward."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
     dying = int(os.environ["PIPEGEAR_TEST_DYING"])
@@ -289,7 +279,7 @@ def worker_mistake(rank, world, port, out):
     """2 x 2 mesh; replica 1's last rank passes no target to a loss that
     needs one: every rank raises, the next step works everywhere."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
     pipe = pipegear.DistributedGPipe(

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from ranks import launch_kind
+from ranks import init_gloo, launch_kind
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_skip import (WIDTH, add_into_pop, add_into_pop_of_input,  # noqa: E402
@@ -55,19 +55,9 @@ def even_balance(n, k):
     return [base + (i < extra) for i in range(k)]
 
 
-def _init(rank, world, port):
-    import datetime
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    return dist
-
-
 def worker_compare(rank, world, port, out):
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     first, last = rank == 0, rank == world - 1
     results = []
     for name, chunks, checkpoint, face, schedule in CONFIGS:
@@ -101,7 +91,7 @@ def worker_compare(rank, world, port, out):
 def worker_backwards(rank, world, port, out):
     """A skip popped on rank 0 and stashed on rank 1: refused everywhere."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     model = nn.Sequential(up("x"), nn.Linear(WIDTH, WIDTH), down("x"),
                           nn.Linear(WIDTH, WIDTH))
     try:
@@ -123,7 +113,7 @@ def worker_fail(rank, world, port, out):
     """A layer fails in a step whose skips cross ranks: every rank raises
     the layer's error, and the next step refuses on every rank."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     model = make("unet")
     model.insert(5, Boom())  # rank 1's first layer after [4, 5]: d2, d1 pending
     pipe = pipegear.DistributedGPipe(model, [4, 5], chunks=2, timeout=20)
@@ -186,7 +176,7 @@ def worker_inplace(rank, world, port, out):
     """Each run on a group of its own: a failed step with skips between
     ranks leaves its pipeline (and messages on its group) behind."""
     import pipegear
-    dist = _init(rank, world, port)
+    dist = init_gloo(rank, world, port)
     results = []
     for name, checkpoint, face, schedule in INPLACE_RUNS:
         make_model, balance, _ = INPLACE[name]
