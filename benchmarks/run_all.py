@@ -38,7 +38,7 @@ ORDER = ["bench_paper", "bench_schedules", "bench_schedule_memory",
          "bench_memory", "bench_engine", "bench_checkpoint",
          "bench_random", "bench_skip",
          "bench_torchgpipe", "bench_distributed", "bench_distributed_schedules",
-         "bench_replicas",
+         "bench_1f1b_cell_cost", "bench_replicas",
          "bench_gpt2",
          "bench_partition",
          "bench_gpu"]
