@@ -222,6 +222,13 @@ def main() -> None:
     if group is not None:
         slices = [None] * group.size() if reporting else None
         dist.gather_object(state, slices, dst=0, group=group)
+        # Every rank is done with the group: take it down together, before
+        # the interpreter exits (left to the exit, Gloo's threads may be
+        # torn down while still running: "terminate called without an
+        # active exception").
+        del pipe, optimizer, scheduler
+        dist.barrier(group=group)
+        dist.destroy_process_group()
         if not reporting:
             return
         state = {k: v for part in slices for k, v in part.items()}
