@@ -295,6 +295,52 @@ def worker_refuse(rank, world, port, out):
     dist.destroy_process_group()
 
 
+def worker_dropout(rank, world, port, out):
+    """Dropout in every partition: with every rank seeded alike, each
+    step's loss and this rank's gradients equal the in-process GPipe's
+    running the same interleaved schedule on the same cut (each cell draws
+    from streams keyed by the step's seed, the layer and the micro-batch),
+    in every checkpoint mode (a recomputation replays its masks)."""
+    import pipegear
+    dist = init_gloo(rank, world, port)
+    report = {}
+    for schedule in ("interleaved", "interleaved-zb"):
+        for checkpoint in ("always", "except_last", "never"):
+            def model():
+                torch.manual_seed(3)
+                layers = [nn.Linear(D, H)]
+                for _ in range(2 * world * 2 - 1):
+                    layers += [nn.Dropout(0.3), nn.Tanh(), nn.Linear(H, H)]
+                return nn.Sequential(*layers, nn.Linear(H, O))
+            n = len(model())
+            balance = balance_of(n, world * 2)
+            kwargs = dict(chunks=4, checkpoint=checkpoint, schedule=schedule,
+                          virtual_stages=2)
+            pipe = pipegear.DistributedGPipe(model(), balance, timeout=30.0,
+                                             **kwargs)
+            local = pipegear.GPipe(model(), balance, **kwargs)
+            worst = 0.0
+            for step in range(2):
+                x, t = batch(dict(sizes=[10, 10]), step)
+                torch.manual_seed(100 + step)
+                loss = pipe.step(x if rank == 0 else None,
+                                 t if rank == world - 1 else None, mse)
+                torch.manual_seed(100 + step)
+                ref = local.step(x, t, mse)
+                worst = max(worst, abs(float(loss - ref)))
+                grads = dict(local.named_parameters())
+                for name, p in pipe.named_parameters():
+                    worst = max(worst, float((p.grad - grads[name].grad)
+                                             .abs().max()))
+                pipe.zero_grad(set_to_none=True)
+                local.zero_grad(set_to_none=True)
+            report[f"{schedule}-{checkpoint}"] = worst
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ tests
 def _run(kind, world, tmp_path, timeout=180):
     codes, logs = launch_kind(__file__, kind, world, str(tmp_path),
@@ -360,6 +406,16 @@ def test_a_failing_layer_fails_every_rank_and_the_next_step_works(tmp_path):
             assert not rep[key]["broken"]
 
 
+def test_dropout_draws_the_masks_of_the_in_process_pipeline(tmp_path):
+    """Distributed (2 ranks) and in-process interleaved pipelines seeded
+    alike give the same losses and gradients with dropout in every
+    partition, for both interleaved schedules and every checkpoint mode."""
+    for r, rep in enumerate(_run("dropout", 2, tmp_path)):
+        assert len(rep) == 6
+        for key, worst in rep.items():
+            assert worst < 1e-6, (r, key, worst)
+
+
 def test_a_skip_across_partitions_is_refused_on_every_rank(tmp_path):
     reports = _run("refuse", 2, tmp_path)
     for rep in reports:
@@ -410,5 +466,5 @@ def test_bad_virtual_stages_are_typed_errors(kwargs, size, error, match):
 if __name__ == "__main__":
     kind, rank, world, port, out = sys.argv[1:6]
     fn = {"compare": worker_compare, "raise": worker_raise,
-          "refuse": worker_refuse}[kind]
+          "refuse": worker_refuse, "dropout": worker_dropout}[kind]
     fn(int(rank), int(world), int(port), out)
