@@ -29,9 +29,7 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -278,23 +276,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=150)
     args = parser.parse_args()
     import tempfile
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(here, "..", "python"), env.get("PYTHONPATH", "")])
+
+    from launch import run_ranks
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(r), "2", str(port),
-             str(args.steps), ",".join(map(str, args.widths)), out_dir],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for r in range(2)]
-        outs = [p.communicate()[0].decode(errors="replace") for p in procs]
-        if any(p.returncode for p in procs):
-            sys.exit("\n".join(outs))
+        run_ranks(__file__, 2, [args.steps, ",".join(map(str, args.widths)),
+                                out_dir])
         per_rank = []
         for r in range(2):
             with open(os.path.join(out_dir, f"rank{r}.json")) as f:

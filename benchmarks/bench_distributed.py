@@ -13,9 +13,7 @@ subprocesses of this same file.
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -107,23 +105,11 @@ def main():
     parser.add_argument("--width", type=int, default=WIDTH)
     parser.add_argument("--batch", type=int, default=BATCH)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PIPEGEAR_BENCH_WIDTH=str(args.width),
-               PIPEGEAR_BENCH_BATCH=str(args.batch))
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(here, "..", "python"), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, "--worker", str(r), "2", str(port),
-         str(args.steps)] + [str(c) for c in args.chunks],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for r in range(2)]
-    outs = [p.communicate()[0].decode(errors="replace") for p in procs]
-    if any(p.returncode for p in procs):
-        sys.exit("\n".join(outs))
+    from launch import run_ranks
+
+    outs = run_ranks(__file__, 2, [args.steps, *args.chunks],
+                     dict(PIPEGEAR_BENCH_WIDTH=str(args.width),
+                          PIPEGEAR_BENCH_BATCH=str(args.batch)))
     rows = json.loads(next(line for line in outs[-1].splitlines()
                            if line.startswith("RESULT "))[7:])
     print(f"2 processes, Gloo, 1 thread each; MLP {LAYERS} layers x "

@@ -25,9 +25,7 @@ the same family.
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -155,21 +153,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(here, "..", "python"), env.get("PYTHONPATH", "")])
+    from launch import run_ranks
+
     load = os.getloadavg()[0]
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, "--worker", str(r), "2", str(port),
-         str(args.steps)], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT) for r in range(2)]
-    outs = [p.communicate()[0].decode(errors="replace") for p in procs]
-    if any(p.returncode for p in procs):
-        sys.exit("\n".join(outs))
+    outs = run_ranks(__file__, 2, [args.steps])
     per_rank = [json.loads(next(line for line in out.splitlines()
                                 if line.startswith(f"RESULT{r} "))[8:])
                  for r, out in enumerate(outs)]
