@@ -201,6 +201,9 @@ class DistributedGPipe(_Placed):
                    for i, b in enumerate(balance)]
         world = process_group.size()
         rank = process_group.rank()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, "
+                             f"got {schedule!r}")
         virtual_stages = _check_int("virtual_stages", virtual_stages, 1)
         if virtual_stages > 1 and schedule not in VIRTUAL_STAGE_SCHEDULES:
             raise ValueError(f"virtual_stages = {virtual_stages} needs "
@@ -225,9 +228,6 @@ class DistributedGPipe(_Placed):
         if checkpoint not in CHECKPOINT_MODES:
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, "
                              f"got {checkpoint!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, "
-                             f"got {schedule!r}")
         for name, value in (("timeout", timeout), ("idle_timeout", idle_timeout)):
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value < 0.001):
