@@ -2,7 +2,8 @@
 with CPU/GPU pipelines, training with cross-device copies, copies under
 allocator pressure (record_stream), an input still being computed when the
 step starts, CUDA dropout replay, DeferredBatchNorm, a parameter tied
-across a CPU and a GPU partition.
+across a CPU and a GPU partition, every schedule (split backwards,
+interleaved partitions sharing a device).
 
 Every test is marked `cuda` and skipped without a CUDA device. On a GPU
 machine: `python3 -m pytest -q -m cuda tests/python/test_cuda.py`, or, where
@@ -96,14 +97,18 @@ def assert_rel(actual, expected, what, tol=1e-9):
 
 
 def compare_once(plain, devices, ref_device, chunks, checkpoint, face,
-                 batch=12, width=32, input_device=None, input_grad=True):
+                 batch=12, width=32, input_device=None, input_grad=True,
+                 schedule="gpipe", virtual_stages=1):
     """One forward/backward of the pipelined copy of `plain` on `devices`
-    against `plain` itself on `ref_device`."""
+    (one per worker: `virtual_stages` partitions each) against `plain`
+    itself on `ref_device`."""
     torch.manual_seed(0)
     pipe = pipegear.GPipe(copy.deepcopy(plain).cpu(),
-                          even_balance(len(plain), len(devices)),
+                          even_balance(len(plain),
+                                       len(devices) * virtual_stages),
                           devices=devices, chunks=chunks,
-                          checkpoint=checkpoint)
+                          checkpoint=checkpoint, schedule=schedule,
+                          virtual_stages=virtual_stages)
     ref_model = copy.deepcopy(plain).to(ref_device)
     x = torch.randn(batch, width, dtype=F64)
     t = torch.randn(batch, width, dtype=F64)
@@ -116,7 +121,7 @@ def compare_once(plain, devices, ref_device, chunks, checkpoint, face,
     x2 = x.to(input_device or first).requires_grad_(input_grad)
     t2 = t.to(last)
     tag = (f"devices={devices} input on {x2.device} chunks={chunks} "
-           f"checkpoint={checkpoint} {face}")
+           f"checkpoint={checkpoint} {face} {schedule}")
     if face == "module":
         y = pipe(x2)
         assert y.device == last, f"{tag}: output on {y.device}"
@@ -155,6 +160,19 @@ def test_transparent_with_cpu_and_gpu_stages():
         for checkpoint in MODES:
             for face in ("module", "step"):
                 compare_once(mlp(), devices, "cpu", 4, checkpoint, face)
+
+
+def test_every_schedule_on_the_gpu_and_across_cpu_and_gpu():
+    """1F1B, the split backwards of the zero-bubble schedules (a W cell runs
+    on the stage's stream after other cells) and the interleaved schedules
+    (a worker's partitions share its device), on the GPU alone and with a
+    CPU worker, every checkpoint mode."""
+    for schedule, v in (("1f1b", 1), ("zb-h1", 1), ("zb-h2", 1),
+                        ("interleaved", 2), ("interleaved-zb", 2)):
+        for devices in ([DEV, DEV], ["cpu", DEV], [DEV, "cpu"]):
+            for checkpoint in MODES:
+                compare_once(mlp(), devices, "cpu", 4, checkpoint, "step",
+                             schedule=schedule, virtual_stages=v)
 
 
 def test_input_on_another_device_than_stage_0_is_copied():
