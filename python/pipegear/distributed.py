@@ -267,8 +267,8 @@ class DistributedGPipe(_Placed):
         if virtual_stages > 1:
             # Whether a skip crosses one of this rank's partitions: the
             # interleaved pipeline routes none (every rank raises alike).
-            crossing = any(rank_skips(part)[1] or rank_skips(part)[2]
-                           for part in chunked)
+            crossing = any(out or into for _, out, into, _ in
+                           map(rank_skips, chunked))
             dist.all_gather_object(shares, crossing, group=process_group)
             if any(shares):
                 raise ValueError(
