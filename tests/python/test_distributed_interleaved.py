@@ -48,7 +48,8 @@ class _BoomGrad(torch.autograd.Function):
 def layers(c, world):
     """The model: one Linear per partition at least, deterministic (each
     layer seeds its own initialisation), with BatchNorm, a tuple across a
-    boundary, a raising layer or a tie when the configuration asks."""
+    boundary, a raising layer, a tie or in-place activations when the
+    configuration asks."""
     stages = world * c["v"]
     built = []
 
@@ -58,7 +59,9 @@ def layers(c, world):
 
     add(lambda: nn.Linear(D, H))
     for i in range(stages - 1):
-        add(nn.Tanh)
+        # In place on what the Linear before returned (with its balance, the
+        # first layer of a partition: in place on the received activation).
+        add((lambda: nn.ReLU(inplace=True)) if c.get("inplace") else nn.Tanh)
         if c.get("bn") and i == 0:
             add(lambda: nn.BatchNorm1d(H))
         if c.get("fork") and i == 0:
@@ -89,13 +92,26 @@ def balance_of(n, stages):
 
 
 def batch(c, step):
+    """Step `step`'s input and target: class indices with every third one
+    ignored (padding) for the cross-entropy."""
     n = c["sizes"][step]
     g = torch.Generator().manual_seed(10 * step + 1)
-    return torch.randn(n, D, generator=g), torch.randn(n, O, generator=g)
+    x = torch.randn(n, D, generator=g)
+    if c.get("loss") == "ce-ignore":
+        t = torch.randint(0, O, (n,), generator=g)
+        t[::3] = -100
+        return x, t
+    return x, torch.randn(n, O, generator=g)
 
 
 def mse(y, t):
     return nn.functional.mse_loss(y, t)
+
+
+# The loss of a configuration (default: mse); the pipeline reads the
+# reduction and what a mean counts from the loss module.
+LOSSES = {"sum": nn.MSELoss(reduction="sum"),
+          "ce-ignore": nn.CrossEntropyLoss(ignore_index=-100)}
 
 
 def cfg(name, v, chunks, checkpoint, sizes=(10, 7), schedule="interleaved",
@@ -120,6 +136,12 @@ CONFIGS = {
             (16, 11), fork=True, tied=True, schedule="interleaved-zb"),
         cfg("k2-v2-c1-except_last-zb", 2, 1, "except_last",
             schedule="interleaved-zb"),
+        # Partitions 1 to 3 start with an in-place ReLU on their input.
+        cfg("k2-v2-c4-always-inplace-sum", 2, 4, "always", inplace=True,
+            balance=[1, 2, 2, 3], loss="sum"),
+        cfg("k2-v2-c3-except_last-zb-inplace-ce", 2, 3, "except_last",
+            (10, 11), inplace=True, balance=[1, 2, 2, 3], loss="ce-ignore",
+            schedule="interleaved-zb"),
     ],
     3: [
         cfg("k3-v2-c1-always", 2, 1, "always"),
@@ -133,6 +155,8 @@ CONFIGS = {
         cfg("k3-v2-c8-always-zb-bn", 2, 8, "always", (16, 24), bn=True,
             schedule="interleaved-zb"),
         cfg("k3-v2-c3-never-zb", 2, 3, "never", schedule="interleaved-zb"),
+        cfg("k3-v2-c4-always-zb-ce", 2, 4, "always", (12, 9),
+            loss="ce-ignore", schedule="interleaved-zb"),
     ],
     4: [
         cfg("k4-v2-c4-never", 2, 4, "never"),
@@ -171,7 +195,7 @@ def _reference(c, world, step):
                    for xi, ti in parts)
         buffers = dict(stats.named_buffers())
     else:
-        loss = mse(model(x), t)
+        loss = LOSSES.get(c.get("loss"), mse)(model(x), t)
         buffers = dict(model.named_buffers())
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}
@@ -185,7 +209,7 @@ def worker_compare(rank, world, port, out):
     for c in CONFIGS[world]:
         built = layers(c, world)
         model = nn.Sequential(*built)
-        balance = balance_of(len(built), world * c["v"])
+        balance = c.get("balance") or balance_of(len(built), world * c["v"])
         pipe = pipegear.DistributedGPipe(
             model, balance, chunks=c["chunks"], checkpoint=c["checkpoint"],
             schedule=c["schedule"], virtual_stages=c["v"],
@@ -197,7 +221,8 @@ def worker_compare(rank, world, port, out):
             x, t = batch(c, step)
             x.requires_grad_(True)
             loss = pipe.step(x if rank == 0 else None,
-                             t if rank == world - 1 else None, mse)
+                             t if rank == world - 1 else None,
+                             LOSSES.get(c.get("loss"), mse))
             ref_loss, ref_input, ref_grads, ref_buffers = _reference(c, world, step)
             errors["loss"] = max(errors["loss"], abs(float(loss - ref_loss)))
             if rank == 0:
@@ -353,7 +378,9 @@ def _run(kind, world, tmp_path, timeout=180):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_interleaved_matches_the_plain_model(tmp_path, world):
     """Every configuration (interleaved and interleaved-zb, v = 2 and 3,
-    chunks 1, 3, 4 and 8 with M not a multiple of K, every checkpoint mode, DeferredBatchNorm, a tuple with a
+    chunks 1, 3, 4 and 8 with M not a multiple of K, every checkpoint mode,
+    a sum loss and a cross-entropy with ignored targets (padding),
+    partitions starting with an in-place ReLU on their input, DeferredBatchNorm, a tuple with a
     None gradient and an int tensor across a boundary, a tie across ranks
     and one within a rank, two steps of other batch sizes): the loss on
     every rank, the input gradient and every parameter's gradient equal
