@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from pipegear import _C
 from pipegear.skip import rank_skips, routes_across_ranks
-from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES,
-                            VIRTUAL_STAGE_SCHEDULES, GPipe, _Partition,
-                            _check_available, _check_int, _parse_device,
+from pipegear.gpipe import (CHECKPOINT_MODES, SCHEDULES, GPipe, _Partition,
+                            _check_available, _check_int,
+                            _check_virtual_stages, _parse_device,
                             _Placed, _prepare_batch_norm, state_dict_hooks)
 from pipegear.loss import Count, plan_loss
 from pipegear.replicas import (Replicas, local_count, mesh_groups,
@@ -204,11 +204,7 @@ class DistributedGPipe(_Placed):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
-        virtual_stages = _check_int("virtual_stages", virtual_stages, 1)
-        if virtual_stages > 1 and schedule not in VIRTUAL_STAGE_SCHEDULES:
-            raise ValueError(f"virtual_stages = {virtual_stages} needs "
-                             "schedule='interleaved' or 'interleaved-zb', "
-                             f"got {schedule!r}")
+        virtual_stages = _check_virtual_stages(virtual_stages, schedule)
         if virtual_stages == 1 and len(balance) != world:
             raise ValueError(f"balance has {len(balance)} partitions but the "
                              f"process group has {world} ranks: one rank "

@@ -205,6 +205,17 @@ def _prepare_batch_norm(module: nn.Module, chunks: int, deferred: bool,
     return module
 
 
+def _check_virtual_stages(virtual_stages: Any, schedule: str) -> int:
+    """`virtual_stages` as an int >= 1 that `schedule` takes (both
+    pipelines' check)."""
+    virtual_stages = _check_int("virtual_stages", virtual_stages, 1)
+    if virtual_stages > 1 and schedule not in VIRTUAL_STAGE_SCHEDULES:
+        raise ValueError(f"virtual_stages = {virtual_stages} needs "
+                         "schedule='interleaved' or 'interleaved-zb', "
+                         f"got {schedule!r}")
+    return virtual_stages
+
+
 def _check_input(name: str, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         return
@@ -499,11 +510,7 @@ class GPipe(_Placed):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, "
                              f"got {schedule!r}")
-        virtual_stages = _check_int("virtual_stages", virtual_stages, 1)
-        if virtual_stages > 1 and schedule not in VIRTUAL_STAGE_SCHEDULES:
-            raise ValueError(f"virtual_stages = {virtual_stages} needs "
-                             "schedule='interleaved' or 'interleaved-zb', "
-                             f"got {schedule!r}")
+        virtual_stages = _check_virtual_stages(virtual_stages, schedule)
         if len(balance) % virtual_stages:
             raise ValueError(f"virtual_stages = {virtual_stages} must divide "
                              f"the number of partitions, got {len(balance)} "

@@ -314,44 +314,42 @@ int64_t C10dTransport::skip_rank(int64_t id, bool popper) const {
 }
 
 Message C10dTransport::recv_skip(int64_t id, int64_t j) {
-  const int64_t src = skip_rank(id, false);
-  return recv_skip_message(src, link_.skip_tag(id, j, false),
-                           "receiving skip " + std::to_string(id) +
-                               " of micro-batch " + std::to_string(j) +
-                               " from rank " + std::to_string(src));
+  return recv_skip_message(id, j, /*grad=*/false);
 }
 
 void C10dTransport::send_skip(int64_t id, int64_t j, Message m) {
-  send_skip_message(skip_rank(id, true), link_.skip_tag(id, j, false), m.tensors,
-                    m.shared, "skip " + std::to_string(id) + " of micro-batch " +
-                        std::to_string(j));
+  send_skip_message(id, j, /*grad=*/false, m);
 }
 
 Message C10dTransport::recv_skip_grad(int64_t id, int64_t j) {
-  const int64_t src = skip_rank(id, true);
-  return recv_skip_message(src, link_.skip_tag(id, j, true),
-                           "receiving the gradient of skip " + std::to_string(id) +
-                               " of micro-batch " + std::to_string(j) +
-                               " from rank " + std::to_string(src));
+  return recv_skip_message(id, j, /*grad=*/true);
 }
 
 void C10dTransport::send_skip_grad(int64_t id, int64_t j, Message m) {
-  send_skip_message(skip_rank(id, false), link_.skip_tag(id, j, true), m.tensors,
-                    m.shared, "the gradient of skip " + std::to_string(id) +
-                        " of micro-batch " + std::to_string(j));
+  send_skip_message(id, j, /*grad=*/true, m);
 }
 
-void C10dTransport::send_skip_message(int64_t dst, int tag, const Batch& tensors,
-                                      const std::vector<int64_t>& shared,
-                                      const std::string& what) {
+std::string C10dTransport::skip_what(int64_t id, int64_t j, bool grad) {
+  return std::string(grad ? "the gradient of skip " : "skip ") +
+      std::to_string(id) + " of micro-batch " + std::to_string(j);
+}
+
+// A skip's tensor goes from its stashing rank to its popping rank, its
+// gradient back.
+void C10dTransport::send_skip_message(int64_t id, int64_t j, bool grad,
+                                      const Message& m) {
   link_.prune();
-  Encoded e = encode_batch(tensors, seq_, shared);
+  Encoded e = encode_batch(m.tensors, seq_, m.shared);
   // A skip's messages have no grown capacity: the header's size.
-  post_encoded(e, kHeaderBytes, dst, tag, what);
+  post_encoded(e, kHeaderBytes, skip_rank(id, /*popper=*/!grad),
+               link_.skip_tag(id, j, grad), skip_what(id, j, grad));
 }
 
-Message C10dTransport::recv_skip_message(int64_t src, int tag,
-                                         const std::string& what) {
+Message C10dTransport::recv_skip_message(int64_t id, int64_t j, bool grad) {
+  const int64_t src = skip_rank(id, /*popper=*/grad);
+  const int tag = link_.skip_tag(id, j, grad);
+  const std::string what =
+      "receiving " + skip_what(id, j, grad) + " from rank " + std::to_string(src);
   auto buffer = torch::empty({kHeaderBytes},
                              torch::TensorOptions().dtype(torch::kUInt8).device(device()));
   Posted posted{buffer, post_recv(buffer, src, tag, what)};

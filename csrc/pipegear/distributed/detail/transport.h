@@ -199,11 +199,11 @@ class C10dTransport final : public Transport {
                                                int64_t src, int tag,
                                                const std::string& what);
 
-  // A skip message: to `dst` (from `src`) on `tag`.
-  void send_skip_message(int64_t dst, int tag, const Batch& tensors,
-                         const std::vector<int64_t>& shared,
-                         const std::string& what);
-  Message recv_skip_message(int64_t src, int tag, const std::string& what);
+  // Skip `id`'s tensor of micro-batch j (`grad`: its gradient), on the
+  // skip's own tag.
+  void send_skip_message(int64_t id, int64_t j, bool grad, const Message& m);
+  Message recv_skip_message(int64_t id, int64_t j, bool grad);
+  static std::string skip_what(int64_t id, int64_t j, bool grad);
   // A received message's header region on the CPU.
   torch::Tensor head_of(const torch::Tensor& buffer) const;
   // Raises for a poison notice, a malformed header or another step's
