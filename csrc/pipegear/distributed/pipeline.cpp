@@ -358,6 +358,11 @@ DistributedCore::DistributedCore(const c10::intrusive_ptr<c10d::ProcessGroup>& g
             options_.chunks() * options_.virtual_stages(), options_.timeout(),
             static_cast<int64_t>(options_.skip_routes().size()) / 2),
       protocol_(link_, options_) {
+  // Untested together (the Python face's replicas run interleaved).
+  TORCH_CHECK_VALUE(!dp_group || options_.virtual_stages() == 1,
+                    "the C++ DistributedPipeline does not run replicas (a dp "
+                    "group) with virtual_stages = ", options_.virtual_stages(),
+                    "; use the Python DistributedGPipe");
   register_random_kernels();
   for (size_t c = 0; c < stages_.size(); ++c) {
     runners_.push_back(std::make_unique<CellRunner>(
