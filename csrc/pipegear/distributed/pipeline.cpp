@@ -492,13 +492,12 @@ std::exception_ptr DistributedCore::run_cells(StepState& state, bool forward,
     if (forward) {
       events_.clear();
     }
-    for (size_t c = 0; c < runners_.size(); ++c) {
-      const auto& mine = run.events[runners_[c]->index()];
+    for (const auto& runner : runners_) {
+      const auto& mine = run.events[runner->index()];
       events_.insert(events_.end(), mine.begin(), mine.end());
-      for (auto e = events_.end() - static_cast<std::ptrdiff_t>(mine.size());
-           e != events_.end(); ++e) {
-        e->chunk = static_cast<int64_t>(c);
-      }
+    }
+    for (auto& e : events_) {
+      e.chunk = e.stage / world();  // the stage is chunk * K + rank
     }
     std::stable_sort(events_.begin(), events_.end(), [](const auto& a, const auto& b) {
       return a.start_ns < b.start_ns;
